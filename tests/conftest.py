@@ -1,0 +1,16 @@
+"""Shared test helpers: reference packages are optional locally, never in CI."""
+import importlib
+import os
+
+import pytest
+
+
+def need(module: str):
+    """Import a reference package, or skip with the reason (fail instead when CI=true)."""
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # ImportError, or a package that breaks while importing
+        msg = f"reference package {module!r} unavailable: {type(e).__name__}: {e}"
+        if os.environ.get("CI"):
+            pytest.fail(msg + " (CI must install requirements-dev.txt)")
+        pytest.skip(msg)
