@@ -1,0 +1,871 @@
+"""MERT: a BERT-style music audio encoder (24 kHz waveform -> 75 Hz frame features), in one file.
+
+The architecture is HuBERT's, as used by MERT-v1 (Li et al., 2023, "MERT: Acoustic Music Understanding
+Model with Large-Scale Self-supervised Training"):
+
+    wav [B, L] --7 strided convs (stride 320)--> [B, T, 512] --LayerNorm, Linear--> [B, T, d]
+        --+ positional conv (kernel 128, 16 groups, weight norm)--> transformer (fused QKV, SDPA)
+    T = floor((L - 400) / 320) + 1 frames, i.e. 75 per second at 24 kHz.
+
+Design choices:
+- One fused QKV projection and F.scaled_dot_product_attention as the fast path. Attention relaxation
+  (MERT-330M's fp16 guard, softmax((s/a - max(s/a)) * a)) is mathematically the plain softmax; it lives
+  on the unfused path only, which is used when `attn_impl="math"`.
+- Batches of unequal length are exact: the GroupNorm after the first conv takes its statistics over
+  each clip's own samples only, padded frames are zeroed before the positional conv and masked out of
+  attention, so every clip gets the features it gets alone (transformers' HubertModel does not).
+- Hidden states follow transformers 4.x `output_hidden_states`, which MARBLE and published probes use:
+  index 0 is the input of layer 1 and index i the output of layer i; for pre-LN models (330M) the last
+  index is the final LayerNorm's output.
+- Loads Hugging Face MERT folders (config.json + pytorch_model.bin or model.safetensors), hub ids found
+  in the local Hugging Face cache (never downloads), fairseq MERT checkpoints (through a restricted
+  unpickler that admits only tensors and plain containers) and our own checkpoints.
+
+Imports only torch, numpy and the standard library; copy it into your project as is.
+"""
+
+import ast
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class MERTConfig:
+    """Encoder hyperparameters; PRESETS holds the official sizes."""
+
+    dim: int = 768  # transformer width d
+    n_layers: int = 12
+    n_heads: int = 12
+    ffn_dim: int = 3072
+    pre_ln: bool = False  # True: LayerNorm before attention/FFN, final LayerNorm at the end (330M)
+    conv_dim: tuple = (512, 512, 512, 512, 512, 512, 512)
+    conv_kernel: tuple = (10, 3, 3, 3, 3, 2, 2)
+    conv_stride: tuple = (5, 2, 2, 2, 2, 2, 2)
+    conv_bias: bool = False
+    extractor_norm: str = "group"  # "group": GroupNorm after conv 0 only; "layer": LayerNorm after each conv
+    proj_norm: bool = True  # LayerNorm on conv features before the projection
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+    norm_eps: float = 1e-5
+    dropout: float = 0.1  # residual, feature and projection dropout
+    attn_dropout: float = 0.1
+    act_dropout: float = 0.0
+    layerdrop: float = 0.05
+    attn_relax: float = 0.0  # > 0: relaxation constant alpha, used on the unfused path only
+    attn_impl: str = "sdpa"  # "sdpa" (fused, fast) or "math" (unfused; needed for attn_relax)
+    conv_grad_mult: float = 0.1  # gradient scale into the conv extractor during training
+    sample_rate: int = 24000
+
+    def __post_init__(self):
+        # JSON round trips turn tuples into lists; keep them hashable and comparable.
+        for name in ("conv_dim", "conv_kernel", "conv_stride"):
+            setattr(self, name, tuple(int(v) for v in getattr(self, name)))
+        if not (len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride)):
+            raise ValueError("conv_dim, conv_kernel and conv_stride must have the same length")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.extractor_norm not in ("group", "layer"):
+            raise ValueError(f"extractor_norm must be 'group' or 'layer', not {self.extractor_norm!r}")
+        if self.attn_impl not in ("sdpa", "math"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'math', not {self.attn_impl!r}")
+
+    @property
+    def hop(self) -> int:
+        """Samples per output frame (320 for MERT)."""
+        return math.prod(self.conv_stride)
+
+    @property
+    def receptive_field(self) -> int:
+        """Samples seen by one output frame of the conv extractor (400 for MERT)."""
+        rf = 1
+        for k, s in zip(reversed(self.conv_kernel), reversed(self.conv_stride)):
+            rf = (rf - 1) * s + k
+        return rf
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MERTConfig":
+        """A named size from PRESETS with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown size {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MERTConfig":
+        """Build from a dict (e.g. a checkpoint's), rejecting unknown fields by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MERTConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+# The official MERT-v1 sizes (m-a-p/MERT-v1-95M, m-a-p/MERT-v1-330M) and a tiny one for tests and CPUs.
+PRESETS = {
+    "tiny": dict(dim=256, n_layers=4, n_heads=4, ffn_dim=1024, conv_dim=(256,) * 7, layerdrop=0.0),
+    "95m": dict(),
+    "330m": dict(dim=1024, n_layers=24, n_heads=16, ffn_dim=4096, pre_ln=True, dropout=0.0,
+                 attn_dropout=0.0, act_dropout=0.0, layerdrop=0.0, attn_relax=32.0),
+}
+
+# -----------------------------------------------------------------------------
+# Modules. Attribute names follow transformers' HuBERT so that its state dicts map almost 1:1
+# (the one difference: q/k/v are fused into attention.qkv).
+
+
+def conv_out_len(n, kernel: int, stride: int):
+    """Output length of an unpadded strided conv (0 where the input is shorter than the kernel)."""
+    if isinstance(n, torch.Tensor):
+        return torch.div(n - kernel, stride, rounding_mode="floor").add(1).clamp(min=0)
+    return max((n - kernel) // stride + 1, 0)
+
+
+class ConvLayer(nn.Module):
+    """One conv of the feature extractor, with its optional norm, then GELU."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, bias: bool, norm: str | None, eps: float):
+        super().__init__()
+        self.kernel, self.stride, self.norm, self.eps = kernel, stride, norm, eps
+        self.conv = nn.Conv1d(c_in, c_out, kernel, stride=stride, bias=bias)
+        if norm == "group":  # one group per channel: normalise each channel over time
+            self.layer_norm = nn.GroupNorm(c_out, c_out, eps=eps, affine=True)
+        elif norm == "layer":  # normalise each frame over channels
+            self.layer_norm = nn.LayerNorm(c_out, eps=eps)
+
+    def forward(self, x: torch.Tensor, n: torch.Tensor | None) -> torch.Tensor:
+        """x [B, C_in, T_in] -> [B, C_out, T_out]; n [B] valid output frames (None: all valid)."""
+        x = self.conv(x)
+        if self.norm == "group":
+            if n is None:
+                x = self.layer_norm(x)
+            else:
+                x = masked_channel_norm(x, n, self.layer_norm.weight, self.layer_norm.bias, self.eps)
+        elif self.norm == "layer":
+            x = self.layer_norm(x.transpose(1, 2)).transpose(1, 2)
+        return F.gelu(x)
+
+
+def masked_channel_norm(x, n, weight, bias, eps):
+    """GroupNorm with one group per channel whose statistics cover only each clip's first n[b] frames."""
+    B, C, T = x.shape
+    valid = (torch.arange(T, device=x.device)[None, :] < n[:, None]).to(torch.float32)[:, None, :]  # (B, 1, T)
+    xf = x.float()
+    count = n.clamp(min=1).to(torch.float32)[:, None, None]
+    mean = (xf * valid).sum(-1, keepdim=True) / count  # (B, C, 1)
+    var = ((xf - mean).square_() * valid).sum(-1, keepdim=True) / count
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    return (y * weight[None, :, None] + bias[None, :, None]).to(x.dtype)
+
+
+class FeatureExtractor(nn.Module):
+    """The strided conv stack: waveform [B, L] -> conv features [B, C, T]."""
+
+    def __init__(self, cfg: MERTConfig):
+        super().__init__()
+        c_in, layers = 1, []
+        for i, (c, k, s) in enumerate(zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride)):
+            norm = "layer" if cfg.extractor_norm == "layer" else ("group" if i == 0 else None)
+            layers.append(ConvLayer(c_in, c, k, s, cfg.conv_bias, norm, cfg.norm_eps))
+            c_in = c
+        self.conv_layers = nn.ModuleList(layers)
+
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        x = wav[:, None, :]  # (B, 1, L)
+        n = lengths
+        for layer in self.conv_layers:
+            n = None if n is None else conv_out_len(n, layer.kernel, layer.stride)
+            x = layer(x, n)
+        return x
+
+
+class FeatureProjection(nn.Module):
+    """LayerNorm(conv dim) -> Linear(conv dim -> d) -> dropout."""
+
+    def __init__(self, cfg: MERTConfig):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(cfg.conv_dim[-1], eps=cfg.norm_eps) if cfg.proj_norm else None
+        self.projection = nn.Linear(cfg.conv_dim[-1], cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return self.dropout(self.projection(x))
+
+
+class WeightNormConv1d(nn.Module):
+    """Conv1d whose weight is g * v / ||v||, the norm taken over all dims but the kernel axis (dim=2).
+
+    Kept as explicit weight_g / weight_v parameters (fairseq's and older transformers' key layout) so
+    the file needs no torch parametrization machinery and loads every checkpoint layout directly.
+    """
+
+    def __init__(self, channels: int, kernel: int, groups: int):
+        super().__init__()
+        self.groups, self.padding = groups, kernel // 2
+        self.weight_v = nn.Parameter(torch.empty(channels, channels // groups, kernel))
+        self.weight_g = nn.Parameter(torch.empty(1, 1, kernel))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def weight(self) -> torch.Tensor:
+        v = self.weight_v
+        return v * (self.weight_g / v.norm(dim=(0, 1), keepdim=True))
+
+    def forward(self, x):
+        return F.conv1d(x, self.weight(), self.bias, padding=self.padding, groups=self.groups)
+
+
+class PositionalConvEmbedding(nn.Module):
+    """Relative positions from a wide grouped conv: x [B, T, d] -> GELU(conv(x)) [B, T, d]."""
+
+    def __init__(self, cfg: MERTConfig):
+        super().__init__()
+        self.conv = WeightNormConv1d(cfg.dim, cfg.pos_conv_kernel, cfg.pos_conv_groups)
+        self.trim = 1 if cfg.pos_conv_kernel % 2 == 0 else 0  # an even kernel with padding k//2 adds a frame
+
+    def forward(self, x):
+        y = self.conv(x.transpose(1, 2))  # (B, d, T + trim)
+        if self.trim:
+            y = y[:, :, :-self.trim]
+        return F.gelu(y).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection."""
+
+    def __init__(self, cfg: MERTConfig):
+        super().__init__()
+        self.n_heads, self.dropout = cfg.n_heads, cfg.attn_dropout
+        self.relax, self.impl = cfg.attn_relax, cfg.attn_impl
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.out_proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x [B, T, d]; mask [B, 1, 1, T] bool, True where a key may be attended (None: all)."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        p = self.dropout if self.training else 0.0
+        if self.impl == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:
+            y = self._math(q, k, v, mask, p)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+    def _math(self, q, k, v, mask, p):
+        # The unfused path: materialises the (B, H, T, T) scores. With relaxation alpha the softmax
+        # input is (s/alpha - max(s/alpha)) * alpha, which keeps fp16 scores in range (MERT-330M).
+        s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        if self.relax > 0:
+            s = s / self.relax
+            s = (s - s.amax(dim=-1, keepdim=True).detach()) * self.relax
+        a = F.dropout(s.softmax(dim=-1, dtype=torch.float32).to(q.dtype), p, self.training)
+        return a @ v
+
+
+class FeedForward(nn.Module):
+    """Linear(d -> ffn) -> GELU -> dropout -> Linear(ffn -> d)."""
+
+    def __init__(self, cfg: MERTConfig):
+        super().__init__()
+        self.intermediate_dense = nn.Linear(cfg.dim, cfg.ffn_dim)
+        self.output_dense = nn.Linear(cfg.ffn_dim, cfg.dim)
+        self.act_dropout = nn.Dropout(cfg.act_dropout)
+
+    def forward(self, x):
+        return self.output_dense(self.act_dropout(F.gelu(self.intermediate_dense(x))))
+
+
+class Layer(nn.Module):
+    """A transformer layer, post-LN (95M) or pre-LN (330M)."""
+
+    def __init__(self, cfg: MERTConfig):
+        super().__init__()
+        self.pre_ln = cfg.pre_ln
+        self.attention = Attention(cfg)
+        self.layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask):
+        if self.pre_ln:
+            x = x + self.dropout(self.attention(self.layer_norm(x), mask))
+            return x + self.dropout(self.feed_forward(self.final_layer_norm(x)))
+        x = self.layer_norm(x + self.dropout(self.attention(x, mask)))
+        return self.final_layer_norm(x + self.dropout(self.feed_forward(x)))
+
+
+class Encoder(nn.Module):
+    """Positional conv, the layers, and the encoder LayerNorm (before the layers for post-LN, after for pre-LN)."""
+
+    def __init__(self, cfg: MERTConfig):
+        super().__init__()
+        self.pos_conv_embed = PositionalConvEmbedding(cfg)
+        self.layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class MERT(nn.Module):
+    """The MERT encoder. `extract` gives all hidden states; `from_pretrained` loads any known checkpoint."""
+
+    def __init__(self, cfg: MERTConfig):
+        super().__init__()
+        self.config = cfg
+        self.feature_extractor = FeatureExtractor(cfg)
+        self.feature_projection = FeatureProjection(cfg)
+        self.encoder = Encoder(cfg)
+        self.masked_spec_embed = nn.Parameter(torch.empty(cfg.dim))  # replaces masked frames in pretraining
+        if cfg.attn_impl != "sdpa":
+            warnings.warn("MERT: attn_impl='math' is the slow unfused attention path", stacklevel=2)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """fairseq's initialisation: BERT-style normal(0.02) linears, Kaiming convs, scaled positional conv."""
+        cfg = self.config
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv1d):
+                nn.init.kaiming_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        pc = self.encoder.pos_conv_embed.conv
+        std = math.sqrt(4.0 * (1.0 - cfg.dropout) / (cfg.pos_conv_kernel * cfg.dim))
+        nn.init.normal_(pc.weight_v, 0.0, std)
+        nn.init.zeros_(pc.bias)
+        pc.weight_g.copy_(pc.weight_v.norm(dim=(0, 1), keepdim=True))  # so that weight == v at init
+        nn.init.uniform_(self.masked_spec_embed)
+
+    # -- shapes ---------------------------------------------------------------
+
+    def num_frames(self, n_samples):
+        """Frames for n_samples (int or tensor): floor((n - 400) / 320) + 1 for MERT, 0 if too short."""
+        for k, s in zip(self.config.conv_kernel, self.config.conv_stride):
+            n_samples = conv_out_len(n_samples, k, s)
+        return n_samples
+
+    @property
+    def num_states(self) -> int:
+        """Number of hidden states extract() returns: layers + 1."""
+        return self.config.n_layers + 1
+
+    # -- forward ----------------------------------------------------------------
+
+    def _embed(self, wav, lengths):
+        """wav [B, L] -> (input of layer 1 [B, T, d] before the encoder's pos conv, frame mask [B, T] or None)."""
+        if wav.dim() == 1:
+            wav = wav[None]
+        if wav.dim() != 2:
+            raise ValueError(f"expected a waveform [batch, samples], got shape {tuple(wav.shape)}")
+        B, L = wav.shape
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=wav.device).long().reshape(B)
+            if bool((lengths > L).any()) or bool((lengths < 1).any()):
+                raise ValueError(f"lengths must lie in [1, {L}], got {lengths.tolist()}")
+            if bool((lengths == L).all()):
+                lengths = None  # nothing is padded: take the plain fast path
+        if self.num_frames(L) < 1:
+            raise ValueError(f"input of {L} samples is shorter than one frame ({self.config.receptive_field})")
+        feats = self.feature_extractor(wav, lengths).transpose(1, 2)  # (B, T, C)
+        frame_mask = None
+        if lengths is not None:
+            n = self.num_frames(lengths)
+            if bool((n < 1).any()):
+                raise ValueError(f"a clip is shorter than one frame ({self.config.receptive_field} samples)")
+            frame_mask = torch.arange(feats.shape[1], device=wav.device)[None, :] < n[:, None]  # (B, T)
+        if self.training and self.config.conv_grad_mult != 1.0:
+            # fairseq's feature_grad_mult: scale gradients into the conv stack, keep the forward value
+            feats = feats * self.config.conv_grad_mult + feats.detach() * (1.0 - self.config.conv_grad_mult)
+        return feats, frame_mask
+
+    def _encode(self, x, frame_mask, out=None, upto=None):
+        """Run positional conv and layers on projected features x [B, T, d].
+
+        Writes hidden state i (0..upto) into out[i] when out is given; returns the last state computed.
+        """
+        cfg, enc = self.config, self.encoder
+        upto = cfg.n_layers if upto is None else upto
+        attn_mask = None
+        if frame_mask is not None:
+            x = x * frame_mask[..., None].to(x.dtype)  # padding must not leak into the positional conv
+            attn_mask = frame_mask[:, None, None, :]  # (B, 1, 1, T)
+        x = x + enc.pos_conv_embed(x)
+        if not cfg.pre_ln:
+            x = enc.layer_norm(x)
+        x = enc.dropout(x)
+        if out is not None:
+            out[0] = x
+        for i, layer in enumerate(enc.layers[:upto]):
+            if self.training and cfg.layerdrop > 0 and torch.rand(()) < cfg.layerdrop:
+                continue
+            x = layer(x, attn_mask)
+            if cfg.pre_ln and i == cfg.n_layers - 1:
+                x = enc.layer_norm(x)  # the last hidden state of a pre-LN model is the normed one
+            if out is not None:
+                out[i + 1] = x
+        return x
+
+    def forward(self, wav: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """wav [B, L] (24 kHz, unnormalised) -> (last hidden state [B, T, d], frame mask [B, T] or None)."""
+        feats, frame_mask = self._embed(wav, lengths)
+        x = self.feature_projection(feats)
+        return self._encode(x, frame_mask), frame_mask
+
+    @torch.inference_mode()
+    def extract(self, wav: torch.Tensor, lengths=None, layers=None) -> torch.Tensor:
+        """All hidden states [layers + 1, B, T, d] for wav [B, L] or [L]; padded frames come back as zeros.
+
+        `lengths` [B] gives each clip's true sample count when wav is a zero-padded batch; each clip then
+        gets exactly the features it gets alone. `layers` (a list of indices) returns only those states
+        and stops the transformer after the deepest one.
+        """
+        if wav.dim() == 1:
+            wav = wav[None]
+        feats, frame_mask = self._embed(wav.to(self.masked_spec_embed.dtype), lengths)
+        x = self.feature_projection(feats)
+        del feats
+        B, T, D = x.shape
+        keep = list(range(self.num_states)) if layers is None else [int(i) for i in layers]
+        for i in keep:
+            if not 0 <= i < self.num_states:
+                raise ValueError(f"layer index {i} out of range 0..{self.num_states - 1}")
+        upto = max(keep)
+        out = x.new_empty(upto + 1, B, T, D)
+        self._encode(x, frame_mask, out=out, upto=upto)
+        if frame_mask is not None:
+            out.mul_(frame_mask[None, :, :, None].to(out.dtype))
+        return out if keep == list(range(upto + 1)) else out[keep]
+
+    # -- checkpoints ------------------------------------------------------------
+
+    def save(self, path, **extra):
+        """Write {"config", "model", **extra} atomically (temp file, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"config": asdict(self.config), "model": self.state_dict(), **extra}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_pretrained(cls, path, map_location="cpu", **overrides) -> "MERT":
+        """Load a Hugging Face MERT folder or hub id (local cache only), a fairseq MERT .pt, or our own .pt.
+
+        `overrides` replace config fields (e.g. attn_impl="math"). The model comes back in eval mode.
+        """
+        cfg, state, src = load_checkpoint(path, map_location)
+        cfg = replace(cfg, **overrides) if overrides else cfg
+        model = cls(cfg)
+        load_state_strict(model, state, src)
+        return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint loading
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found, read or mapped onto the model; the message names the key or file."""
+
+
+def load_state_strict(model: nn.Module, state: dict, src: str):
+    """load_state_dict that names every missing, unexpected or mis-shaped key in one error."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append("missing key(s): " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected key(s): " + ", ".join(unexpected))
+    if shapes:
+        problems.append("shape mismatch: " + "; ".join(shapes))
+    if problems:
+        raise CheckpointError(f"{src}: " + " | ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(path, map_location="cpu") -> tuple[MERTConfig, dict, str]:
+    """Resolve `path` and read it into (config, state dict in our key layout, source description)."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+            p = hf_cache_snapshot(str(path))
+        else:
+            raise CheckpointError(f"{path}: no such file or folder")
+    if p.is_dir():
+        return _load_hf_folder(p, map_location)
+    if p.suffix == ".safetensors" or p.name in ("pytorch_model.bin",):
+        if (p.parent / "config.json").exists():
+            return _load_hf_folder(p.parent, map_location)
+        raise CheckpointError(f"{p}: a Hugging Face weight file needs its config.json beside it")
+    try:
+        obj = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # fairseq checkpoints pickle their config and Dictionary objects, which weights_only refuses.
+        obj = _restricted_torch_load(p, map_location)
+    except Exception as e:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"{p}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{p}: expected a dict checkpoint, found {type(obj).__name__}")
+    if "config" in obj and "model" in obj and isinstance(obj["config"], dict):
+        cfg = MERTConfig.from_dict(obj["config"])
+        return cfg, dict(obj["model"]), str(p)
+    if "model" in obj and isinstance(obj["model"], dict) and any(
+            k.startswith("encoder.layers.") and ".self_attn." in k for k in obj["model"]):
+        return _from_fairseq(obj, str(p))
+    raise CheckpointError(f"{p}: not a MERT checkpoint (ours needs 'config' and 'model'; "
+                          f"fairseq needs 'model' with encoder.layers.*.self_attn.* keys)")
+
+
+def hf_cache_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of a hub id in the Hugging Face cache; never downloads."""
+    if os.environ.get("HF_HUB_CACHE"):
+        root = Path(os.environ["HF_HUB_CACHE"])
+    elif os.environ.get("HF_HOME"):
+        root = Path(os.environ["HF_HOME"]) / "hub"
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface" / "hub"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snaps = repo / "snapshots"
+    ref = repo / "refs" / "main"
+    if ref.exists() and (snaps / ref.read_text().strip()).is_dir():
+        return snaps / ref.read_text().strip()
+    if snaps.is_dir():
+        found = sorted((d for d in snaps.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime)
+        if found:
+            return found[-1]
+    raise CheckpointError(
+        f"{repo_id}: not in the local Hugging Face cache ({root}); nothing is downloaded at run time. "
+        f"Fetch it once with `huggingface-cli download {repo_id}` (or pass a folder path).")
+
+
+def _read_safetensors(path: Path) -> dict:
+    """Read a .safetensors file with the standard library: 8-byte header size, JSON header, raw tensors."""
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in dtypes:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+        a, b = meta["data_offsets"]
+        buf = bytearray(data[a:b])  # writable copy: torch.frombuffer warns on read-only memory
+        t = torch.frombuffer(buf, dtype=dtypes[meta["dtype"]]) if b > a else torch.empty(0, dtype=dtypes[meta["dtype"]])
+        out[name] = t.reshape(meta["shape"])
+    return out
+
+
+# transformers' HubertConfig / MERTConfig name -> ours
+_HF_FIELDS = {
+    "hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+    "intermediate_size": "ffn_dim", "do_stable_layer_norm": "pre_ln", "conv_dim": "conv_dim",
+    "conv_kernel": "conv_kernel", "conv_stride": "conv_stride", "conv_bias": "conv_bias",
+    "feat_extract_norm": "extractor_norm", "feat_proj_layer_norm": "proj_norm",
+    "num_conv_pos_embeddings": "pos_conv_kernel", "num_conv_pos_embedding_groups": "pos_conv_groups",
+    "layer_norm_eps": "norm_eps", "hidden_dropout": "dropout", "attention_dropout": "attn_dropout",
+    "activation_dropout": "act_dropout", "layerdrop": "layerdrop", "sample_rate": "sample_rate",
+}
+
+
+def config_from_hf(hf: dict, src: str = "config.json") -> MERTConfig:
+    """Map a transformers HubertConfig / MERTConfig dict onto MERTConfig, refusing what we don't implement."""
+    unsupported = []
+    if hf.get("feature_extractor_cqt"):
+        unsupported.append("feature_extractor_cqt")
+    if hf.get("deepnorm"):
+        unsupported.append("deepnorm")
+    if hf.get("conv_pos_batch_norm"):
+        unsupported.append("conv_pos_batch_norm")
+    for act in ("hidden_act", "feat_extract_activation"):
+        if hf.get(act, "gelu") != "gelu":
+            unsupported.append(f"{act}={hf[act]}")
+    if unsupported:
+        raise CheckpointError(f"{src}: unsupported MERT option(s): {', '.join(unsupported)}")
+    kw = {ours: hf[theirs] for theirs, ours in _HF_FIELDS.items() if theirs in hf}
+    relax = hf.get("attention_relax", -1.0)
+    kw["attn_relax"] = float(relax) if relax and relax > 0 else 0.0
+    return MERTConfig(**kw)
+
+
+def _fuse_qkv(state: dict, q: str, k: str, v: str, out: str):
+    """Concatenate separate q/k/v projection tensors into one fused qkv tensor (order q, k, v)."""
+    for suffix in ("weight", "bias"):
+        parts = [state.pop(f"{n}.{suffix}", None) for n in (q, k, v)]
+        if all(p is not None for p in parts):
+            state[f"{out}.{suffix}"] = torch.cat(parts, dim=0)
+        elif any(p is not None for p in parts):  # leave them in place so the strict check names them
+            for n, p in zip((q, k, v), parts):
+                if p is not None:
+                    state[f"{n}.{suffix}"] = p
+
+
+def _load_hf_folder(folder: Path, map_location) -> tuple[MERTConfig, dict, str]:
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{folder}: no config.json (expected a Hugging Face MERT folder)")
+    cfg = config_from_hf(json.loads(cfg_file.read_text()), str(cfg_file))
+    if (folder / "model.safetensors").exists():
+        wfile = folder / "model.safetensors"
+        state = _read_safetensors(wfile)
+    elif (folder / "pytorch_model.bin").exists():
+        wfile = folder / "pytorch_model.bin"
+        state = torch.load(wfile, map_location=map_location, weights_only=True)
+    else:
+        raise CheckpointError(f"{folder}: neither model.safetensors nor pytorch_model.bin found")
+    return cfg, hf_state_to_ours(state, cfg), str(wfile)
+
+
+def hf_state_to_ours(state: dict, cfg: MERTConfig) -> dict:
+    """transformers HuBERT/MERT key layout -> ours (fused qkv, weight_g/weight_v positional conv)."""
+    state = dict(state)
+    for prefix in ("hubert.", "model.", "mert."):  # heads-wrapped models nest the encoder
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    pc = "encoder.pos_conv_embed.conv."
+    for new, old in (("weight_g", "parametrizations.weight.original0"), ("weight_v", "parametrizations.weight.original1")):
+        if pc + old in state:
+            state[pc + new] = state.pop(pc + old)
+    if pc + "weight" in state and pc + "weight_v" not in state:  # weight norm already folded away
+        w = state.pop(pc + "weight")
+        state[pc + "weight_v"], state[pc + "weight_g"] = w, w.norm(dim=(0, 1), keepdim=True)
+    for i in range(cfg.n_layers):
+        a = f"encoder.layers.{i}.attention."
+        _fuse_qkv(state, a + "q_proj", a + "k_proj", a + "v_proj", a + "qkv")
+    if "masked_spec_embed" not in state:  # absent when mask_time_prob == 0; only pretraining uses it
+        state["masked_spec_embed"] = torch.zeros(cfg.dim)
+    return state
+
+
+# -- fairseq ------------------------------------------------------------------
+
+
+class _Inert:
+    """Stand-in for any class a checkpoint pickles that we do not admit: records its arguments, runs nothing."""
+
+    _qualname = "?"
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs, self.state = args, kwargs, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __call__(self, *args, **kwargs):  # a stand-in function "called" by REDUCE just records its args
+        return _Inert(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<inert {self._qualname}>"
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits tensors and plain containers; any other global becomes an inert stand-in class."""
+
+    _allowed = {
+        ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
+        ("torch", "Size"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return type(name, (_Inert,), {"_qualname": f"{module}.{name}"})
+
+
+class _RestrictedPickleModule:
+    """The pickle_module torch.load needs: our Unpickler plus a load() built on it."""
+
+    Unpickler = _RestrictedUnpickler
+    __name__ = "mert._RestrictedPickleModule"
+
+    @staticmethod
+    def load(f, **kw):
+        return _RestrictedUnpickler(f, **kw).load()
+
+
+def _restricted_torch_load(path: Path, map_location):
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False, pickle_module=_RestrictedPickleModule)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _plain(v):
+    """Unwrap omegaconf value nodes pickled as inert stand-ins into plain values."""
+    while isinstance(v, _Inert):
+        st = v.state
+        if isinstance(st, dict) and "_val" in st:
+            v = st["_val"]
+        elif isinstance(st, dict) and "_content" in st:
+            v = st["_content"]
+        else:
+            return v
+    return v
+
+
+def _find_fairseq_model_cfg(obj, depth=0):
+    """Search a fairseq checkpoint's pickled cfg/args for the dict holding the model's hyperparameters."""
+    if depth > 12:
+        return None
+    obj = _plain(obj)
+    if isinstance(obj, _Inert):  # argparse.Namespace and the like: look at their attribute dict
+        obj = obj.state if isinstance(obj.state, dict) else (obj.state[0] if isinstance(obj.state, tuple) and obj.state else None)
+        if isinstance(obj, dict) and "__dict__" in obj:
+            obj = obj["__dict__"]
+    if isinstance(obj, dict):
+        if "encoder_embed_dim" in obj:
+            return {k: _plain(v) for k, v in obj.items()}
+        for key in ("model", "cfg", "args"):  # the usual places first
+            if key in obj:
+                found = _find_fairseq_model_cfg(obj[key], depth + 1)
+                if found:
+                    return found
+        for v in obj.values():
+            if isinstance(v, (dict, _Inert)):
+                found = _find_fairseq_model_cfg(v, depth + 1)
+                if found:
+                    return found
+    return None
+
+
+def _eval_layer_spec(spec: str) -> list:
+    """Evaluate fairseq's conv_feature_layers string ('[(512,10,5)] + [(512,3,2)] * 4 + ...') without eval()."""
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, (ast.List, ast.Tuple)):
+            items = [ev(e) for e in node.elts]
+            return items if isinstance(node, ast.List) else tuple(items)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            a, b = ev(node.left), ev(node.right)
+            return a + b if isinstance(node.op, ast.Add) else a * b
+        raise CheckpointError(f"unsupported conv_feature_layers expression: {spec!r}")
+    return ev(ast.parse(spec, mode="eval"))
+
+
+_FAIRSEQ_LAYER_KEYS = {
+    "self_attn.out_proj": "attention.out_proj", "self_attn_layer_norm": "layer_norm",
+    "fc1": "feed_forward.intermediate_dense", "fc2": "feed_forward.output_dense",
+    "final_layer_norm": "final_layer_norm",
+}
+# Everything under these prefixes belongs to the encoder and must map; other keys are pretraining heads.
+_FAIRSEQ_ENCODER_PREFIXES = ("feature_extractor.", "post_extract_proj.", "layer_norm.", "encoder.", "mask_emb")
+
+
+def fairseq_state_to_ours(sd: dict, cfg: MERTConfig) -> tuple[dict, list]:
+    """fairseq HuBERT/MERT keys -> ours (the mapping of transformers' official conversion); returns (state, ignored keys)."""
+    out, ignored = {}, []
+    for k, v in sd.items():
+        if not k.startswith(_FAIRSEQ_ENCODER_PREFIXES):
+            ignored.append(k)
+            continue
+        new = k
+        m = re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.(.+)", k)
+        if m:
+            i, rest = m.groups()
+            rest = {"0.weight": "conv.weight", "0.bias": "conv.bias", "2.weight": "layer_norm.weight",
+                    "2.bias": "layer_norm.bias", "2.1.weight": "layer_norm.weight",
+                    "2.1.bias": "layer_norm.bias"}.get(rest, rest)
+            new = f"feature_extractor.conv_layers.{i}.{rest}"
+        elif k.startswith("post_extract_proj."):
+            new = "feature_projection.projection." + k.split(".", 1)[1]
+        elif k.startswith("layer_norm."):
+            new = "feature_projection.layer_norm." + k.split(".", 1)[1]
+        elif k == "mask_emb":
+            new = "masked_spec_embed"
+        elif k.startswith("encoder.pos_conv.0."):
+            rest = k[len("encoder.pos_conv.0."):]
+            rest = {"parametrizations.weight.original0": "weight_g",
+                    "parametrizations.weight.original1": "weight_v"}.get(rest, rest)
+            new = "encoder.pos_conv_embed.conv." + rest
+        else:
+            m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", k)
+            if m:
+                i, mod, p = m.groups()
+                if mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                    new = f"encoder.layers.{i}.attention.{mod.split('.')[1]}.{p}"
+                elif mod in _FAIRSEQ_LAYER_KEYS:
+                    new = f"encoder.layers.{i}.{_FAIRSEQ_LAYER_KEYS[mod]}.{p}"
+        out[new] = v
+    for i in range(cfg.n_layers):
+        a = f"encoder.layers.{i}.attention."
+        _fuse_qkv(out, a + "q_proj", a + "k_proj", a + "v_proj", a + "qkv")
+    return out, ignored
+
+
+def _from_fairseq(ckpt: dict, src: str) -> tuple[MERTConfig, dict, str]:
+    sd = ckpt["model"]
+    for key in ("post_extract_proj.weight", "encoder.layers.0.fc1.weight"):
+        if key not in sd:
+            raise CheckpointError(f"{src}: missing key {key} (not a fairseq MERT/HuBERT checkpoint?)")
+    fc = _find_fairseq_model_cfg({k: ckpt.get(k) for k in ("cfg", "args") if ckpt.get(k) is not None}) or {}
+    # Shapes settle what they can; the pickled config settles the rest (heads, pre-LN, strides).
+    dim = sd["post_extract_proj.weight"].shape[0]
+    n_layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
+    kw = dict(dim=dim, n_layers=n_layers, ffn_dim=sd["encoder.layers.0.fc1.weight"].shape[0],
+              n_heads=int(fc.get("encoder_attention_heads", dim // 64)),
+              pre_ln=bool(fc.get("layer_norm_first", dim >= 1024)),
+              conv_bias=bool(fc.get("conv_bias", "feature_extractor.conv_layers.0.0.bias" in sd)),
+              extractor_norm="layer" if (fc.get("extractor_mode") == "layer_norm"
+                                         or "feature_extractor.conv_layers.0.2.1.weight" in sd) else "group")
+    if fc.get("conv_feature_layers"):
+        spec = _eval_layer_spec(str(fc["conv_feature_layers"]))
+        kw.update(conv_dim=[c for c, _, _ in spec], conv_kernel=[k for _, k, _ in spec],
+                  conv_stride=[s for _, _, s in spec])
+    else:  # MERT's stack; verify the kernels against the weights below
+        convs = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.0\.weight", k)))
+        kw.update(conv_dim=[sd[f"feature_extractor.conv_layers.{i}.0.weight"].shape[0] for i in convs],
+                  conv_kernel=[sd[f"feature_extractor.conv_layers.{i}.0.weight"].shape[2] for i in convs],
+                  conv_stride=[5] + [2] * (len(convs) - 1))
+    pos = sd.get("encoder.pos_conv.0.weight_v", sd.get("encoder.pos_conv.0.parametrizations.weight.original1"))
+    if pos is not None:
+        kw.update(pos_conv_kernel=pos.shape[2], pos_conv_groups=dim // pos.shape[1])
+    for theirs, ours in (("dropout", "dropout"), ("attention_dropout", "attn_dropout"),
+                         ("activation_dropout", "act_dropout"), ("encoder_layerdrop", "layerdrop"),
+                         ("feature_grad_mult", "conv_grad_mult")):
+        if isinstance(fc.get(theirs), (int, float)):
+            kw[ours] = float(fc[theirs])
+    relax = fc.get("attention_relax", -1)
+    kw["attn_relax"] = float(relax) if isinstance(relax, (int, float)) and relax > 0 else 0.0
+    cfg = MERTConfig(**kw)
+    state, ignored = fairseq_state_to_ours(sd, cfg)
+    if ignored:
+        print(f"{src}: ignoring {len(ignored)} pretraining-head tensor(s): {', '.join(sorted(ignored)[:6])}"
+              + (" ..." if len(ignored) > 6 else ""), file=sys.stderr)
+    return cfg, state, src
