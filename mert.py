@@ -122,6 +122,38 @@ PRESETS = {
 }
 
 # -----------------------------------------------------------------------------
+# CPU inference fast path. oneDNN's fused linear/conv + GELU kernels run the same fp32 arithmetic
+# 1.1-1.7x faster than torch's default CPU GEMM followed by a separate GELU pass (measured on a 2-core
+# AVX-512 machine, see bench.py). They have no autograd, so they serve only gradient-free CPU calls;
+# everything else takes the plain F.linear / F.conv1d path.
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
+    and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def _fast(x: torch.Tensor) -> bool:
+    return _ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
+        and not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
+    """layer(x), optionally followed by exact GELU, fused on the CPU inference path."""
+    if _fast(x) and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu" if gelu else "none",
+                                                  [None], "none")
+    y = F.linear(x, layer.weight, layer.bias)
+    return F.gelu(y) if gelu else y
+
+
+def conv1d_gelu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """GELU(conv(x)) for an unpadded strided conv, fused on the CPU inference path."""
+    if _fast(x) and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, [0], list(conv.stride), [1], 1,
+                                                       "gelu", [None], "none")
+    return F.gelu(conv(x))
+
+
+# -----------------------------------------------------------------------------
 # Modules. Attribute names follow transformers' HuBERT so that its state dicts map almost 1:1
 # (the one difference: q/k/v are fused into attention.qkv).
 
@@ -147,6 +179,8 @@ class ConvLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, n: torch.Tensor | None) -> torch.Tensor:
         """x [B, C_in, T_in] -> [B, C_out, T_out]; n [B] valid output frames (None: all valid)."""
+        if self.norm is None:
+            return conv1d_gelu(x, self.conv)
         x = self.conv(x)
         if self.norm == "group":
             if n is None:
@@ -203,7 +237,7 @@ class FeatureProjection(nn.Module):
     def forward(self, x):
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        return self.dropout(self.projection(x))
+        return self.dropout(linear(x, self.projection))
 
 
 class WeightNormConv1d(nn.Module):
@@ -256,13 +290,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x [B, T, d]; mask [B, 1, 1, T] bool, True where a key may be attended (None: all)."""
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        q, k, v = linear(x, self.qkv).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
         p = self.dropout if self.training else 0.0
         if self.impl == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:
             y = self._math(q, k, v, mask, p)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+        return linear(y.transpose(1, 2).reshape(B, T, D), self.out_proj)
 
     def _math(self, q, k, v, mask, p):
         # The unfused path: materialises the (B, H, T, T) scores. With relaxation alpha the softmax
@@ -287,7 +321,7 @@ class FeedForward(nn.Module):
         self.act_dropout = nn.Dropout(cfg.act_dropout)
 
     def forward(self, x):
-        return self.output_dense(self.act_dropout(F.gelu(self.intermediate_dense(x))))
+        return linear(self.act_dropout(linear(x, self.intermediate_dense, gelu=True)), self.output_dense)
 
 
 class Layer(nn.Module):

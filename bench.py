@@ -1,0 +1,195 @@
+"""Speed and memory against the peer packages, measured side by side in the same run.
+
+    python bench.py extract          # mert.py vs transformers' HubertModel (sdpa), 95M, same weights
+    python bench.py extract --quick  # fewer repeats, no 10-minute song
+
+Every figure is a ratio to the peer measured in the same process (time: median of --repeat runs,
+candidates interleaved so that machine noise hits both alike) or in fresh subprocesses (peak memory:
+the rise of the peak resident set size over the resident size after set-up, via /proc/self/clear_refs).
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------
+# measurement helpers
+
+
+def interleaved_medians(fns: dict, repeat: int, warmup: int = 1) -> dict:
+    """Median wall time of each callable, running them in turn so that drifting load hits all alike."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_rise(fn) -> float:
+    """MB by which the peak resident set size rises above the current one while fn() runs (Linux)."""
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (the peak) to the current RSS
+    fn()
+    return (_status_kb("VmHWM") - before) / 1024
+
+
+def in_subprocess(*args) -> dict:
+    """Run `python bench.py _child ARGS` and return the JSON it prints last."""
+    out = subprocess.run([sys.executable, __file__, "_child", *map(str, args)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def music_like(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """A deterministic music-like test signal [batch, n] (tones, onsets, noise) at a realistic level."""
+    g = np.random.default_rng(seed)
+    t = np.arange(n) / 24000
+    out = np.zeros((batch, n), np.float32)
+    for b in range(batch):
+        f0 = 110 * 2 ** (g.integers(0, 24) / 12)
+        x = sum(0.2 / h * np.sin(2 * np.pi * f0 * h * t + g.uniform(0, 6)) for h in range(1, 8))
+        x = x * (0.6 + 0.4 * np.sign(np.sin(2 * np.pi * 2 * t)))  # on/off notes at 2 Hz
+        out[b] = x + 0.02 * g.standard_normal(n)
+    return torch.from_numpy(out)
+
+
+def ratio_row(name: str, peer: float, ours: float, unit: str, better_low=True) -> str:
+    """One printed line: both values and peer/ours (time) or ours/peer (memory)."""
+    r = peer / ours if better_low else ours / peer
+    return f"{name:<28} peer {peer:9.3f} {unit:<3} ours {ours:9.3f} {unit:<3} ratio {r:5.2f}x"
+
+
+# -----------------------------------------------------------------------------
+# extract: mert.py vs transformers HubertModel
+
+
+def _hf_95m_folder(root: Path, layers: int = 12) -> Path:
+    """A transformers HubertModel with MERT-v1-95M's config and random weights, saved with save_pretrained."""
+    from transformers import HubertConfig, HubertModel
+    folder = root / f"hf95m_{layers}"
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        cfg = HubertConfig(hidden_size=768, num_hidden_layers=layers, num_attention_heads=12,
+                           intermediate_size=3072, feat_extract_norm="group", conv_bias=False,
+                           do_stable_layer_norm=False, num_conv_pos_embeddings=128,
+                           num_conv_pos_embedding_groups=16)
+        HubertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def _load_extract_candidate(which: str, folder: Path):
+    """(callable running one forward with all hidden states) for 'ours' or 'hf'."""
+    if which == "ours":
+        from mert import MERT
+        m = MERT.from_pretrained(folder)
+        return lambda x: m.extract(x)
+    from transformers import HubertModel
+    m = HubertModel.from_pretrained(folder, attn_implementation="sdpa").eval()
+    return lambda x: m(x, output_hidden_states=True)
+
+
+def bench_extract(args):
+    """mert.py vs transformers HubertModel (sdpa) on the same 95M weights: time and peak memory ratios."""
+    torch.set_num_threads(args.threads)
+    cases = [(1, 5.0), (1, 30.0), (8, 5.0)]
+    root = Path(tempfile.mkdtemp(prefix="mert_bench_"))
+    folder = _hf_95m_folder(root)
+    ours, hf = _load_extract_candidate("ours", folder), _load_extract_candidate("hf", folder)
+    print(f"extract: 95M (MERT-v1-95M config, random weights), fp32, {torch.get_num_threads()} threads, "
+          f"median of {args.repeat}", flush=True)
+    rows = []
+    with torch.inference_mode():
+        for B, sec in cases:
+            x = music_like(int(sec * 24000), B)
+            t = interleaved_medians({"hf": lambda: hf(x), "ours": lambda: ours(x)}, args.repeat)
+            rows.append(ratio_row(f"time {B}x{sec:g}s", t["hf"], t["ours"], "s"))
+            print(rows[-1], flush=True)
+    del ours, hf
+    for B, sec in cases:
+        mem = {w: in_subprocess("extract_mem", w, folder, B, sec, args.threads)["mb"] for w in ("hf", "ours")}
+        rows.append(ratio_row(f"peak memory {B}x{sec:g}s", mem["hf"], mem["ours"], "MB", better_low=False))
+        print(rows[-1], flush=True)
+    if not args.quick:
+        rows.append(_bench_long_song(root, folder, args))
+    print("\nsummary (time ratio = peer/ours, >1 is faster; memory ratio = ours/peer, <=1 is no more memory)")
+    print("\n".join(rows))
+
+
+def _bench_long_song(root: Path, folder: Path, args) -> str:
+    """extract.py on a 10-minute song with --chunk 30: peak RSS of the whole process."""
+    import soundfile as sf
+    song = root / "song10min.wav"
+    sf.write(song, music_like(600 * 24000)[0].numpy(), 24000, subtype="PCM_16")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(HERE / "extract.py"), str(song), "-o", str(root / "feats"),
+                           "--ckpt", str(folder), "--chunk", "30", "--batch", "1"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"extract.py failed: {proc.stderr[-2000:]}")
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
+    shape = np.load(root / "feats" / "song10min.npy", mmap_mode="r").shape
+    row = (f"10-min song, --chunk 30       peak RSS {peak_gb:.2f} GB (goal < 2 GB), {wall:.0f} s, "
+           f"output {shape}")
+    print(row, flush=True)
+    return row
+
+
+def _child(argv):
+    """Subprocess side of the memory measurements: prints one JSON line."""
+    what = argv[0]
+    if what == "extract_mem":
+        which, folder, B, sec, threads = argv[1], Path(argv[2]), int(argv[3]), float(argv[4]), int(argv[5])
+        torch.set_num_threads(threads)
+        run = _load_extract_candidate(which, folder)
+        x = music_like(int(sec * 24000), B)
+        with torch.inference_mode():
+            run(music_like(24000, 1))  # first-call allocations (kernels, caches) stay out of the figure
+            mb = peak_rss_rise(lambda: run(x))
+        print(json.dumps({"mb": mb}))
+    else:
+        raise SystemExit(f"unknown child task {what}")
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        return _child(sys.argv[2:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="example: python bench.py extract --repeat 7",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("what", choices=["extract"], help="which comparison to run")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per candidate (the median is reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for every candidate")
+    p.add_argument("--quick", action="store_true", help="skip the slow long-input measurements")
+    args = p.parse_args()
+    {"extract": bench_extract}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
