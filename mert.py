@@ -35,6 +35,7 @@ import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -69,6 +70,17 @@ class MERTConfig:
     attn_impl: str = "sdpa"  # "sdpa" (fused, fast) or "math" (unfused; needed for attn_relax)
     conv_grad_mult: float = 0.1  # gradient scale into the conv extractor during training
     sample_rate: int = 24000
+    # pretraining heads and loss (HuBERT/MERT); n_codebooks = cqt_bins = 0 builds an encoder without heads
+    n_codebooks: int = 8  # discrete label streams (RVQ codebooks)
+    codebook_size: int = 1024
+    final_dim: int = 64  # width of the cosine-similarity space per codebook
+    logit_temp: float = 0.1
+    cqt_bins: int = 336  # CQT reconstruction head (0: none)
+    cqt_weight: float = 1.0
+    feature_penalty: float = 10.0  # weight of mean(conv features^2)
+    mask_prob: float = 0.8  # fairseq compute_mask_indices: expected share of frames that start a span
+    mask_length: int = 5
+    min_masks: int = 2
 
     def __post_init__(self):
         # JSON round trips turn tuples into lists; keep them hashable and comparable.
@@ -118,7 +130,8 @@ PRESETS = {
     "tiny": dict(dim=256, n_layers=4, n_heads=4, ffn_dim=1024, conv_dim=(256,) * 7, layerdrop=0.0),
     "95m": dict(),
     "330m": dict(dim=1024, n_layers=24, n_heads=16, ffn_dim=4096, pre_ln=True, dropout=0.0,
-                 attn_dropout=0.0, act_dropout=0.0, layerdrop=0.0, attn_relax=32.0),
+                 attn_dropout=0.0, act_dropout=0.0, layerdrop=0.0, attn_relax=32.0, final_dim=128,
+                 conv_grad_mult=1.0),
 }
 
 # -----------------------------------------------------------------------------
@@ -369,6 +382,12 @@ class MERT(nn.Module):
         self.feature_projection = FeatureProjection(cfg)
         self.encoder = Encoder(cfg)
         self.masked_spec_embed = nn.Parameter(torch.empty(cfg.dim))  # replaces masked frames in pretraining
+        if cfg.n_codebooks > 0:
+            # K untied Linear(d -> final_dim) projections, computed as one Linear(d -> K * final_dim)
+            self.final_proj = nn.Linear(cfg.dim, cfg.n_codebooks * cfg.final_dim)
+            self.label_embs = nn.Parameter(torch.empty(cfg.n_codebooks, cfg.codebook_size, cfg.final_dim))
+        if cfg.cqt_bins > 0:
+            self.cqt_head = nn.Linear(cfg.dim, cfg.cqt_bins)
         if cfg.attn_impl != "sdpa":
             warnings.warn("MERT: attn_impl='math' is the slow unfused attention path", stacklevel=2)
         self.reset_parameters()
@@ -394,6 +413,8 @@ class MERT(nn.Module):
         nn.init.zeros_(pc.bias)
         pc.weight_g.copy_(pc.weight_v.norm(dim=(0, 1), keepdim=True))  # so that weight == v at init
         nn.init.uniform_(self.masked_spec_embed)
+        if cfg.n_codebooks > 0:
+            nn.init.uniform_(self.label_embs)  # fairseq's label_embs_concat init
 
     # -- shapes ---------------------------------------------------------------
 
@@ -464,11 +485,58 @@ class MERT(nn.Module):
                 out[i + 1] = x
         return x
 
-    def forward(self, wav: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """wav [B, L] (24 kHz, unnormalised) -> (last hidden state [B, T, d], frame mask [B, T] or None)."""
+    def forward(self, wav: torch.Tensor, lengths=None, targets: dict | None = None, mask=None):
+        """wav [B, L] at 24 kHz (unnormalised) -> (last hidden state [B, T, d], loss, loss parts).
+
+        Without targets: loss is None and parts {}. With targets, a dict holding "codes" (LongTensor
+        [B, K, T]) and/or "cqt" ([B, T, cqt_bins]) from the teachers, frames are masked (`mask` [B, T]
+        bool, else drawn with compute_mask_indices) and replaced by the learned mask embedding, and the
+        loss is: sum over codebooks of the cross-entropy of cosine logits / logit_temp on masked frames
+        + cqt_weight * MSE of the CQT head on masked frames + feature_penalty * mean(conv features^2).
+        """
+        cfg = self.config
         feats, frame_mask = self._embed(wav, lengths)
         x = self.feature_projection(feats)
-        return self._encode(x, frame_mask), frame_mask
+        if targets is None:
+            return self._encode(x, frame_mask), None, {}
+        B, T, _ = x.shape
+        if mask is None:
+            n = None if frame_mask is None else frame_mask.sum(1).tolist()
+            mask = compute_mask_indices(B, T, cfg.mask_prob, cfg.mask_length, cfg.min_masks, lengths=n)
+        mask = torch.as_tensor(mask, device=x.device, dtype=torch.bool)
+        x = torch.where(mask[..., None], self.masked_spec_embed.to(x.dtype), x)
+        x = self._encode(x, frame_mask)
+        parts = {"features_pen": feats.float().pow(2).mean()}
+        loss = cfg.feature_penalty * parts["features_pen"]
+        xm = x[mask]  # (N, d): the masked frames only
+        if "codes" in targets:
+            codes = targets["codes"][..., :T].transpose(1, 2)[mask]  # (N, K)
+            ce = self.code_loss(xm, codes)
+            for k, v in enumerate(ce):
+                parts[f"ce_{k}"] = v.detach()
+            parts["ce"] = ce.sum()
+            loss = loss + parts["ce"]
+        if "cqt" in targets:
+            pred = self.cqt_head(xm).float()
+            parts["cqt"] = F.mse_loss(pred, targets["cqt"][:, :T][mask].float())
+            loss = loss + cfg.cqt_weight * parts["cqt"]
+        parts["mask_frac"] = mask.float().mean().detach()
+        return x, loss, parts
+
+    def code_loss(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Per-codebook cross-entropy [K] of cosine(proj_k(x), emb_k) / temp for x [N, d], codes [N, K].
+
+        One normalised batched matmul (K, N, F) x (K, F, V); never a (codes, frames, dim) expansion. This
+        equals fairseq HuBERT's positive/negative NCE with every other code as a negative.
+        """
+        cfg = self.config
+        K, Fd = cfg.n_codebooks, cfg.final_dim
+        if codes.shape[-1] != K:
+            raise ValueError(f"targets have {codes.shape[-1]} codebooks, the model's heads {K}")
+        z = F.normalize(self.final_proj(x).view(-1, K, Fd).float(), dim=-1).transpose(0, 1)  # (K, N, F)
+        e = F.normalize(self.label_embs.float(), dim=-1)  # (K, V, F)
+        logits = torch.bmm(z, e.transpose(1, 2)) / cfg.logit_temp  # (K, N, V)
+        return F.cross_entropy(logits.flatten(0, 1), codes.t().reshape(-1), reduction="none").view(K, -1).mean(1)
 
     @torch.inference_mode()
     def extract(self, wav: torch.Tensor, lengths=None, layers=None) -> torch.Tensor:
@@ -515,6 +583,61 @@ class MERT(nn.Module):
         model = cls(cfg)
         load_state_strict(model, state, src)
         return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# Pretraining helpers: span masking and in-batch noise mixture
+
+
+def compute_mask_indices(B: int, T: int, mask_prob: float, mask_length: int, min_masks: int = 0,
+                         lengths=None, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Span masks [B, T] bool with fairseq's compute_mask_indices semantics ("static" lengths, overlap allowed).
+
+    Per clip of n valid frames: int(mask_prob * n / mask_length + u) span starts (u ~ U[0, 1)), at least
+    min_masks, drawn without replacement from [0, n - mask_length); each masks mask_length frames. Then,
+    as fairseq's require_same_masks, every clip keeps a random subset of its masked frames as large as the
+    smallest clip's, so that all rows mask the same number of frames. With 0.8 / 5 about 58% of frames.
+    """
+    rng = rng if rng is not None else np.random.default_rng()
+    lengths = [T] * B if lengths is None else [int(n) for n in lengths]
+    chosen = []
+    for n in lengths:
+        num = max(min_masks, int(mask_prob * n / float(mask_length) + rng.random()))
+        span = mask_length
+        if n - span <= num:  # too short for that many spans: fairseq shrinks the start range
+            span = max(n - num - 1, 0)
+        starts = rng.choice(max(n - span, 1), min(num, max(n - span, 1)), replace=False)
+        idx = (starts[:, None] + np.arange(mask_length)[None, :]).ravel()
+        chosen.append(np.unique(idx[idx < n]))
+    keep = min(len(c) for c in chosen)
+    mask = np.zeros((B, T), dtype=bool)
+    for b, c in enumerate(chosen):
+        if len(c) > keep:
+            c = rng.choice(c, keep, replace=False)
+        mask[b, c] = True
+    return mask
+
+
+def mix_noise(wav: torch.Tensor, rng: np.random.Generator, prob: float = 0.5, n_segments=(1, 3),
+              seconds=(0.5, 1.0), sr: int = 24000, lengths=None) -> torch.Tensor:
+    """MERT's in-batch noise mixture: with probability prob per clip, add 1-3 segments of 0.5-1 s cut from
+    other clips of the batch, at full volume. Returns a new tensor; the teachers must see the clean input."""
+    B, L = wav.shape
+    if B < 2:
+        return wav
+    lengths = [L] * B if lengths is None else [int(n) for n in lengths]
+    out = wav.clone()
+    for i in range(B):
+        if rng.random() >= prob:
+            continue
+        for _ in range(int(rng.integers(n_segments[0], n_segments[1] + 1))):
+            j = int(rng.integers(0, B - 1))
+            j += j >= i  # another clip, never itself
+            n = min(int(rng.uniform(*seconds) * sr), lengths[i], lengths[j])
+            src = int(rng.integers(0, lengths[j] - n + 1))
+            dst = int(rng.integers(0, lengths[i] - n + 1))
+            out[i, dst:dst + n] += wav[j, src:src + n]
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -650,7 +773,7 @@ def config_from_hf(hf: dict, src: str = "config.json") -> MERTConfig:
     kw = {ours: hf[theirs] for theirs, ours in _HF_FIELDS.items() if theirs in hf}
     relax = hf.get("attention_relax", -1.0)
     kw["attn_relax"] = float(relax) if relax and relax > 0 else 0.0
-    return MERTConfig(**kw)
+    return MERTConfig(**kw, n_codebooks=0, cqt_bins=0)  # the released weights carry no pretraining heads
 
 
 def _fuse_qkv(state: dict, q: str, k: str, v: str, out: str):
@@ -897,7 +1020,7 @@ def _from_fairseq(ckpt: dict, src: str) -> tuple[MERTConfig, dict, str]:
             kw[ours] = float(fc[theirs])
     relax = fc.get("attention_relax", -1)
     kw["attn_relax"] = float(relax) if isinstance(relax, (int, float)) and relax > 0 else 0.0
-    cfg = MERTConfig(**kw)
+    cfg = MERTConfig(**kw, n_codebooks=0, cqt_bins=0)  # heads are not converted (their layout differs)
     state, ignored = fairseq_state_to_ours(sd, cfg)
     if ignored:
         print(f"{src}: ignoring {len(ignored)} pretraining-head tensor(s): {', '.join(sorted(ignored)[:6])}"
