@@ -1,0 +1,642 @@
+"""Teachers: the frame labels MERT learns to predict from masked audio, computed on the fly at 75 Hz.
+
+Every teacher is a frozen `nn.Module` that runs on the training device:
+
+    labels = teacher(wav, n_frames)     wav [B, L] float at 24 kHz, n_frames = the model's T
+        AcousticTeacher          {"codes": LongTensor [B, n_q, T]}   RVQ-VAE codes (rvq.py / EnCodec)
+        MusicalTeacher           {"cqt":   FloatTensor [B, T, 336]}  CQT magnitude (cqt.py)
+        MFCCKMeansTeacher        {"codes": LongTensor [B, 1, T]}     k-means of 39-d MFCC (HuBERT it. 1)
+        RandomProjectionTeacher  {"codes": LongTensor [B, K, T]}     BEST-RQ random-projection quantiser
+
+    teachers = build_teachers("acoustic,cqt", acoustic_ckpt="encodec_24khz-d7cc33bc.th", device="cuda")
+    targets = teachers(wav, n_frames=T)           # {"codes": [B, 8, T], "cqt": [B, T, 336]}
+    teachers.n_codebooks, teachers.codebook_size, teachers.cqt_bins    # to size the model's heads
+
+Framing. The model's conv stack gives T = floor((L - 400) / 320) + 1 frames (374 for 5 s). The
+teachers frame the audio their own way and are cut to the first T frames:
+
+    sample      0        320       640                       L
+    model       [0, 400)  [320, 720)  ...                        T = (L - 400) // 320 + 1
+    CQT, MFCC,  centred on 0, 320, 640, ... (zero padding)       L // 320 + 1     (376 for 5 s)
+    rand-proj
+    RVQ codes   causal SEANet encoder                            ceil(L / 320)    (375 for 5 s)
+
+so each label sits within about half a frame of its model frame; labels past the model's last
+frame are dropped (design.md: teachers giving more frames than the model are cut to its count).
+
+Design choices
+- Labels are computed under `torch.no_grad()` (not `inference_mode`: the losses save their targets
+  for backward, which inference tensors forbid) with autocast disabled and float32 inputs, so a
+  bf16 training step gets the same labels as an fp32 one.
+- Teachers never train: parameters are frozen and `.train()` keeps them in eval mode. Anything
+  random (the random-projection matrices and codebooks) is drawn from the teacher's own seeded
+  CPU generator and held in persistent buffers: every process and rank draws the same values, and a
+  checkpoint of `Teachers.state_dict()` restores them exactly.
+- MFCC (HuBERT iteration 1, which used Kaldi MFCC: 25 ms windows, 10 ms hop, 13 coefficients +
+  deltas + delta-deltas, 39-d) at 24 kHz and 75 Hz: pre-emphasis 0.97, Hann window of 640 samples
+  (26.7 ms: the multiple of the 320-sample hop nearest Kaldi's 25 ms, 50 % overlap) in a 1024-point
+  FFT, power spectrum, 40 HTK mel bands 20 Hz - 12 kHz (Kaldi uses 23 bands up to 8 kHz at 16 kHz;
+  the wider band at 24 kHz gets more), natural log, orthonormal DCT-II, c0..c12 (c0 kept, as Kaldi
+  with use_energy=False), deltas over +-2 frames (Kaldi / torchaudio `compute_deltas` formula,
+  edges repeated). One deviation from HuBERT: the 39 dimensions are standardised with the fitted
+  data's mean and std before k-means (HuBERT clustered raw features, where c0 and the low
+  coefficients dominate the Euclidean distance); Kaldi's cepstral liftering is left out because
+  that standardisation would undo any per-coefficient scale anyway.
+- k for MFCC k-means: 500 by default (`--k`). HuBERT's first iteration clustered MFCC of speech into
+  100 classes (500 in its second iteration, on HuBERT features). For MERT's k-means variants we
+  could not check the numbers against a primary source here; our recollection is that the MERT
+  paper's k-means teacher clustered log-mel (300) and chroma (200) features rather than MFCC. 500
+  is therefore an assumption: music frames vary more in timbre than speech frames, so we take
+  HuBERT's larger vocabulary. Fit: k-means++ seeding on up to 100k frames, then full-batch Lloyd
+  iterations on a uniform random sample of frames (default 500k, drawn by random priorities so
+  memory stays bounded) from files in a seeded random order (default: the first 10 h of them);
+  clusters that empty are re-seeded on the worst-fitted frames.
+- Random projection (BEST-RQ; MusicFM applied it to music at 24 kHz with 128 mels): log-mel
+  (128 HTK bands 0 - 12 kHz, Hann 2048, hop 320, centred) of each frame and its two neighbours
+  stacked (384-d; context for onsets; edges repeated), normalised per utterance (each example's
+  per-band mean and std over its frames, CMVN), times K frozen Xavier-normal matrices 384 x 16, and
+  the label is the nearest of 1024 unit-norm Gaussian codebook vectors by cosine (= l2 distance
+  of unit vectors). BEST-RQ normalises with global statistics of the training set; we have none at
+  teacher-build time and a running estimate would change the labels during training (and
+  differ between ranks), so per-utterance normalisation keeps labels a pure function of the crop.
+  K = 8, 1024 codes by default, so it stands in for the acoustic teacher's [B, 8, T] codes.
+
+References
+- Hsu et al. 2021, "HuBERT: Self-Supervised Speech Representation Learning by Masked Prediction of
+  Hidden Units", arXiv:2106.07447 (MFCC + k-means targets, 39-d features, k = 100 first iteration).
+- Li et al. 2023, "MERT: Acoustic Music Understanding Model with Large-Scale Self-supervised
+  Training", arXiv:2306.00107 (RVQ-VAE / EnCodec codes and CQT teachers; k-means baselines).
+- Chiu et al. 2022, "Self-supervised Learning with Random-projection Quantizer for Speech
+  Recognition" (BEST-RQ), arXiv:2202.01855.
+- Won et al. 2024, "A Foundation Model for Music Informatics" (MusicFM), arXiv:2311.03318.
+- Arthur & Vassilvitskii 2007, "k-means++: The Advantages of Careful Seeding".
+- Davis & Mermelstein 1980 (MFCC); Young et al., The HTK Book (mel scale, delta formula).
+
+Only torch, numpy, the standard library, `cqt` and `rvq` are imported at the top; `audio` (the
+project's reader) and tqdm are imported by the `fit-mfcc` command only.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cqt
+import rvq
+
+SAMPLE_RATE = 24_000
+HOP = 320                                   # samples per label frame: 75 Hz at 24 kHz
+TEACHER_NAMES = ("acoustic", "cqt", "mfcc", "randproj")
+_ALIASES = {"rvq": "acoustic", "encodec": "acoustic", "musical": "cqt", "random": "randproj",
+            "bestrq": "randproj", "best-rq": "randproj"}
+
+__all__ = ["Teacher", "AcousticTeacher", "MusicalTeacher", "MFCC", "MFCCKMeansTeacher",
+           "RandomProjectionTeacher", "Teachers", "build_teachers", "fit_mfcc_kmeans", "kmeans_pp",
+           "TEACHER_NAMES"]
+
+
+# ----------------------------------------------------------------------------- common machinery
+
+class Teacher(nn.Module):
+    """Base class: a frozen label producer; subclasses set `key` and implement `_labels(wav) -> frames`."""
+
+    key: str = "codes"          # the targets-dict key it fills: "codes" or "cqt"
+    frame_dim: int = -1         # axis of the frames in `_labels`' output
+    n_codebooks: int = 0        # code streams produced (0 for continuous targets)
+    codebook_size: int = 0      # codes per stream
+
+    def train(self, mode: bool = True):
+        """Teachers stay in eval mode whatever the caller asks (they never train)."""
+        return super().train(False)
+
+    def _labels(self, wav: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, wav: torch.Tensor, n_frames: int) -> dict:
+        """wav [B, L] float at 24 kHz -> {key: labels cut to n_frames frames}."""
+        if wav.dim() != 2:
+            raise ValueError(f"{type(self).__name__} expects wav of shape [B, samples], got {list(wav.shape)}")
+        with torch.no_grad(), torch.autocast(wav.device.type, enabled=False):
+            y = self._labels(wav.detach().float())
+        have = y.shape[self.frame_dim]
+        if have < n_frames:
+            raise ValueError(f"{type(self).__name__} gives {have} frames for {wav.shape[-1]} samples, "
+                             f"fewer than the {n_frames} asked for")
+        return {self.key: y.narrow(self.frame_dim, 0, n_frames)}
+
+    def _freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+
+def _frames(x: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """Zero-pad x [B, L] by n_fft // 2 each side -> overlapping frames [B, L // hop + 1, n_fft] centred on t·hop."""
+    pad = n_fft // 2
+    return F.pad(x, (pad, pad)).unfold(-1, n_fft, hop)      # (B, (L + 2·pad - n_fft) // hop + 1, n_fft)
+
+
+def _power_spectrum(frames: torch.Tensor, win_length: int) -> torch.Tensor:
+    """|rfft(hann(win_length) · frame)|² / (window sum)² of frames [B, T, n_fft] -> [B, T, n_fft//2 + 1].
+
+    Dividing by the window sum makes a full-scale sine's peak 0.25 whatever the window, so the log
+    floors below mean the same level in every teacher.
+    """
+    n_fft = frames.shape[-1]
+    win = torch.hann_window(win_length, periodic=True, device=frames.device, dtype=frames.dtype)
+    left = (n_fft - win_length) // 2                        # a shorter window sits in the frame's centre (as torch.stft)
+    win = F.pad(win, (left, n_fft - win_length - left))    # (n_fft,)
+    spec = torch.fft.rfft(frames * win, dim=-1)
+    return spec.abs().square() / win.sum().square()
+
+
+def _deltas(x: torch.Tensor, n: int = 2) -> torch.Tensor:
+    """HTK/Kaldi deltas along frames of x [B, T, D]: sum_k k·(x[t+k] - x[t-k]) / (2·sum_k k²), edges repeated."""
+    T = x.shape[1]
+    xp = torch.cat([x[:, :1].expand(-1, n, -1), x, x[:, -1:].expand(-1, n, -1)], 1)   # (B, T + 2n, D)
+    out = sum(k * (xp[:, n + k: n + k + T] - xp[:, n - k: n - k + T]) for k in range(1, n + 1))
+    return out / (2 * sum(k * k for k in range(1, n + 1)))
+
+
+def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid (Euclidean) of each row of x [N, D] -> (index [N] int64, squared distance [N])."""
+    # ‖c‖² - 2 x·c in one addmm; ‖x‖² is the same for every centroid, so it is added after the min
+    d = torch.addmm(centroids.pow(2).sum(1), x, centroids.t(), alpha=-2)   # (N, k)
+    best, idx = d.min(1)
+    return idx, (best + x.pow(2).sum(1)).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------- acoustic teacher
+
+class AcousticTeacher(Teacher):
+    """RVQ-VAE codes from an rvq.py checkpoint (ours or EnCodec 24 kHz) -> {"codes": [B, n_q, T]}."""
+
+    key, frame_dim = "codes", -1
+
+    def __init__(self, ckpt_or_model: str | os.PathLike | rvq.RVQVAE, n_q: int = 8):
+        super().__init__()
+        model = ckpt_or_model if isinstance(ckpt_or_model, nn.Module) else rvq.load(ckpt_or_model)
+        if not 1 <= n_q <= model.cfg.n_q:
+            raise ValueError(f"n_q must be in 1..{model.cfg.n_q} for this RVQ model, got {n_q}")
+        self.model, self.n_q = model, n_q
+        self.n_codebooks, self.codebook_size = n_q, model.cfg.bins
+        self._freeze()
+
+    def extra_repr(self) -> str:
+        return f"n_q={self.n_q}, bins={self.codebook_size}"
+
+    def _labels(self, wav: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(wav, n_q=self.n_q)         # (B, n_q, ceil(L / 320)) int64
+
+
+# ----------------------------------------------------------------------------- musical teacher
+
+class MusicalTeacher(Teacher):
+    """CQT magnitude with MERT's parameters (336 bins, 48/octave from 32.7 Hz, hop 320) -> {"cqt": [B, T, 336]}."""
+
+    key, frame_dim = "cqt", 1
+
+    def __init__(self):
+        super().__init__()
+        # nnAudio CQT1992v2 settings of the official MERT code; cqt.py reproduces its numbers
+        self.cqt = cqt.CQT(sr=SAMPLE_RATE, hop_length=HOP, fmin=32.7, n_bins=336, bins_per_octave=48,
+                           filter_scale=1, norm=1, window="hann", center=True, pad_mode="constant",
+                           output="magnitude")
+        self.n_bins = 336
+        self._freeze()
+
+    def _labels(self, wav: torch.Tensor) -> torch.Tensor:
+        return self.cqt(wav).transpose(1, 2)                # (B, 336, L // 320 + 1) -> (B, frames, 336)
+
+
+# ----------------------------------------------------------------------------- MFCC + k-means
+
+_MFCC_FIELDS = ("n_mfcc", "n_mels", "n_fft", "win_length", "fmin", "fmax", "preemphasis")   # MFCC's arguments
+
+class MFCC(nn.Module):
+    """39-d MFCC + deltas + delta-deltas at 75 Hz (HuBERT iteration-1 features at 24 kHz): [B, L] -> [B, L // 320 + 1, 39]."""
+
+    def __init__(self, n_mfcc: int = 13, n_mels: int = 40, n_fft: int = 1024, win_length: int = 640,
+                 fmin: float = 20.0, fmax: float = SAMPLE_RATE / 2, preemphasis: float = 0.97):
+        super().__init__()
+        self.config = dict(n_mfcc=n_mfcc, n_mels=n_mels, n_fft=n_fft, win_length=win_length, fmin=float(fmin),
+                           fmax=float(fmax), preemphasis=float(preemphasis))
+        self.n_mfcc, self.n_fft, self.win_length, self.preemphasis = n_mfcc, n_fft, win_length, preemphasis
+        self.register_buffer("mel", rvq.mel_filterbank(n_fft, n_mels, SAMPLE_RATE, fmin, fmax), persistent=False)
+        # orthonormal DCT-II, rows = coefficients 0..n_mfcc-1: c_i = sqrt(2/M)·s_i·sum_m x_m cos(pi·i·(m + 1/2)/M)
+        m = torch.arange(n_mels, dtype=torch.float64)
+        i = torch.arange(n_mfcc, dtype=torch.float64)[:, None]
+        dct = torch.cos(math.pi * i * (m + 0.5) / n_mels) * math.sqrt(2.0 / n_mels)
+        dct[0] /= math.sqrt(2.0)
+        self.register_buffer("dct", dct.float(), persistent=False)        # (n_mfcc, n_mels)
+
+    @property
+    def dim(self) -> int:
+        """Feature size: 3 · n_mfcc."""
+        return 3 * self.n_mfcc
+
+    def emphasis(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-emphasis x[n] - a·x[n-1] of x [B, L] over the whole signal (Kaldi does it per frame: one sample's difference)."""
+        if not self.preemphasis:
+            return x
+        return torch.cat([x[:, :1], x[:, 1:] - self.preemphasis * x[:, :-1]], 1)
+
+    def cepstra(self, frames: torch.Tensor) -> torch.Tensor:
+        """Pre-emphasised frames [B, T, n_fft] -> the n_mfcc cepstra [B, T, n_mfcc] (no deltas)."""
+        power = _power_spectrum(frames, self.win_length)                  # (B, T, n_fft//2 + 1)
+        logmel = torch.log(power @ self.mel.t() + 1e-10)                  # (B, T, n_mels); floor -100 dB
+        return logmel @ self.dct.t()                                      # (B, T, n_mfcc)
+
+    @staticmethod
+    def with_deltas(c: torch.Tensor) -> torch.Tensor:
+        """Cepstra [B, T, n] -> [B, T, 3n]: static, delta, delta-delta (each delta over +-2 frames)."""
+        d = _deltas(c)
+        return torch.cat([c, d, _deltas(d)], -1)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav [B, L] at 24 kHz -> [B, L // 320 + 1, 39]."""
+        frames = _frames(self.emphasis(wav.float()), self.n_fft, HOP)     # (B, L // 320 + 1, n_fft)
+        return self.with_deltas(self.cepstra(frames))
+
+    def long(self, wav: torch.Tensor, chunk_frames: int = 4500) -> torch.Tensor:
+        """One long wav [L] -> [L // 320 + 1, 39], equal to forward but a minute of frames at a time (bounded memory)."""
+        pad = self.n_fft // 2
+        wp = F.pad(self.emphasis(wav.float()[None]), (pad, pad))          # (1, L + n_fft)
+        n_frames = len(wav) // HOP + 1
+        static = []
+        for f0 in range(0, n_frames, chunk_frames):
+            # frame t covers padded samples [t·320, t·320 + n_fft)
+            f1 = min(n_frames, f0 + chunk_frames)
+            piece = wp[:, f0 * HOP: (f1 - 1) * HOP + self.n_fft]         # (1, samples feeding frames f0..f1-1)
+            static.append(self.cepstra(piece.unfold(-1, self.n_fft, HOP)))
+        # deltas over the whole file's cepstra, so chunk edges leave no trace
+        return self.with_deltas(torch.cat(static, 1))[0]
+
+
+class MFCCKMeansTeacher(Teacher):
+    """k-means cluster of standardised 39-d MFCC frames (HuBERT iteration-1 style) -> {"codes": [B, 1, T]}.
+
+    Build from a `fit-mfcc` checkpoint path or its loaded dict ({"config", "centroids", "mean", "std"}).
+    """
+
+    key, frame_dim = "codes", -1
+
+    def __init__(self, ckpt: str | os.PathLike | dict):
+        super().__init__()
+        obj = ckpt if isinstance(ckpt, dict) else torch.load(ckpt, map_location="cpu", weights_only=True)
+        if not isinstance(obj, dict) or obj.get("kind") != "mfcc-kmeans":
+            raise ValueError(f"{ckpt if not isinstance(ckpt, dict) else 'dict'}: not an MFCC k-means checkpoint "
+                             "(write one with: python teachers.py fit-mfcc --data DIR --out mfcc_km.pt)")
+        self.config = dict(obj["config"])
+        self.mfcc = MFCC(**{k: self.config[k] for k in _MFCC_FIELDS})
+        centroids = obj["centroids"].float()
+        if centroids.shape[1] != self.mfcc.dim:
+            raise ValueError(f"centroids have {centroids.shape[1]} dims, the MFCC features {self.mfcc.dim}")
+        self.register_buffer("centroids", centroids)                    # (k, 39) in standardised units
+        self.register_buffer("mean", obj["mean"].float())               # (39,)
+        self.register_buffer("std", obj["std"].float())                 # (39,)
+        self.n_codebooks, self.codebook_size = 1, centroids.shape[0]
+        self._freeze()
+
+    def extra_repr(self) -> str:
+        return f"k={self.codebook_size}"
+
+    def _labels(self, wav: torch.Tensor) -> torch.Tensor:
+        f = (self.mfcc(wav) - self.mean) / self.std                       # (B, T, 39)
+        B, T, D = f.shape
+        idx, _ = _nearest(f.reshape(B * T, D), self.centroids)           # (B·T,)
+        return idx.view(B, 1, T)
+
+
+def kmeans_pp(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0, init_rows: int = 100_000,
+              chunk: int = 65_536, tol: float = 1e-4, log=None) -> tuple[torch.Tensor, float]:
+    """k-means++ seeding then Lloyd's iterations on rows of x [N, D] -> (centroids [k, D], mean squared distance).
+
+    Deterministic for a seed (its own CPU generator). Distances are computed `chunk` rows at a time,
+    so memory stays O(chunk · k). Clusters left empty are re-seeded on the worst-fitted rows.
+    """
+    N, D = x.shape
+    if N < k:
+        raise ValueError(f"k-means needs at least k={k} rows, got {N}")
+    g = torch.Generator().manual_seed(seed)
+    # k-means++ on a random subset: sequential seeding costs k passes over it
+    sub = x[torch.randperm(N, generator=g)[:max(init_rows, k)].to(x.device)]
+    sq = sub.pow(2).sum(1)                                              # (n,)
+    dist2 = lambda c: (sq - 2 * (sub @ c) + c.pow(2).sum()).clamp(min=0)  # noqa: E731  (n,) to one point
+    centroids = torch.empty(k, D, dtype=x.dtype, device=x.device)
+    centroids[0] = sub[int(torch.randint(len(sub), (1,), generator=g))]
+    d2 = dist2(centroids[0])                                            # squared distance to the nearest seed
+    for j in range(1, k):
+        # D² sampling through the cumulative sum (multinomial caps the category count at 2^24)
+        cum = torch.cumsum(d2.double(), 0)
+        u = torch.rand(1, generator=g, dtype=torch.float64).to(cum.device) * cum[-1]
+        i = int(torch.searchsorted(cum, u).clamp(max=len(sub) - 1))
+        centroids[j] = sub[i]
+        d2 = torch.minimum(d2, dist2(centroids[j]))
+
+    prev = math.inf
+    for it in range(iters):
+        sums = torch.zeros_like(centroids)
+        counts = torch.zeros(k, dtype=x.dtype, device=x.device)
+        best = torch.empty(N, dtype=x.dtype, device=x.device)
+        for s in range(0, N, chunk):
+            idx, best[s: s + chunk] = _nearest(x[s: s + chunk], centroids)
+            sums.index_add_(0, idx, x[s: s + chunk])
+            counts += torch.bincount(idx, minlength=k).to(x.dtype)
+        inertia = float(best.mean())
+        empty = (counts == 0).nonzero().flatten()
+        centroids = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centroids)
+        if len(empty):
+            centroids[empty] = x[best.topk(len(empty)).indices]           # re-seed on the worst-fitted rows
+        if log:
+            log(f"k-means iteration {it + 1}/{iters}: mean squared distance {inertia:.4f}"
+                + (f", {len(empty)} empty clusters re-seeded" if len(empty) else ""))
+        if not len(empty) and prev - inertia <= tol * inertia:
+            break
+        prev = inertia
+    return centroids, inertia
+
+
+def fit_mfcc_kmeans(waves, k: int = 500, seed: int = 0, max_frames: int = 500_000, iters: int = 50,
+                    device: str | torch.device = "cpu", log=None) -> dict:
+    """Fit MFCC k-means on an iterable of 24 kHz mono waveforms (1-D arrays or tensors) -> checkpoint dict.
+
+    Frames are sampled uniformly over everything iterated (each frame gets a random priority; the
+    max_frames lowest are kept), so memory is bounded by 2·max_frames frames whatever the data size.
+    """
+    mfcc = MFCC().to(device)
+    g = torch.Generator().manual_seed(seed + 1)     # frame priorities; seed itself seeds k-means
+    keep_f = torch.empty(0, mfcc.dim, device=device)
+    keep_p = torch.empty(0, device=device)
+    n_seen = 0
+    for w in waves:
+        feats = mfcc.long(torch.as_tensor(np.asarray(w, dtype=np.float32)).to(device))   # (frames, 39)
+        n_seen += len(feats)
+        pri = torch.rand(len(feats), generator=g).to(device)
+        keep_f, keep_p = torch.cat([keep_f, feats]), torch.cat([keep_p, pri])
+        if len(keep_p) > 2 * max_frames:
+            top = keep_p.topk(max_frames, largest=False).indices
+            keep_f, keep_p = keep_f[top], keep_p[top]
+    if len(keep_p) > max_frames:
+        top = keep_p.topk(max_frames, largest=False).indices
+        keep_f = keep_f[top]
+    if len(keep_f) < k:
+        raise ValueError(f"only {len(keep_f)} MFCC frames to cluster, fewer than k={k}; give more audio or a smaller --k")
+    mean, std = keep_f.mean(0), keep_f.std(0).clamp(min=1e-5)
+    z = (keep_f - mean) / std                                         # standardised (N, 39)
+    centroids, inertia = kmeans_pp(z, k, iters=iters, seed=seed, log=log)
+    used = int(torch.unique(_nearest(z, centroids)[0]).numel())
+    cfg = dict(mfcc.config, k=k)
+    return {"kind": "mfcc-kmeans", "config": cfg, "centroids": centroids.float().cpu(),
+            "mean": mean.float().cpu(), "std": std.float().cpu(),
+            "fit": {"frames_seen": n_seen, "frames_used": len(z), "mean_sq_distance": inertia,
+                    "clusters_used": used, "seed": seed}}
+
+
+# ----------------------------------------------------------------------------- random projection
+
+class RandomProjectionTeacher(Teacher):
+    """BEST-RQ random-projection quantiser of stacked, per-utterance-normalised log-mel frames -> {"codes": [B, K, T]}.
+
+    Deterministic from `seed`: the projections and codebooks come from a private CPU generator and
+    live in persistent buffers (a checkpoint restores them).
+    """
+
+    key, frame_dim = "codes", -1
+
+    def __init__(self, n_codebooks: int = 8, codebook_size: int = 1024, code_dim: int = 16, seed: int = 0,
+                 n_mels: int = 128, n_fft: int = 2048, stack: int = 3):
+        super().__init__()
+        if stack < 1 or stack % 2 == 0:
+            raise ValueError(f"stack must be odd (frames centred on the labelled one), got {stack}")
+        self.n_codebooks, self.codebook_size, self.code_dim = n_codebooks, codebook_size, code_dim
+        self.seed, self.n_fft, self.stack = seed, n_fft, stack
+        self.register_buffer("mel", rvq.mel_filterbank(n_fft, n_mels, SAMPLE_RATE), persistent=False)
+        d_in = n_mels * stack
+        g = torch.Generator().manual_seed(seed)
+        # Xavier-normal projection (std sqrt(2 / (fan_in + fan_out))), as BEST-RQ initialises it
+        proj = torch.randn(n_codebooks, d_in, code_dim, generator=g) * math.sqrt(2.0 / (d_in + code_dim))
+        codebooks = F.normalize(torch.randn(n_codebooks, codebook_size, code_dim, generator=g), dim=-1)
+        self.register_buffer("proj", proj)                  # (K, n_mels·stack, code_dim)
+        self.register_buffer("codebooks", codebooks)        # (K, V, code_dim), unit rows
+        self._freeze()
+
+    def extra_repr(self) -> str:
+        return (f"n_codebooks={self.n_codebooks}, codebook_size={self.codebook_size}, code_dim={self.code_dim}, "
+                f"seed={self.seed}, n_mels={self.mel.shape[0]}, n_fft={self.n_fft}, stack={self.stack}")
+
+    def features(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav [B, L] -> normalised stacked log-mel [B, L // 320 + 1, n_mels · stack]."""
+        power = _power_spectrum(_frames(wav.float(), self.n_fft, HOP), self.n_fft)   # (B, T, n_fft//2 + 1)
+        x = torch.log(power @ self.mel.t() + 1e-8)                             # (B, T, n_mels); floor -80 dB
+        # per-utterance CMVN: each example's own per-band mean and std over its frames
+        x = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True).clamp(min=1e-3)
+        h = self.stack // 2
+        T = x.shape[1]
+        xp = torch.cat([x[:, :1].expand(-1, h, -1), x, x[:, -1:].expand(-1, h, -1)], 1)   # (B, T + 2h, n_mels)
+        return torch.cat([xp[:, j: j + T] for j in range(self.stack)], -1)    # (B, T, n_mels·stack), t-h..t+h
+
+    def _labels(self, wav: torch.Tensor) -> torch.Tensor:
+        x = self.features(wav)                                                 # (B, T, D)
+        codes = []
+        for proj, cb in zip(self.proj, self.codebooks):
+            # argmax of cosine(x·P, c) = argmax of (x·P)·c for unit c: the norm of x·P is a positive
+            # per-frame factor, so normalising it would not change the choice. One codebook at a time
+            # keeps the (B, T, V) score tensor small.
+            codes.append(((x @ proj) @ cb.t()).argmax(-1))                     # (B, T)
+        return torch.stack(codes, 1)                                           # (B, K, T)
+
+
+# ----------------------------------------------------------------------------- the combination
+
+class Teachers(nn.Module):
+    """Several teachers run together; forward merges their label dicts (each key from exactly one teacher)."""
+
+    def __init__(self, teachers: dict):
+        super().__init__()
+        owner = {}
+        for name, t in teachers.items():
+            if t.key in owner:
+                raise ValueError(f"teachers {owner[t.key]!r} and {name!r} both produce {t.key!r}; "
+                                 f"pick one {'code' if t.key == 'codes' else t.key}-producing teacher")
+            owner[t.key] = name
+        self.teachers = nn.ModuleDict(teachers)
+        self._owner = owner
+
+    def train(self, mode: bool = True):
+        """Teachers stay in eval mode."""
+        return super().train(False)
+
+    @property
+    def names(self) -> list:
+        """Names of the teachers, in run order."""
+        return list(self.teachers)
+
+    @property
+    def n_codebooks(self) -> int:
+        """Code streams in "codes" (0: no code teacher): the model's n_codebooks."""
+        return self.teachers[self._owner["codes"]].n_codebooks if "codes" in self._owner else 0
+
+    @property
+    def codebook_size(self) -> int:
+        """Codes per stream (0: no code teacher): the model's codebook_size."""
+        return self.teachers[self._owner["codes"]].codebook_size if "codes" in self._owner else 0
+
+    @property
+    def cqt_bins(self) -> int:
+        """Width of the "cqt" target (0: no CQT teacher): the model's cqt_bins."""
+        return self.teachers[self._owner["cqt"]].n_bins if "cqt" in self._owner else 0
+
+    def forward(self, wav: torch.Tensor, n_frames: int) -> dict:
+        """wav [B, L] at 24 kHz -> {"codes": LongTensor [B, K, n_frames]} and/or {"cqt": FloatTensor [B, n_frames, 336]}."""
+        out = {}
+        for t in self.teachers.values():
+            out.update(t(wav, n_frames))
+        return out
+
+
+def build_teachers(names: list | str = "acoustic,cqt", acoustic_ckpt: str | os.PathLike | None = None,
+                   mfcc_ckpt: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                   seed: int = 0, n_q: int = 8, log=None) -> Teachers:
+    """Teachers by name ("acoustic", "cqt", "mfcc", "randproj"; a list or a comma-separated string) on `device`.
+
+    "acoustic" without `acoustic_ckpt` falls back to "randproj" (8 x 1024 codes, seeded with `seed`)
+    and says so in one line through `log` (default: print to stderr; pass a rank-0 print under DDP).
+    """
+    if isinstance(names, str):
+        names = [n for n in names.replace(" ", "").split(",") if n]
+    names = [_ALIASES.get(n.lower(), n.lower()) for n in names]
+    for n in names:
+        if n not in TEACHER_NAMES:
+            raise ValueError(f"unknown teacher {n!r}; choose from {', '.join(TEACHER_NAMES)}")
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"teachers must be distinct and at least one, got {names}")
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    built = {}
+    for n in names:
+        if n == "acoustic" and acoustic_ckpt is None:
+            log("teachers: no acoustic-teacher checkpoint given; using the random-projection teacher "
+                f"(BEST-RQ style, {n_q} x 1024 codes, seed {seed}) for the code targets")
+            n = "randproj"
+            if n in built:
+                raise ValueError("'acoustic' fell back to 'randproj', which is already in the list")
+        if n == "acoustic":
+            built[n] = AcousticTeacher(acoustic_ckpt, n_q=n_q)
+        elif n == "cqt":
+            built[n] = MusicalTeacher()
+        elif n == "mfcc":
+            if mfcc_ckpt is None:
+                raise ValueError("the 'mfcc' teacher needs mfcc_ckpt; fit one with: "
+                                 "python teachers.py fit-mfcc --data DIR --out mfcc_km.pt")
+            built[n] = MFCCKMeansTeacher(mfcc_ckpt)
+        else:
+            built[n] = RandomProjectionTeacher(n_codebooks=n_q, seed=seed)
+    return Teachers(built).to(device)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    """torch.save to a temp file beside path, then rename (a crash never leaves half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _fit_command(args) -> int:
+    import audio  # the project's reader: only the command needs it
+    from tqdm import tqdm
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    failed, files = 0, []
+    for p in args.data:
+        try:
+            files += audio.find_audio([p])
+        except audio.AudioError as e:                       # a missing path: name it, keep the rest
+            print(f"skipping {e}", file=sys.stderr)
+            failed += 1
+    # a seeded random file order: --hours then takes a random subset of the collection
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    budget = args.hours * 3600 * SAMPLE_RATE if args.hours else math.inf
+    stats = {"files": 0, "samples": 0}
+
+    def waves():
+        nonlocal failed
+        bar = tqdm(order, desc="mfcc", unit="file", file=sys.stderr, disable=None)
+        for i in bar:
+            if stats["samples"] >= budget:
+                break
+            try:
+                w = audio.load(files[i], sr=SAMPLE_RATE)
+            except audio.AudioError as e:
+                print(f"skipping {e}", file=sys.stderr)
+                failed += 1
+                continue
+            w = w[: int(min(len(w), budget - stats["samples"]))]
+            stats["files"] += 1
+            stats["samples"] += len(w)
+            bar.set_postfix(hours=f"{stats['samples'] / SAMPLE_RATE / 3600:.2f}")
+            yield w
+        bar.close()
+
+    t0 = time.time()
+    log = (lambda m: print(m, file=sys.stderr)) if args.verbose else None
+    try:
+        state = fit_mfcc_kmeans(waves(), k=args.k, seed=args.seed, max_frames=args.max_frames,
+                                iters=args.iters, device=args.device, log=log)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    state["fit"].update(files=stats["files"], hours=stats["samples"] / SAMPLE_RATE / 3600)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save_atomic(state, out)
+    f = state["fit"]
+    print(f"{out}: k={args.k} from {f['frames_used']} of {f['frames_seen']} frames, {f['files']} files "
+          f"({f['hours']:.2f} h); mean squared distance {f['mean_sq_distance']:.3f} (standardised units); "
+          f"{f['clusters_used']} clusters used; {time.time() - t0:.0f} s")
+    return 1 if failed else 0
+
+
+def main(argv: list | None = None) -> int:
+    """Command line: `fit-mfcc` fits the MFCC k-means teacher on a folder of audio."""
+    ap = argparse.ArgumentParser(
+        description="MERT teachers: label producers at 75 Hz. Subcommand fit-mfcc fits the MFCC k-means teacher.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python teachers.py fit-mfcc --data music/ --out mfcc_km.pt --k 500 --hours 10\n")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fp = sub.add_parser(
+        "fit-mfcc", help="fit k-means on 39-d MFCC frames (HuBERT iteration 1 / MERT-v0 teacher)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python teachers.py fit-mfcc --data music/ more/ --out mfcc_km.pt --k 500 --hours 10 --seed 0\n"
+               "then: build_teachers('mfcc,cqt', mfcc_ckpt='mfcc_km.pt')\n")
+    fp.add_argument("--data", nargs="+", required=True, help="audio files or folders (searched recursively)")
+    fp.add_argument("--out", required=True, help="checkpoint to write (atomically), e.g. mfcc_km.pt")
+    fp.add_argument("--k", type=int, default=500, help="number of clusters = label vocabulary (default %(default)s)")
+    fp.add_argument("--hours", type=float, default=10.0,
+                    help="read at most this much audio, from files in a seeded random order; 0 = all (default %(default)s)")
+    fp.add_argument("--max-frames", type=int, default=500_000,
+                    help="frames sampled uniformly from what was read for k-means (default %(default)s)")
+    fp.add_argument("--iters", type=int, default=50, help="maximum Lloyd iterations after k-means++ (default %(default)s)")
+    fp.add_argument("--seed", type=int, default=0, help="seed of the file order, frame sample and k-means (default %(default)s)")
+    fp.add_argument("--device", default="cpu", help="torch device for features and k-means, e.g. cuda (default %(default)s)")
+    fp.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = torch default (default %(default)s)")
+    fp.add_argument("--verbose", action="store_true", help="print each k-means iteration to stderr")
+    args = ap.parse_args(argv)
+    if args.k < 2:
+        ap.error("--k must be at least 2")
+    if args.hours < 0 or args.max_frames < 1 or args.iters < 1:
+        ap.error("--hours must be >= 0, --max-frames and --iters >= 1")
+    return _fit_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
