@@ -1,0 +1,140 @@
+"""train.py end to end on CPU: loss falls, exact resume, DDP equals one process, multi-node, bad input."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = ["--size", "tiny", "--dim", "32", "--n_layers", "2", "--n_heads", "2", "--ffn_dim", "64",
+         "--conv_dim", "16,16,16,16,16,16,16", "--pos_conv_groups", "4", "--final_dim", "8",
+         "--crop_seconds", "1.0", "--teachers", "randproj+cqt", "--num_workers", "0", "--warmup_steps", "5",
+         "--lr", "2e-3", "--eval_interval", "1000", "--ckpt_interval", "1000"]
+
+
+@pytest.fixture(scope="module")
+def music(tmp_path_factory):
+    """Six synthetic 4-second tracks, a corrupt file and a 2-second file (skipped: under 3 s)."""
+    d = tmp_path_factory.mktemp("music")
+    rng = np.random.default_rng(0)
+    t = np.arange(4 * 24000) / 24000
+    for i in range(6):
+        f0 = 110 * 2 ** (rng.integers(0, 24) / 12)
+        x = sum(0.2 / h * np.sin(2 * np.pi * f0 * h * t * (1 + 0.1 * (t > 2))) for h in range(1, 6))
+        x = x * (0.5 + 0.5 * np.sign(np.sin(2 * np.pi * (1 + i) * t))) + 0.01 * rng.standard_normal(len(t))
+        sf.write(d / f"track{i}.flac", x.astype(np.float32), 24000)
+    (d / "broken.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt junk")
+    sf.write(d / "short.wav", np.zeros(48000, np.float32), 24000)
+    return d
+
+
+def run(args):
+    train.main(args)
+
+
+def states(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_loss_falls_and_bad_files_are_skipped(music, tmp_path, capfd):
+    out = tmp_path / "run"
+    run(MICRO + ["--data", str(music), "--out", str(out), "--max_steps", "50", "--batch_size", "4"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 50 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
+    err = capfd.readouterr().err
+    assert "broken.wav" in err
+    ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ck["step"] == 50 and ck["config"]["n_codebooks"] == 8 and ck["config"]["cqt_bins"] == 336
+
+
+def test_resume_is_exact(music, tmp_path, monkeypatch):
+    base = MICRO + ["--data", str(music), "--max_steps", "6", "--batch_size", "2", "--ckpt_interval", "3"]
+    run(base + ["--out", str(tmp_path / "a")])
+    real_save = train.save_checkpoint
+
+    def save_then_die(path, obj):
+        real_save(path, obj)
+        if obj["step"] == 3:
+            raise KeyboardInterrupt  # the run is killed right after its step-3 checkpoint
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(base + ["--out", str(tmp_path / "b")])
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 3
+    run(base + ["--out", str(tmp_path / "b"), "--resume"])
+    a, b = states(tmp_path / "a" / "ckpt.pt"), states(tmp_path / "b" / "ckpt.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_ARGS = ["--max_steps", "3", "--noise_prob", "0", "--dropout", "0", "--attn_dropout", "0", "--seed", "5"]
+
+
+def _launch(extra, out, nproc=None, node=None, port=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if nproc is None:
+        cmd = [sys.executable, str(ROOT / "train.py")]
+    elif node is None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "train.py")]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+               "--rdzv_id=mert-test", str(ROOT / "train.py")]
+    return subprocess.Popen(cmd + MICRO + DDP_ARGS + extra + ["--out", str(out)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(p):
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+
+
+def test_ddp_two_processes_equal_one_and_two_nodes(music, tmp_path):
+    """2 gloo processes with 2 clips each == 1 process with 4 clips; two torchrun 'nodes' on localhost too."""
+    one = _launch(["--data", str(music), "--batch_size", "4"], tmp_path / "one")
+    _wait(one)
+    two = _launch(["--data", str(music), "--batch_size", "2"], tmp_path / "two", nproc=2)
+    _wait(two)
+    port = _free_port()
+    nodes = [_launch(["--data", str(music), "--batch_size", "2"], tmp_path / "nodes", nproc=1, node=n, port=port)
+             for n in (0, 1)]
+    for p in nodes:
+        _wait(p)
+    ref = states(tmp_path / "one" / "ckpt.pt")
+    for other in ("two", "nodes"):
+        got = states(tmp_path / other / "ckpt.pt")
+        err = max((got[k] - ref[k]).abs().max().item() for k in ref)
+        assert err <= 1e-5, (other, err)
+
+
+def test_non_finite_losses_stop_the_run(music, tmp_path, monkeypatch, capsys):
+    real = train.MERT.forward
+
+    def nan_forward(self, *a, **k):
+        x, loss, parts = real(self, *a, **k)
+        return x, loss * float("nan"), parts
+
+    monkeypatch.setattr(train.MERT, "forward", nan_forward)
+    with pytest.raises(SystemExit) as e:
+        run(MICRO + ["--data", str(music), "--out", str(tmp_path / "nan"), "--max_steps", "10",
+                     "--batch_size", "2", "--max_bad_steps", "2"])
+    assert e.value.code == 3
+    out = capsys.readouterr().out
+    assert "step skipped" in out and "2 non-finite steps in a row" in out

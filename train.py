@@ -1,0 +1,409 @@
+"""MERT pretraining: teachers on the fly, masked prediction, plain torch DDP. One file.
+
+    python train.py --size tiny --data ./music --out runs/tiny --max_steps 200      # a laptop CPU
+    torchrun --nproc_per_node=8 train.py --size 330m --data /music --out runs/330m  # a GPU node
+
+Every step: a batch of random crops (audio.py) -> the teachers label the clean audio (RVQ codes, CQT
+frames; teachers.py) -> in-batch noise is mixed in -> spans of frames are masked -> the model predicts
+the teachers' labels at the masked frames (mert.py holds the loss). Any field of TrainConfig or
+MERTConfig can be set on the command line (`--lr 3e-4`, `--n_layers 6`); the resolved configuration is
+printed at the start and saved in every checkpoint.
+
+Design notes:
+- Exact resume: crops are a pure function of (seed, global sample index), and every step reseeds the
+  mask, noise and dropout generators from (seed, step, rank), so a resumed run continues bit for bit.
+- Masks are drawn for the whole global micro-batch on every rank and sliced, so N processes compute
+  what one process computes on the combined batch (fairseq's equal-masks-per-row rule spans the batch).
+- Checkpoints hold model, optimiser, step and both configs; they are written atomically (temp file,
+  then rename) from the unwrapped model and read back with torch.load(weights_only=True).
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import audio
+import teachers as teachers_lib
+from mert import MERT, MERTConfig, PRESETS, compute_mask_indices, mix_noise
+
+
+@dataclass
+class TrainConfig:
+    """Training hyperparameters; TRAIN_PRESETS holds the official ones per size."""
+
+    size: str = "tiny"
+    data: str = ""  # folder(s), manifest or prepared shards, comma-separated
+    val_data: str = ""  # held-out audio for the validation loss (empty: none)
+    out: str = "runs/tiny"
+    teachers: str = "rvq+cqt"  # any of rvq, randproj, mfcc, cqt joined by '+'
+    acoustic_ckpt: str = ""  # rvq.py or EnCodec checkpoint; empty: the random-projection teacher stands in
+    mfcc_ckpt: str = ""  # k-means fitted by `python teachers.py fit-mfcc`
+    max_steps: int = 400_000
+    warmup_steps: int = 32_000
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 10.0
+    batch_size: int = 8  # clips per device per micro-step
+    total_batch_size: int = 0  # clips per optimiser step over all devices (0: batch_size x world)
+    crop_seconds: float = 5.0
+    noise_prob: float = 0.5
+    noise_min_seconds: float = 0.5
+    noise_max_seconds: float = 1.0
+    eval_interval: int = 500
+    eval_clips: int = 64
+    ckpt_interval: int = 1000
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    seed: int = 1337
+    num_workers: int = 2
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 elsewhere
+    compile: bool = False
+    resume: bool = False
+
+
+TRAIN_PRESETS = {
+    "tiny": dict(max_steps=2000, warmup_steps=200, lr=5e-4, grad_clip=10.0, batch_size=8, crop_seconds=5.0,
+                 eval_interval=200, ckpt_interval=200),
+    "95m": dict(lr=5e-4, grad_clip=10.0, crop_seconds=5.0, noise_max_seconds=1.0),
+    "330m": dict(lr=1.5e-3, grad_clip=1.0, crop_seconds=5.12, noise_max_seconds=1.5),
+}
+
+HELP = {
+    "size": "model and training preset", "data": "training audio: folders, a manifest or prepared shards (comma-separated)",
+    "val_data": "held-out audio for the validation loss", "out": "run folder for checkpoints and the JSONL log",
+    "teachers": "label producers joined by '+': rvq, randproj, mfcc, cqt",
+    "acoustic_ckpt": "RVQ teacher checkpoint (ours or EnCodec 24 kHz)", "mfcc_ckpt": "MFCC k-means teacher file",
+    "max_steps": "optimiser steps", "warmup_steps": "linear warm-up steps, then linear decay to 0 at max_steps",
+    "lr": "peak learning rate", "weight_decay": "decoupled weight decay (matrices only)", "beta1": "Adam beta1",
+    "beta2": "Adam beta2", "eps": "Adam epsilon", "grad_clip": "clip the global gradient norm to this (0: off)",
+    "batch_size": "clips per device per micro-step",
+    "total_batch_size": "clips per optimiser step across devices; sets gradient accumulation (0: no accumulation)",
+    "crop_seconds": "seconds per training crop", "noise_prob": "probability of in-batch noise per clip",
+    "noise_min_seconds": "shortest noise segment", "noise_max_seconds": "longest noise segment",
+    "eval_interval": "steps between validation losses", "eval_clips": "validation clips per evaluation",
+    "ckpt_interval": "steps between checkpoints", "max_bad_steps": "consecutive non-finite steps that stop the run",
+    "seed": "seed of crops, masks, noise and initialisation", "num_workers": "data loader processes per device",
+    "device": "auto, cpu, cuda", "dtype": "auto, float32 or bfloat16 (autocast)",
+    "compile": "torch.compile the model", "resume": "continue from OUT/ckpt.pt",
+}
+
+
+# -----------------------------------------------------------------------------
+# configuration from the command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every TrainConfig and MERTConfig field as --name (bools take true/false)."""
+    p = argparse.ArgumentParser(
+        description="MERT pretraining (single process or torchrun DDP).",
+        epilog="example: python train.py --size tiny --data ./music --out runs/tiny --max_steps 200",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def add(f, help_text):
+        kind = f.type if isinstance(f.type, type) else type(f.default)
+        if kind is bool:
+            p.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, default=None, help=help_text)
+        elif kind is tuple:
+            p.add_argument(f"--{f.name}", type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
+                           help=help_text + " (comma-separated)")
+        else:
+            p.add_argument(f"--{f.name}", type=kind, default=None, help=help_text)
+
+    for f in fields(TrainConfig):
+        add(f, HELP[f.name] + (f" (choices: {', '.join(PRESETS)})" if f.name == "size" else ""))
+    model_group = {f.name for f in fields(TrainConfig)}
+    for f in fields(MERTConfig):
+        if f.name not in model_group:
+            add(f, f"model: MERTConfig.{f.name}")
+    return p
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def resolve_configs(argv=None) -> tuple[TrainConfig, dict]:
+    """(TrainConfig, MERTConfig overrides) from presets plus command-line values; validated."""
+    args = vars(build_parser().parse_args(argv))
+    size = args["size"] or "tiny"
+    if size not in PRESETS:
+        raise SystemExit(f"train.py: unknown --size {size!r}; choose from {', '.join(PRESETS)}")
+    tnames = {f.name for f in fields(TrainConfig)}
+    given = {k: v for k, v in args.items() if v is not None}
+    tc = TrainConfig(**{**TRAIN_PRESETS[size], **{k: v for k, v in given.items() if k in tnames}, "size": size})
+    model_over = {k: v for k, v in given.items() if k not in tnames}
+    if not tc.data:
+        raise SystemExit("train.py: --data is required (a folder of audio, a manifest or prepared shards)")
+    if tc.batch_size < 1 or tc.max_steps < 0 or tc.crop_seconds <= 0.02:
+        raise SystemExit("train.py: --batch_size must be >= 1, --max_steps >= 0 and --crop_seconds > 0.02")
+    return tc, model_over
+
+
+# -----------------------------------------------------------------------------
+# pieces
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up to tc.lr over warmup_steps, then linear decay to 0 at max_steps."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    return tc.lr * max(0.0, (tc.max_steps - step) / max(1, tc.max_steps - tc.warmup_steps))
+
+
+def configure_optimizer(model: torch.nn.Module, tc: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+    """AdamW (decoupled decay) on matrices and conv kernels; no decay on biases, norms and embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "label_embs" not in name and "masked_spec_embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, fused=fused or None)
+
+
+def estimate_flops_per_clip(cfg: MERTConfig, n_samples: int) -> float:
+    """Forward + backward FLOPs for one clip: 3 x (2 x multiply-adds) of convs, linears and attention."""
+    macs, n = 0, n_samples
+    c_in = 1
+    for c, k, s in zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride):
+        n = (n - k) // s + 1
+        macs += n * c * c_in * k
+        c_in = c
+    T, d = n, cfg.dim
+    macs += T * cfg.conv_dim[-1] * d  # feature projection
+    macs += T * d * (d // cfg.pos_conv_groups) * cfg.pos_conv_kernel  # positional conv
+    per_layer = T * (4 * d * d + 2 * d * cfg.ffn_dim) + 2 * T * T * d  # linears + QK^T and AV
+    macs += cfg.n_layers * per_layer
+    macs += T * d * (cfg.n_codebooks * cfg.final_dim + cfg.cqt_bins)  # heads (upper bound: all frames)
+    return 3 * 2 * macs
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the GPU for MFU (H100/H200 SXM: 989 TFLOP/s; A100: 312), None if unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def save_checkpoint(path: Path, obj: dict):
+    """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def main(argv=None):
+    tc, model_over = resolve_configs(argv)
+
+    # -- distributed set-up: torchrun sets RANK; plain `python train.py` runs one process
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        use_cuda = torch.cuda.is_available() and tc.device in ("auto", "cuda")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available() else
+                              (tc.device if tc.device != "auto" else "cpu"))
+    master = rank == 0
+
+    def print0(*a, **k):
+        if master:
+            print(*a, **k, flush=True)
+
+    total = tc.total_batch_size or tc.batch_size * world
+    if total % (tc.batch_size * world):
+        raise SystemExit(f"train.py: --total_batch_size {total} is not a multiple of batch_size x world "
+                         f"= {tc.batch_size * world}")
+    accum = total // (tc.batch_size * world)
+    use_bf16 = (tc.dtype == "bfloat16") or (tc.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    out = Path(tc.out)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # -- data
+    crop = int(round(tc.crop_seconds * 24000))
+
+    def on_bad(msg):  # called once per unreadable file (per loader process)
+        print(f"[rank {rank}] skipping unreadable audio: {msg}", file=sys.stderr, flush=True)
+
+    train_ds = audio.CropDataset(tc.data.split(","), crop_samples=crop, seed=tc.seed, on_bad=on_bad)
+    val_ds = audio.CropDataset(tc.val_data.split(","), crop_samples=crop, seed=tc.seed + 1, on_bad=on_bad) \
+        if tc.val_data else None
+
+    # -- teachers and model
+    teach = teachers_lib.build_teachers(tc.teachers.replace("+", ","), acoustic_ckpt=tc.acoustic_ckpt or None,
+                                        mfcc_ckpt=tc.mfcc_ckpt or None, device=device, seed=tc.seed,
+                                        log=print0 if master else (lambda *a, **k: None)).to(device).eval()
+    heads = dict(n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size,
+                 cqt_bins=teach.cqt_bins)
+    ckpt_path = out / "ckpt.pt"
+    state = None
+    if tc.resume:
+        if not ckpt_path.exists():
+            raise SystemExit(f"train.py: --resume but no checkpoint at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        cfg = MERTConfig.from_dict(state["config"])
+    else:
+        cfg = MERTConfig.from_preset(tc.size, **{**heads, **model_over})
+    torch.manual_seed(tc.seed)
+    model = MERT(cfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = configure_optimizer(model, tc, fused=device.type == "cuda")
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    print0(f"train config: {json.dumps(asdict(tc))}")
+    print0(f"model config: {json.dumps(asdict(cfg))}")
+    print0(f"{n_params / 1e6:.2f}M parameters | world {world} | micro-batch {tc.batch_size} | accumulation {accum} "
+           f"| {total} clips x {tc.crop_seconds} s per step | device {device} | bf16 {use_bf16}")
+    raw_model = model
+    if tc.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=cfg.layerdrop > 0)
+
+    # micro-step k = step * accum + m of rank r reads global samples [(k*W + r)*b, (k*W + r + 1)*b)
+    loader = iter(audio.make_loader(train_ds, tc.batch_size, start=step * accum * world * tc.batch_size, rank=rank,
+                                    world_size=world, num_workers=tc.num_workers, pin_memory=device.type == "cuda"))
+    T = raw_model.num_frames(crop)
+    flops_per_step = estimate_flops_per_clip(cfg, crop) * total
+    peak = peak_flops(device)
+    log = open(out / "log.jsonl", "a") if master else None
+    bad_in_row = 0
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        losses = []
+        n_val = min(tc.eval_clips, 10_000)
+        for start in range(rank * tc.batch_size, n_val, world * tc.batch_size):
+            idx = range(start, min(start + tc.batch_size, n_val))
+            wav = torch.stack([val_ds[i] for i in idx]).to(device)
+            rng = np.random.default_rng([tc.seed, 987654, start])
+            mask = compute_mask_indices(len(idx), T, cfg.mask_prob, cfg.mask_length, cfg.min_masks, rng=rng)
+            with autocast:
+                _, loss, _ = raw_model(wav, targets=teach(wav, T), mask=mask)
+            losses.append(loss.float())
+        val = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
+        if ddp:
+            dist.all_reduce(val, op=dist.ReduceOp.AVG)
+        model.train()
+        return val.item()
+
+    model.train()
+    while step <= tc.max_steps:
+        last = step == tc.max_steps
+        if val_ds is not None and (step % tc.eval_interval == 0 or last) and step > 0:
+            v = evaluate()
+            print0(f"step {step} | val loss {v:.4f}")
+            if master:
+                log.write(json.dumps({"step": step, "val_loss": v}) + "\n")
+                log.flush()
+        if master and step > 0 and (step % tc.ckpt_interval == 0 or last):
+            save_checkpoint(ckpt_path, {"config": asdict(cfg), "train_config": asdict(tc), "model": raw_model.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "step": step})
+        if last:
+            break
+
+        t0 = time.perf_counter()
+        lr = lr_at(step, tc)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        parts_sum, loss_sum = {}, 0.0
+        for micro in range(accum):
+            # every random choice of this micro-step derives from (seed, step, micro): exact resume
+            torch.manual_seed(hash((tc.seed, step, micro, rank)) % (2 ** 62))
+            wav = next(loader).to(device, non_blocking=True)
+            rng = np.random.default_rng([tc.seed, step, micro])
+            gmask = compute_mask_indices(tc.batch_size * world, T, cfg.mask_prob, cfg.mask_length, cfg.min_masks, rng=rng)
+            mask = gmask[rank * tc.batch_size:(rank + 1) * tc.batch_size]
+            with torch.no_grad():
+                targets = teach(wav, T)  # the teachers see the clean audio
+            noisy = mix_noise(wav, np.random.default_rng([tc.seed, step, micro, rank, 1]), tc.noise_prob,
+                              seconds=(tc.noise_min_seconds, tc.noise_max_seconds)) if tc.noise_prob > 0 else wav
+            if ddp:
+                model.require_backward_grad_sync = micro == accum - 1
+            with autocast:
+                _, loss, parts = model(noisy, targets=targets, mask=mask)
+            (loss / accum).backward()
+            loss_sum += loss.detach().float() / accum
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v.detach().float() / accum
+        gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        finite = torch.isfinite(loss_sum) & torch.isfinite(gnorm)
+        if ddp:
+            flag = finite.float().to(device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag.bool()
+        if bool(finite):
+            optimizer.step()
+            bad_in_row = 0
+        else:
+            bad_in_row += 1
+            print0(f"step {step}: non-finite loss or gradient ({loss_sum.item()}, grad norm {gnorm.item()}); step skipped "
+                   f"({bad_in_row} in a row)")
+            if bad_in_row >= tc.max_bad_steps:
+                print0(f"train.py: {bad_in_row} non-finite steps in a row; stopping. Lower --lr, check the data, "
+                       f"or resume from {ckpt_path}")
+                if ddp:
+                    dist.destroy_process_group()
+                raise SystemExit(3)
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        audio_s = total * tc.crop_seconds / dt
+        rec = {"step": step, "loss": loss_sum.item(), "grad_norm": gnorm.item(), "lr": lr, "ms": dt * 1000,
+               "audio_s_per_s": audio_s, **{k: float(v) for k, v in parts_sum.items()}}
+        if peak:
+            rec["mfu"] = flops_per_step / dt / world / peak
+        if master:
+            shown = " ".join(f"{k} {v:.3f}" for k, v in rec.items() if k.startswith(("ce", "cqt", "features_pen"))
+                             and not k[3:].isdigit())
+            print(f"step {step} | loss {rec['loss']:.4f} ({shown}) | gnorm {rec['grad_norm']:.2f} | lr {lr:.2e} | "
+                  f"{rec['ms']:.0f} ms | {audio_s:.0f} audio-s/s" + (f" | mfu {rec['mfu'] * 100:.1f}%" if peak else ""),
+                  flush=True)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        step += 1
+    if master:
+        log.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
