@@ -161,6 +161,65 @@ def _bench_long_song(root: Path, folder: Path, args) -> str:
     return row
 
 
+# -----------------------------------------------------------------------------
+# train: one optimiser step of pretraining, teachers included
+
+
+TRAIN_BATCH = {"tiny": 8, "95m": 32, "330m": 16}  # clips per device (GPU runs); --batch overrides
+
+
+def bench_train(args):
+    """Step time, audio-seconds/s (and MFU and peak memory on a GPU) of a full pretraining step."""
+    import teachers as teachers_lib
+    import train
+    from mert import MERT, MERTConfig, compute_mask_indices, mix_noise
+    torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    sizes = args.sizes.split(",") if args.sizes else (["tiny", "95m", "330m"] if cuda else ["tiny"])
+    print(f"train: device {device}, {'bf16 autocast' if cuda else 'fp32'}, teachers randproj+cqt, "
+          f"median of {args.repeat} steps", flush=True)
+    for size in sizes:
+        tc = train.TrainConfig(**{**train.TRAIN_PRESETS[size], "size": size})
+        B = args.batch or (TRAIN_BATCH[size] if cuda else 4)
+        crop = int(round(tc.crop_seconds * 24000))
+        teach = teachers_lib.build_teachers("randproj,cqt", device=device, log=lambda *a: None).to(device)
+        torch.manual_seed(0)
+        cfg = MERTConfig.from_preset(size, n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size,
+                                     cqt_bins=teach.cqt_bins)
+        model = MERT(cfg).to(device).train()
+        opt = train.configure_optimizer(model, tc, fused=cuda)
+        wav = music_like(crop, B).to(device)
+        T = model.num_frames(crop)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+        def step():
+            with torch.no_grad():
+                targets = teach(wav, T)
+            rng = np.random.default_rng(0)
+            mask = compute_mask_indices(B, T, cfg.mask_prob, cfg.mask_length, cfg.min_masks, rng=rng)
+            with autocast:
+                _, loss, _ = model(mix_noise(wav, rng), targets=targets, mask=mask)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        dt = interleaved_medians({"step": step}, args.repeat, warmup=2)["step"]
+        line = (f"{size:>5}  batch {B:3d} x {tc.crop_seconds:g} s  {dt * 1000:8.1f} ms/step  "
+                f"{B * tc.crop_seconds / dt:8.1f} audio-s/s")
+        peak = train.peak_flops(device)
+        if peak:
+            mfu = train.estimate_flops_per_clip(cfg, crop) * B / dt / peak
+            line += f"  MFU {mfu * 100:5.1f}%  peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+        print(line, flush=True)
+        del model, opt, teach
+
+
 def _child(argv):
     """Subprocess side of the memory measurements: prints one JSON line."""
     what = argv[0]
@@ -183,12 +242,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 epilog="example: python bench.py extract --repeat 7",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["extract"], help="which comparison to run")
+    p.add_argument("what", choices=["extract", "train"], help="which comparison to run")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per candidate (the median is reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every candidate")
     p.add_argument("--quick", action="store_true", help="skip the slow long-input measurements")
+    p.add_argument("--sizes", default="", help="train: comma-separated sizes (default: tiny on CPU; all on a GPU)")
+    p.add_argument("--batch", type=int, default=0, help="train: clips per step (default: per size)")
     args = p.parse_args()
-    {"extract": bench_extract}[args.what](args)
+    {"extract": bench_extract, "train": bench_train}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ class MERTConfig:
 
 # The official MERT-v1 sizes (m-a-p/MERT-v1-95M, m-a-p/MERT-v1-330M) and a tiny one for tests and CPUs.
 PRESETS = {
-    "tiny": dict(dim=256, n_layers=4, n_heads=4, ffn_dim=1024, conv_dim=(256,) * 7, layerdrop=0.0),
+    # tiny: a CPU-sized model; its narrow conv stack (128 channels) keeps the extractor from dominating
+    "tiny": dict(dim=256, n_layers=4, n_heads=4, ffn_dim=1024, conv_dim=(128,) * 7, layerdrop=0.0),
     "95m": dict(),
     "330m": dict(dim=1024, n_layers=24, n_heads=16, ffn_dim=4096, pre_ln=True, dropout=0.0,
                  attn_dropout=0.0, act_dropout=0.0, layerdrop=0.0, attn_relax=32.0, final_dim=128,
