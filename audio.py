@@ -20,8 +20,39 @@ Design choices:
 - Time convention: output sample j sits at time j/new_sr, input sample k at k/orig_sr (no delay);
   outside the signal the input is taken as zero. The output has ceil(n * new_sr / orig_sr) samples,
   i.e. every output instant that falls inside the input's span [0, n/orig_sr).
+
+Training data (the second half of this file):
+
+    ds = CropDataset(["music/"], crop_samples=120000, seed=0)   # folders, files, manifests, shards
+    wav = ds[i]                          # float32 tensor [120000]: a pure function of (seed, i)
+    loader = make_loader(ds, batch_size=8, start=0, rank=0, world_size=1, num_workers=4)
+    python audio.py prepare music/ --out shards/ --workers 4    # once: 24 kHz int16 shards
+
+- `ds[i]` seeds `np.random.default_rng([seed, i])` and draws (file, offset) from it: file with
+  probability proportional to its duration (every audio-second equally likely; `weight="file"`
+  picks files uniformly), offset uniform over the crop starts inside the file. No state is carried
+  from one index to the next, so any worker, rank or resumed run computes the same crop for the
+  same global index. Files between `min_seconds` and the crop length are zero-padded at the end.
+- Unreadable files are named once (the `on_bad` callback, stderr by default) and kept in
+  `ds.bad_files`. Header failures at construction drop the file. A crop read that fails redraws
+  from the same generator; the file is *not* dropped for later draws, because ds[i] must not depend
+  on what this process happened to read before (a resumed run has not seen the failure). Each such
+  draw costs one failed read; `prepare` (which decodes everything once) leaves none.
+- A raw crop reads only its source region plus the filter's half-width, starting on the
+  resampler's rational grid, so it equals the same slice of `load()` up to float rounding.
+- Shards: `prepare` writes `shard-NNNNN.bin` (raw little-endian int16, 24 kHz mono, files back to
+  back) with a `shard-NNNNN.json` each, and `index.json` listing [source, shard, offset, length,
+  clipped] per file. int16 = round(clip(x * 32768, -32768, 32767)), read back as int16 / 32768
+  (soundfile's convention, so int16 24 kHz WAVs pass through exactly). Clipping, not rescaling:
+  levels stay those of the raw files; only samples beyond full scale (resampler overshoot on
+  clipped masters, hot float files) are cut, and their count is kept per file.
+- One core delivers ~80k audio-s/s from shards but ~700 from 44.1 kHz FLAC/MP3 (decode + resample;
+  ~1.7k from WAV): `python bench_data.py`. Use raw folders for small runs, shards to feed a GPU.
+- torch and tqdm are imported inside the functions that need them, so reading audio needs neither.
 """
 import argparse
+import functools
+import json
 import math
 import os
 import sys
@@ -30,7 +61,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-__all__ = ["AudioError", "AUDIO_EXTENSIONS", "load", "info", "resample", "find_audio"]
+__all__ = ["AudioError", "AUDIO_EXTENSIONS", "load", "info", "resample", "find_audio", "load_crop",
+           "read_manifest", "CropDataset", "RankBatches", "make_loader", "worker_init", "prepare", "SHARD_FORMAT"]
 
 
 class AudioError(Exception):
@@ -84,6 +116,17 @@ def info(path) -> tuple[int, int, int]:
     return int(i.samplerate), int(i.frames), int(i.channels)
 
 
+def _mono(x: np.ndarray) -> np.ndarray:
+    """[frames, channels] float32 -> [frames], the mean of the channels."""
+    # Summed column by column: x.mean(axis=1) over a short axis is ~15x slower on a long [frames, 2].
+    mono = x[:, 0].copy()
+    for c in range(1, x.shape[1]):
+        mono += x[:, c]
+    if x.shape[1] > 1:
+        mono /= np.float32(x.shape[1])
+    return mono
+
+
 def load(path, sr: int = 24000) -> np.ndarray:
     """Read an audio file as float32 mono [samples] at `sr` Hz; any problem raises AudioError."""
     sr = _check_rate("sr", sr)  # a bad target rate is the caller's ValueError, not the file's fault
@@ -101,13 +144,7 @@ def load(path, sr: int = 24000) -> np.ndarray:
     if not np.isfinite(x).all():
         bad = int(np.count_nonzero(~np.isfinite(x)))
         raise AudioError(f"{path}: {bad} non-finite samples (NaN/inf)")
-    # Mono = mean of the channels, summed column by column: x.mean(axis=1) over a short axis
-    # is ~15x slower on a long [frames, 2] array.
-    mono = x[:, 0].copy()                             # [frames]
-    for c in range(1, x.shape[1]):
-        mono += x[:, c]
-    if x.shape[1] > 1:
-        mono /= np.float32(x.shape[1])
+    mono = _mono(x)                                   # [frames]
     if file_sr == sr:
         return mono
     try:
@@ -188,6 +225,25 @@ def _phase_runs(up: int, down: int, K: int, used: int):
         yield l0, l1, o, t
 
 
+@functools.lru_cache(maxsize=8)
+def _filters(up: int, down: int, R: int, used: int, dtype: np.dtype) -> tuple:
+    """((l0, l1, o, H [Wn, l1-l0]), ...): the phase runs of resample(), designed once per rate pair.
+
+    Cached because designing them (np.i0 over every tap) costs as much as filtering a 5 s training
+    crop; read-only so that no caller can alter the cached filters.
+    """
+    fc, hw, beta = _design(up, down)
+    K = int(math.ceil(hw))
+    runs = []
+    for l0, l1, o, t in _phase_runs(up * R, down * R, K, used):
+        H = _kernel(t, fc, hw, beta)                  # [Wn, Ls]
+        H /= H.sum(axis=0, keepdims=True)             # exact unit DC gain for every phase
+        H = H.astype(dtype)
+        H.flags.writeable = False
+        runs.append((l0, l1, o, H))
+    return tuple(runs)
+
+
 def resample(x, orig_sr: int, new_sr: int) -> np.ndarray:
     """Band-limited resampling along the last axis from orig_sr to new_sr Hz (zero delay)."""
     orig_sr, new_sr = _check_rate("orig_sr", orig_sr), _check_rate("new_sr", new_sr)
@@ -214,12 +270,7 @@ def resample(x, orig_sr: int, new_sr: int) -> np.ndarray:
     if n == 0 or C == 0:
         return out.reshape(*lead, groups * U)[..., :n_out]
 
-    fc, hw, beta = _design(up, down)
-    K = int(math.ceil(hw))
-    for l0, l1, o, t in _phase_runs(U, D, K, min(U, n_out)):
-        H = _kernel(t, fc, hw, beta)                  # [Wn, Ls]
-        H /= H.sum(axis=0, keepdims=True)             # exact unit DC gain for every phase
-        H = H.astype(dtype)
+    for l0, l1, o, H in _filters(up, down, R, min(U, n_out), np.dtype(dtype)):
         Wn = H.shape[0]
         # Groups [gs, ge) read windows inside x (views, no copy); the few groups before gs and from
         # ge on read past an end and get their own small zero-padded blocks.
@@ -277,13 +328,564 @@ def find_audio(paths, recursive: bool = True) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Reading one crop without decoding the whole file
+#
+# For a file at another rate, output j (at new_sr) sits at input position j*M/L (L/M = new/orig,
+# coprime). Outputs that are multiples of L sit on input samples, so a segment read from input
+# sample a = (j0/L - P)*M, j0 a multiple of L, resamples onto the same output grid as the whole
+# file, shifted by j0 - P*L:
+#
+#   input   ... |<- P*M >= K+1 ->|<------ region of the crop ------>|<- K+2 ->| ...
+#               a                j0*M/L                              last tap   b
+#   output          (dropped)    j0 ... start ........ stop-1   (dropped)
+#
+# Samples before 0 or past the end are zeros, as load() sees them, so the kept outputs use the
+# same taps on the same samples as load(path)[start:stop]: equal up to float rounding.
+# ---------------------------------------------------------------------------------------------
+def _read_frames(path, lo: int, hi: int) -> np.ndarray:
+    """Mono float32 samples lo..hi-1 of a file at its own rate; any problem raises AudioError."""
+    try:
+        with sf.SoundFile(str(path)) as f:
+            if lo:
+                f.seek(lo)
+            x = f.read(hi - lo, dtype="float32", always_2d=True)
+    except _READ_ERRORS as e:
+        raise AudioError(f"{path}: unreadable ({_oneline(e)})") from None
+    if x.shape[0] != hi - lo:  # the header promised more than the data holds (truncated file)
+        raise AudioError(f"{path}: truncated (read {x.shape[0]} of frames {lo}..{hi})")
+    if not np.isfinite(x).all():
+        raise AudioError(f"{path}: non-finite samples (NaN/inf) in frames {lo}..{hi}")
+    return _mono(x)
+
+
+def load_crop(path, start: int, length: int, sr: int = 24000, header=None) -> np.ndarray:
+    """load(path, sr)[start:start + length], reading only that region (plus the filter's reach).
+
+    `header` is info(path) if the caller has it (saves one header read). Near the end the result
+    is shorter, as the slice would be. Equal to the slice of load() up to float rounding (~1e-7).
+    """
+    sr = _check_rate("sr", sr)
+    if start < 0 or length < 0:
+        raise ValueError(f"start and length must be >= 0, got {start}, {length}")
+    file_sr, frames, _ = header if header is not None else info(path)
+    n_out = -(-frames * sr // file_sr)                # len(load(path, sr))
+    stop = min(start + length, n_out)
+    if stop <= start:
+        return np.zeros(0, np.float32)
+    if file_sr == sr:
+        return _read_frames(path, start, stop)
+    g = math.gcd(file_sr, sr)
+    up, down = sr // g, file_sr // g
+    K = int(math.ceil(_design(up, down)[1]))          # taps reach K input samples either side
+    j0 = (start // up) * up                           # grid-aligned output at or before start
+    P = -(-(K + 1) // down)                           # whole groups of margin before it
+    first = j0 - P * up                               # the segment's output 0 is this global output
+    a = (first // up) * down                          # segment's input 0 (may be < 0)
+    b = ((stop - 1) * down) // up + K + 2             # one past the last tap of output stop-1
+    lo, hi = max(a, 0), min(b, frames)
+    x = _read_frames(path, lo, hi)
+    if lo > a or hi < b:                              # zeros outside the file, as in load()
+        x = np.concatenate([np.zeros(lo - a, np.float32), x, np.zeros(b - hi, np.float32)])
+    try:
+        y = resample(x, file_sr, sr)
+    except ValueError as e:  # nonsense rate in the header
+        raise AudioError(f"{path}: {_oneline(e)}") from None
+    return y[start - first:stop - first]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training crops: CropDataset over files, manifests and prepared shards
+# ---------------------------------------------------------------------------------------------
+SHARD_FORMAT = "mert-audio-shards-v1"   # index.json "format" tag
+_MANIFEST_COMMENT = "#"
+
+
+def read_manifest(path) -> list[Path]:
+    """Audio paths listed in a manifest: one per line, optionally `path<TAB>n_samples` (ignored).
+
+    Relative paths are resolved against the manifest's folder. A first line that names an existing
+    folder and has no tab is the root of the relative paths instead (fairseq/wav2vec .tsv manifests).
+    Blank lines and lines starting with '#' are skipped. Durations always come from the files'
+    headers: a sample-count column is accepted but not trusted.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AudioError(f"{path}: unreadable manifest ({_oneline(e)})") from None
+    root = path.parent
+    entries = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith(_MANIFEST_COMMENT)]
+    if entries and "\t" not in entries[0]:
+        first = Path(entries[0].strip())
+        first = first if first.is_absolute() else root / first
+        if first.is_dir():
+            root, entries = first, entries[1:]
+    out = []
+    for ln in entries:
+        p = Path(ln.split("\t", 1)[0].strip())
+        out.append(p if p.is_absolute() else root / p)
+    return out
+
+
+def _is_shard_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "index.json").is_file()
+
+
+def _expand_sources(sources) -> tuple[list[Path], list[Path]]:
+    """(audio files, shard folders) from a mix of folders, files, manifests and shard folders.
+
+    A folder holding index.json is a shard folder; other folders are searched for audio (find_audio);
+    a file with an audio suffix is audio; any other file is a manifest. A missing source raises.
+    """
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    files, shards = [], []
+    for s in map(Path, sources):
+        if _is_shard_dir(s):
+            shards.append(s)
+        elif s.is_dir():
+            files += find_audio([s])
+        elif s.is_file() and s.suffix.lower() not in AUDIO_EXTENSIONS:
+            files += read_manifest(s)
+        elif s.is_file():
+            files.append(s)
+        else:
+            raise AudioError(f"{s}: no such file or folder")
+    return files, shards
+
+
+def _print_bad(msg: str) -> None:
+    print(f"audio.py: skipping {msg}", file=sys.stderr, flush=True)
+
+
+class CropDataset:
+    """Random fixed-length crops at `sr` Hz, a pure function of (seed, index); map-style for DataLoader.
+
+    sources: folders of audio, audio files, manifests (see read_manifest) or `prepare` shard folders,
+        in any mix. Files are scanned once here (header reads, or the shard index).
+    crop_samples: crop length at `sr` (120000 = 5 s for 95M, 122880 = 5.12 s for 330M at 24 kHz).
+    min_seconds: shorter files are skipped (counted in `skipped_short`); those between min_seconds
+        and the crop length are zero-padded at the end.
+    weight: "duration" (file drawn with probability proportional to its length) or "file" (uniform).
+    on_bad: called once per unreadable file with "<path>: <problem>"; default prints it on stderr.
+        Each DataLoader worker holds its own copy, so a file failing only at crop time may be named
+        once per worker. Under a "spawn"/"forkserver" start method it must be picklable.
+    progress: tqdm bar on stderr for the header scan (None: only for >= 500 files on a terminal).
+
+    ds[i] (any int i >= 0; the index space is unbounded and there is no __len__) -> float32 tensor
+    [crop_samples]. ds.crop(i) -> (numpy array, item, start) for inspection.
+    """
+
+    def __init__(self, sources, crop_samples: int, seed: int = 0, min_seconds: float = 3.0,
+                 sr: int = 24000, weight: str = "duration", on_bad=None, progress=None,
+                 max_attempts: int = 1000):
+        if isinstance(crop_samples, bool) or not isinstance(crop_samples, (int, np.integer)) or crop_samples <= 0:
+            raise ValueError(f"crop_samples must be a positive int, got {crop_samples!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        if weight not in ("duration", "file"):
+            raise ValueError(f"weight must be 'duration' or 'file', got {weight!r}")
+        self.crop_samples, self.seed, self.sr = int(crop_samples), int(seed), _check_rate("sr", sr)
+        self.min_seconds, self.weight, self.max_attempts = float(min_seconds), weight, int(max_attempts)
+        self.on_bad = on_bad
+        self.bad_files: set[str] = set()
+        self.skipped_short = 0
+        min_len = math.ceil(self.min_seconds * self.sr)
+
+        files, shard_dirs = _expand_sources(sources)
+        # Items: one row per usable file. kind 0 = raw file (ref into self.paths, header in
+        # file_sr/frames), kind 1 = shard slice (ref into self.shard_files, at offset).
+        kind, ref, offset, length = [], [], [], []
+        self.paths, file_sr, frames = [], [], []
+        from tqdm import tqdm  # lazily: only the dataset needs it
+        for f in tqdm(files, desc="scanning audio headers", unit="file", file=sys.stderr,
+                      disable=(len(files) < 500 or None) if progress is None else not progress):
+            try:
+                fsr, n, _ = info(f)
+                if n >= 1 << 42:  # libsndfile's "unknown length" (streams) is not a duration
+                    raise AudioError(f"{f}: unknown length in header")
+            except AudioError as e:
+                self._bad(str(f), str(e))
+                continue
+            n_out = -(-n * self.sr // fsr)
+            if n_out < min_len:
+                self.skipped_short += 1
+                continue
+            kind.append(0), ref.append(len(self.paths)), offset.append(0), length.append(n_out)
+            self.paths.append(str(f)), file_sr.append(fsr), frames.append(n)
+        self.shard_files: list[str] = []
+        for d in shard_dirs:
+            for shard, off, n in self._read_shard_index(d):
+                if n < min_len:
+                    self.skipped_short += 1
+                    continue
+                kind.append(1), ref.append(shard), offset.append(off), length.append(n)
+
+        self.kind = np.asarray(kind, np.int8)
+        self.ref = np.asarray(ref, np.int64)
+        self.offset = np.asarray(offset, np.int64)
+        self.length = np.asarray(length, np.int64)      # samples at sr
+        self.file_sr = np.asarray(file_sr, np.int64)
+        self.frames = np.asarray(frames, np.int64)
+        if len(self.length) == 0:
+            names = [sources] if isinstance(sources, (str, os.PathLike)) else sources
+            raise AudioError(f"{', '.join(map(str, names))}: no usable audio ({self.skipped_short} files under {self.min_seconds:g} s, "
+                             f"{len(self.bad_files)} unreadable)")
+        w = self.length if weight == "duration" else np.ones_like(self.length)
+        self._cum = np.cumsum(w)                          # int64 [items]
+        self._maps = {}                                   # shard memmaps, opened lazily per process
+
+    # -- construction helpers
+    def _bad(self, key: str, msg: str) -> None:
+        if key not in self.bad_files:
+            self.bad_files.add(key)
+            (self.on_bad or _print_bad)(msg)
+
+    def _read_shard_index(self, d: Path):
+        """Yield (shard ref, offset, length) of a shard folder's files; a broken shard's files are bad."""
+        try:
+            index = json.loads((d / "index.json").read_text())
+            if index.get("format") != SHARD_FORMAT or index.get("sample_rate") != self.sr:
+                raise ValueError(f"not {SHARD_FORMAT} at {self.sr} Hz "
+                                 f"(format {index.get('format')!r}, {index.get('sample_rate')} Hz)")
+            shards, entries = index["shards"], index["files"]
+            ends = {}
+            for _, shard, off, n, *_ in entries:
+                if not (0 <= shard < len(shards) and off >= 0 and n >= 0):
+                    raise ValueError(f"bad entry {[shard, off, n]}")
+                ends[shard] = max(ends.get(shard, 0), off + n)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise AudioError(f"{d / 'index.json'}: unusable shard index ({_oneline(e)})") from None
+        refs = []
+        for name in shards:
+            refs.append(len(self.shard_files))
+            self.shard_files.append(str(d / name))
+        broken = set()
+        for shard, end in ends.items():  # a missing or short shard file would fail every read
+            p = Path(self.shard_files[refs[shard]])
+            size = p.stat().st_size if p.is_file() else -1
+            if size < 2 * end:
+                broken.add(shard)
+                self._bad(str(p), f"{p}: missing or truncated shard ({max(size, 0)} of {2 * end} bytes)")
+        for _, shard, off, n, *_ in entries:
+            if shard not in broken:
+                yield refs[shard], off, n
+
+    # -- the crops
+    def __getstate__(self):  # memmaps stay behind: each worker process opens its own
+        return {**self.__dict__, "_maps": {}}
+
+    @property
+    def n_files(self) -> int:
+        return len(self.length)
+
+    @property
+    def seconds(self) -> float:
+        return float(self.length.sum()) / self.sr
+
+    def __repr__(self):
+        return (f"CropDataset({self.n_files} files, {self.seconds / 3600:.2f} h, crop {self.crop_samples} "
+                f"at {self.sr} Hz, seed {self.seed}; skipped {self.skipped_short} short, "
+                f"{len(self.bad_files)} unreadable)")
+
+    def _read(self, item: int, start: int) -> np.ndarray:
+        n = self.crop_samples
+        if self.kind[item] == 1:
+            path = self.shard_files[self.ref[item]]
+            m = self._maps.get(path)
+            if m is None:
+                try:
+                    m = self._maps[path] = np.memmap(path, dtype="<i2", mode="r")
+                except (OSError, ValueError) as e:
+                    raise AudioError(f"{path}: unreadable shard ({_oneline(e)})") from None
+            a = int(self.offset[item]) + start
+            b = int(self.offset[item]) + min(start + n, int(self.length[item]))
+            return m[a:b].astype(np.float32) * np.float32(1 / 32768)
+        r = self.ref[item]
+        header = (int(self.file_sr[r]), int(self.frames[r]), 1)
+        return load_crop(self.paths[r], start, n, sr=self.sr, header=header)
+
+    def crop(self, i: int):
+        """(crop float32 [crop_samples], item, start) of global index i."""
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
+            raise IndexError(f"CropDataset index must be an int >= 0, got {i!r}")
+        rng = np.random.default_rng([self.seed, int(i)])
+        total, C = int(self._cum[-1]), self.crop_samples
+        for _ in range(self.max_attempts):
+            # Two uniforms per attempt, whatever happens: a redraw after a failed read continues the
+            # same stream, so the outcome depends only on which reads fail, never on history.
+            u_item, u_start = rng.random(2)
+            item = min(int(np.searchsorted(self._cum, u_item * total, side="right")), len(self._cum) - 1)
+            n = int(self.length[item])
+            start = int(u_start * (n - C + 1)) if n > C else 0
+            try:
+                x = self._read(item, start)
+            except AudioError as e:
+                key = self.shard_files[self.ref[item]] if self.kind[item] == 1 else self.paths[self.ref[item]]
+                self._bad(key, str(e))
+                continue
+            if len(x) < C:  # file shorter than the crop: zeros at the end
+                x = np.concatenate([x, np.zeros(C - len(x), np.float32)])
+            return x, item, start
+        raise AudioError(f"index {i}: {self.max_attempts} crop reads failed in a row "
+                         f"({len(self.bad_files)} unreadable files); is the data readable?")
+
+    def __getitem__(self, i):
+        import torch
+        return torch.from_numpy(self.crop(i)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Which global indices each rank reads, and the DataLoader around it
+# ---------------------------------------------------------------------------------------------
+class RankBatches:
+    """Batch sampler: batch k (k = 0, 1, ... from `start`) of rank r of W holds the global indices
+
+        [start + (k*W + r)*b,  start + (k*W + r + 1)*b)
+
+    so the W ranks together read the contiguous block [start + k*W*b, start + (k+1)*W*b) and nothing
+    twice. With gradient accumulation A, optimizer step s covers batches k = s*A .. s*A + A-1; a run
+    resumed at step s passes start = s*A*W*b (the "data position") and reads what it would have read.
+    num_batches=None: endless.
+    """
+
+    def __init__(self, batch_size: int, rank: int = 0, world_size: int = 1, start: int = 0,
+                 num_batches: int | None = None):
+        if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or start < 0:
+            raise ValueError(f"bad RankBatches(batch_size={batch_size}, rank={rank}, "
+                             f"world_size={world_size}, start={start})")
+        self.b, self.rank, self.world, self.start, self.num_batches = batch_size, rank, world_size, start, num_batches
+
+    def __iter__(self):
+        k = 0
+        while self.num_batches is None or k < self.num_batches:
+            first = self.start + (k * self.world + self.rank) * self.b
+            yield list(range(first, first + self.b))
+            k += 1
+
+    def __len__(self):
+        if self.num_batches is None:
+            raise TypeError("an endless RankBatches has no length")
+        return self.num_batches
+
+
+def _limit_blas_threads(n: int) -> None:
+    """Set the BLAS thread count of this process (already-loaded OpenBLAS/MKL), best effort."""
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n)
+        return
+    except ImportError:
+        pass
+    import ctypes
+    try:
+        libs = {ln.split()[-1] for ln in open("/proc/self/maps") if "openblas" in ln.lower() and ".so" in ln}
+    except OSError:
+        return
+    for lib in libs:
+        for name in ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+                     "openblas_set_num_threads64_", "scipy_openblas_set_num_threads"):
+            fn = getattr(ctypes.CDLL(lib), name, None)
+            if fn is not None:
+                fn(n)
+                break
+
+
+def worker_init(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: one thread per worker process (no BLAS/torch oversubscription)."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"  # for anything the worker starts; the loaded libraries are set below
+    import torch
+    torch.set_num_threads(1)
+    _limit_blas_threads(1)
+
+
+def make_loader(dataset, batch_size: int, start: int = 0, rank: int = 0, world_size: int = 1,
+                num_workers: int = 0, num_batches: int | None = None, pin_memory: bool = False):
+    """DataLoader over RankBatches: yields float32 [batch_size, crop_samples] from global index `start`."""
+    import torch
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=RankBatches(batch_size, rank, world_size, start, num_batches),
+        num_workers=num_workers, worker_init_fn=worker_init if num_workers > 0 else None,
+        pin_memory=pin_memory, persistent_workers=num_workers > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare: decode a collection once into 24 kHz int16 shards
+#
+#   DIR/shard-00000.bin   int16 little-endian, files back to back (never split across shards)
+#   DIR/shard-00000.json  {"format", "sample_rate", "files": [[source, shard, offset, length, clipped]]}
+#   DIR/index.json        {"format", "sample_rate", "dtype", "scale", "shards": [...], "files": [...]}
+#
+# A shard is written as *.tmp and renamed when full; its .json (renamed last) marks it complete.
+# A re-run keeps complete shards, deletes leftover *.tmp, converts only the sources not yet in a
+# shard and rewrites index.json: safe after a crash, and appends new files to a grown collection.
+# ---------------------------------------------------------------------------------------------
+def _prepare_one(job):
+    """Worker: (source, sr, min_len) -> (source, int16 samples or None, clipped, status message)."""
+    path, sr, min_len = job
+    try:
+        fsr, frames, _ = info(path)
+        if -(-frames * sr // fsr) < min_len:  # short: skip before decoding
+            return path, None, 0, "short"
+        x = load(path, sr=sr)
+    except AudioError as e:
+        return path, None, 0, str(e)
+    if len(x) < min_len:
+        return path, None, 0, "short"
+    y = np.rint(x * np.float32(32768))
+    clipped = int(np.count_nonzero((y > 32767) | (y < -32768)))
+    return path, np.clip(y, -32768, 32767).astype("<i2"), clipped, ""
+
+
+def _prepare_worker_init():
+    _limit_blas_threads(1)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr: int = 24000,
+            workers: int = 1, on_bad=None, progress=None) -> dict:
+    """Convert audio files (folders, files, manifests) into shards under `out`; see the notes above.
+
+    Returns a summary dict: files, seconds, shards, new (files converted by this call), short,
+    bad (names of unreadable files), clipped_files.
+    """
+    sr, out = _check_rate("sr", sr), Path(out)
+    files, shard_dirs = _expand_sources(sources)
+    if shard_dirs:
+        raise AudioError(f"{shard_dirs[0]}: already a shard folder (prepare reads audio files)")
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob("*.tmp"):
+        tmp.unlink()
+    # complete shards from an earlier run
+    done, entries, next_shard = set(), [], 0
+    for meta in sorted(out.glob("shard-*.json")):
+        bin_path = meta.with_suffix(".bin")
+        try:
+            m = json.loads(meta.read_text())
+            size = bin_path.stat().st_size
+            complete = size == 2 * sum(e[3] for e in m["files"])
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            complete = False
+        if not complete:  # damaged since it was written: drop it, its files are converted again
+            meta.unlink()
+            bin_path.unlink(missing_ok=True)
+            continue
+        if m.get("format") != SHARD_FORMAT or m.get("sample_rate") != sr:
+            raise AudioError(f"{meta}: written with other settings ({m.get('format')}, "
+                             f"{m.get('sample_rate')} Hz); use a fresh --out")
+        shard = int(meta.stem.split("-")[1])
+        entries += m["files"]
+        done.update(e[0] for e in m["files"])
+        next_shard = max(next_shard, shard + 1)
+    jobs, min_len = [], math.ceil(min_seconds * sr)
+    for f in dict.fromkeys(os.path.abspath(f) for f in files):  # absolute, de-duplicated, in order
+        if f not in done:
+            jobs.append((f, sr, min_len))
+
+    bad, short, new = [], 0, 0
+    shard, fh, pos, current = next_shard, None, 0, []
+
+    def close():
+        nonlocal fh, shard, pos, current
+        if fh is None:
+            return
+        fh.close()
+        name = f"shard-{shard:05d}"
+        os.replace(out / f"{name}.bin.tmp", out / f"{name}.bin")
+        _write_json(out / f"{name}.json", {"format": SHARD_FORMAT, "sample_rate": sr, "files": current})
+        entries.extend(current)
+        shard, fh, pos, current = shard + 1, None, 0, []
+
+    from tqdm import tqdm
+    pool = None
+    try:
+        if workers > 1:
+            import multiprocessing
+            pool = multiprocessing.get_context().Pool(workers, initializer=_prepare_worker_init)
+            results = pool.imap(_prepare_one, jobs)   # in order: shards do not depend on `workers`
+        else:
+            results = map(_prepare_one, jobs)
+        for path, y, clipped, msg in tqdm(results, total=len(jobs), desc="prepare", unit="file",
+                                          file=sys.stderr, disable=None if progress is None else not progress):
+            if msg == "short":
+                short += 1
+                continue
+            if msg:
+                bad.append(path)
+                (on_bad or _print_bad)(msg)
+                continue
+            if fh is not None and 2 * (pos + len(y)) > shard_bytes:
+                close()
+            if fh is None:
+                fh = open(out / f"shard-{shard:05d}.bin.tmp", "wb")
+            fh.write(y.tobytes())
+            current.append([path, shard, pos, len(y), clipped])
+            pos += len(y)
+            new += 1
+        close()
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if fh is not None:  # interrupted: the partial shard is dropped, a re-run redoes its files
+            fh.close()
+            (out / f"shard-{shard:05d}.bin.tmp").unlink(missing_ok=True)
+    shards = sorted({e[1] for e in entries})
+    names = [f"shard-{s:05d}.bin" for s in range(max(shards, default=-1) + 1)]
+    _write_json(out / "index.json", {"format": SHARD_FORMAT, "sample_rate": sr, "dtype": "int16",
+                                     "scale": 32768, "shards": names, "files": entries})
+    return {"files": len(entries), "seconds": sum(e[3] for e in entries) / sr, "shards": len(shards),
+            "new": new, "short": short, "bad": bad, "clipped_files": sum(e[4] > 0 for e in entries)}
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line: python audio.py FILE... prints each file's rate, duration and channels
 # ---------------------------------------------------------------------------------------------
+def prepare_main(argv) -> int:
+    """python audio.py prepare SRC... --out DIR: exit 0, or 1 if some inputs were unreadable."""
+    p = argparse.ArgumentParser(
+        prog="audio.py prepare",
+        description="Convert audio (any format/rate soundfile reads) once into 24 kHz mono int16 shards "
+                    "that CropDataset reads by memory map. Files under --min-seconds are skipped; "
+                    "unreadable ones are named on stderr. Safe to re-run: finished shards are kept and "
+                    "only sources not yet converted are added.",
+        epilog="example: python audio.py prepare music/ more.txt --out shards/ --workers 4",
+    )
+    p.add_argument("sources", nargs="+", help="folders of audio, audio files and/or manifests (one path a line)")
+    p.add_argument("--out", required=True, help="shard folder to create or extend")
+    p.add_argument("--shard-gb", type=float, default=1.0, help="shard size in GB (1 GB = 5.8 h of audio)")
+    p.add_argument("--workers", type=int, default=1, help="decoding processes")
+    p.add_argument("--min-seconds", type=float, default=3.0, help="skip files shorter than this")
+    args = p.parse_args(argv)
+    if args.shard_gb <= 0 or args.workers < 1 or args.min_seconds < 0:
+        p.error("--shard-gb must be > 0, --workers >= 1, --min-seconds >= 0")
+    try:
+        s = prepare(args.sources, args.out, shard_bytes=int(args.shard_gb * 1e9), min_seconds=args.min_seconds,
+                    workers=args.workers)
+    except AudioError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"{args.out}: {s['files']} files, {s['seconds'] / 3600:.2f} h in {s['shards']} shards "
+          f"({s['new']} added now; skipped {s['short']} under {args.min_seconds:g} s, {len(s['bad'])} unreadable; "
+          f"{s['clipped_files']} files clipped to int16)")
+    return 1 if s["bad"] else 0
+
+
 def main(argv=None) -> int:
-    """Print each audio file's header (or its error); exit 1 if any failed."""
+    """Print each audio file's header (or its error); exit 1 if any failed. `prepare` makes shards."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["prepare"]:  # a file literally named "prepare" can be given as ./prepare
+        return prepare_main(argv[1:])
     p = argparse.ArgumentParser(
         description="Show sample rate, duration and channels of audio files (what audio.load reads).",
-        epilog="example: python audio.py song.mp3 music_dir/ --check",
+        epilog="example: python audio.py song.mp3 music_dir/ --check\n"
+               "         python audio.py prepare music_dir/ --out shards/   (see: python audio.py prepare -h)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("paths", nargs="+", help="audio files and/or folders (folders are searched recursively)")
     p.add_argument("--check", action="store_true",
