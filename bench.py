@@ -1,7 +1,10 @@
 """Speed and memory against the peer packages, measured side by side in the same run.
 
     python bench.py extract          # mert.py vs transformers' HubertModel (sdpa), 95M, same weights
-    python bench.py extract --quick  # fewer repeats, no 10-minute song
+    python bench.py cqt              # cqt.py vs nnAudio's CQT and librosa.cqt, MERT's settings
+    python bench.py data             # loader audio-seconds/s per core, prepared shards vs raw files
+    python bench.py train            # a pretraining step: ms, audio-s/s (MFU, memory on a GPU)
+    python bench.py extract --quick  # --quick skips the slow 10-minute inputs
 
 Every figure is a ratio to the peer measured in the same process (time: median of --repeat runs,
 candidates interleaved so that machine noise hits both alike) or in fresh subprocesses (peak memory:
@@ -61,8 +64,12 @@ def peak_rss_rise(fn) -> float:
 
 def in_subprocess(*args) -> dict:
     """Run `python bench.py _child ARGS` and return the JSON it prints last."""
-    out = subprocess.run([sys.executable, __file__, "_child", *map(str, args)], check=True,
-                         capture_output=True, text=True).stdout
+    # glibc serves large blocks with mmap, so freed memory leaves the resident set between phases
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    proc = subprocess.run([sys.executable, __file__, "_child", *map(str, args)], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"bench child {args} failed:\n{proc.stderr[-2000:]}")
+    out = proc.stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -79,10 +86,9 @@ def music_like(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def ratio_row(name: str, peer: float, ours: float, unit: str, better_low=True) -> str:
-    """One printed line: both values and peer/ours (time) or ours/peer (memory)."""
-    r = peer / ours if better_low else ours / peer
-    return f"{name:<28} peer {peer:9.3f} {unit:<3} ours {ours:9.3f} {unit:<3} ratio {r:5.2f}x"
+def ratio_row(name: str, peer: float, ours: float, unit: str) -> str:
+    """One printed line: both values and their ratio peer / ours (> 1: we are faster or smaller)."""
+    return f"{name:<28} peer {peer:9.3f} {unit:<3} ours {ours:9.3f} {unit:<3} ratio {peer / ours:5.2f}x"
 
 
 # -----------------------------------------------------------------------------
@@ -133,11 +139,11 @@ def bench_extract(args):
     del ours, hf
     for B, sec in cases:
         mem = {w: in_subprocess("extract_mem", w, folder, B, sec, args.threads)["mb"] for w in ("hf", "ours")}
-        rows.append(ratio_row(f"peak memory {B}x{sec:g}s", mem["hf"], mem["ours"], "MB", better_low=False))
+        rows.append(ratio_row(f"peak memory {B}x{sec:g}s", mem["hf"], mem["ours"], "MB"))
         print(rows[-1], flush=True)
     if not args.quick:
         rows.append(_bench_long_song(root, folder, args))
-    print("\nsummary (time ratio = peer/ours, >1 is faster; memory ratio = ours/peer, <=1 is no more memory)")
+    print("\nsummary (ratio = peer / ours: > 1 is faster, >= 1 is no more memory)")
     print("\n".join(rows))
 
 
@@ -159,6 +165,168 @@ def _bench_long_song(root: Path, folder: Path, args) -> str:
            f"output {shape}")
     print(row, flush=True)
     return row
+
+
+# -----------------------------------------------------------------------------
+# cqt: cqt.CQT vs nnAudio's CQT (CQT1992v2) and librosa.cqt, MERT's settings
+
+CQT_ARGS = dict(sr=24000, hop_length=320, fmin=32.7, n_bins=336, bins_per_octave=48)
+CQT_CASES = {"1x30s": (1, 30.0), "8x5s": (8, 5.0), "1x10min": (1, 600.0)}
+
+
+def _cqt_candidate(name: str):
+    """Build candidate `name` (kernels included) -> callable(x: float32 tensor [B, samples])."""
+    if name == "ours":
+        from cqt import CQT
+        m = CQT(**CQT_ARGS)
+        return lambda x: m(x)
+    if name == "nnAudio":
+        from nnAudio.features.cqt import CQT as NNAudioCQT
+        m = NNAudioCQT(**CQT_ARGS, pad_mode="constant", verbose=False)
+        return lambda x: m(x)
+    if name == "librosa":
+        import librosa
+        return lambda x: np.abs(librosa.cqt(x.numpy(), **CQT_ARGS))  # multichannel: [B, bins, frames]
+    raise ValueError(f"unknown candidate {name!r}")
+
+
+def _cqt_signal(case: str) -> torch.Tensor:
+    batch, seconds = CQT_CASES[case]
+    return music_like(int(seconds * 24000), batch)
+
+
+def _available(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except Exception as e:  # a missing or broken peer is reported and skipped, not fatal
+        print(f"{module} unavailable ({type(e).__name__}: {e}); skipped", file=sys.stderr)
+        return False
+
+
+def bench_cqt(args):
+    """Time and peak memory of cqt.CQT vs nnAudio's CQT and librosa.cqt, printed as ratios."""
+    torch.set_num_threads(args.threads)
+    peers = [p for p, mod in (("nnAudio", "nnAudio.features.cqt"), ("librosa", "librosa")) if _available(mod)]
+    print(f"cqt: MERT settings, {args.threads} threads, median of {args.repeat}", flush=True)
+    fns = {n: _cqt_candidate(n) for n in ("ours", *peers)}
+    with torch.inference_mode():
+        for case in ("1x30s", "8x5s"):
+            x = _cqt_signal(case)
+            med = interleaved_medians({n: (lambda f=f: f(x)) for n, f in fns.items()}, args.repeat)
+            for p in peers:
+                print(ratio_row(f"time {case} vs {p}", 1e3 * med[p], 1e3 * med["ours"], "ms"), flush=True)
+        if not args.quick:
+            x = _cqt_signal("1x10min")
+            med = interleaved_medians({"ours": lambda: fns["ours"](x)}, args.repeat)
+            print(f"{'time 1x10min ours':<28} {1e3 * med['ours']:9.1f} ms", flush=True)
+    del fns
+    cases = ["1x30s", "8x5s"] + ([] if args.quick else ["1x10min"])
+    for case in cases:
+        names = ("ours", *peers) if case != "1x10min" or args.long_peers else ("ours",)
+        mem = {n: in_subprocess("cqt_mem", n, case, args.threads) for n in names}
+        if case == cases[0]:
+            for p in peers:
+                if mem[p]["build_mb"] > 0.5:  # librosa builds nothing up front
+                    print(ratio_row(f"kernels vs {p}", mem[p]["build_mb"], mem["ours"]["build_mb"], "MB"))
+        for p in names[1:]:
+            print(ratio_row(f"peak memory {case} vs {p}", mem[p]["run_mb"], mem["ours"]["run_mb"], "MB"), flush=True)
+        if len(names) == 1:
+            print(f"{'peak memory ' + case + ' ours':<28} {mem['ours']['run_mb']:9.1f} MB", flush=True)
+
+
+def _cqt_mem_child(name: str, case: str, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    x = _cqt_signal(case)
+    with torch.inference_mode():
+        box = {}
+        build = peak_rss_rise(lambda: box.setdefault("fn", _cqt_candidate(name)))
+        box["fn"](music_like(24000, 1))  # first-call allocations stay out of the figure
+        run = peak_rss_rise(lambda: box["fn"](x))
+    return {"build_mb": build, "run_mb": run}
+
+
+# -----------------------------------------------------------------------------
+# data: loader throughput from prepared shards and from raw files
+
+
+def _synth_files(root: Path, n_files: int, seconds: float, sr: int = 44100) -> list:
+    """n_files synthesised stereo files at sr (decaying harmonic notes over noise), cycling FLAC, MP3, WAV."""
+    import soundfile as sf
+    root.mkdir(parents=True, exist_ok=True)
+    files = []
+    for k in range(n_files):
+        rng = np.random.default_rng(k)
+        n = int(seconds * sr)
+        t = np.arange(n) / sr
+        x = 0.02 * rng.standard_normal((n, 2))
+        for onset in np.arange(0, seconds, 0.5):
+            a, b = int(onset * sr), min(n, int((onset + 2.0) * sr))
+            tt = t[a:b] - onset
+            f0 = 110 * 2 ** (rng.integers(0, 36) / 12)
+            note = sum(np.sin(2 * np.pi * h * f0 * tt) / h for h in range(1, 6) if h * f0 < sr / 2)
+            pan = rng.uniform(0.2, 0.8)
+            x[a:b] += 0.15 * (np.exp(-3 * tt) * note)[:, None] * np.array([pan, 1 - pan])
+        ext = ("flac", "mp3", "wav")[k % 3]
+        p = root / f"song{k:03d}.{ext}"
+        sf.write(p, np.clip(x, -1, 1).astype(np.float32), sr, **({"subtype": "PCM_16"} if ext == "wav" else {}))
+        files.append(p)
+    return files
+
+
+def _time_crops(ds, indices, repeat: int) -> tuple:
+    """Median (CPU seconds, wall seconds) of reading ds[i] for all indices, over `repeat` runs."""
+    ds[indices[0]]  # opens shard maps, warms the page cache and the imports
+    cpu, wall = [], []
+    for _ in range(repeat):
+        c0, w0 = time.process_time(), time.perf_counter()
+        for i in indices:
+            ds[i]
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return statistics.median(cpu), statistics.median(wall)
+
+
+def bench_data(args):
+    """Audio-seconds per second per core that CropDataset delivers from shards and from raw files.
+
+    One thread, as in a DataLoader worker (workers are processes: a machine delivers about this times
+    the cores given to them). Per CPU-second (process time, little disturbed by other load) and per
+    wall-second, median of --repeat runs over the same indices (page cache warm).
+    """
+    import shutil
+    import audio
+    audio.worker_init(0)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    crop_s, n_shard, n_raw = 5.0, 400, 24
+    try:
+        if args.data:
+            sources, raw_sets = [args.data], {"raw": [args.data]}
+        else:
+            files = _synth_files(tmp / "raw", 12, 30.0)
+            sources, raw_sets = [tmp / "raw"], {"raw (mixed)": [tmp / "raw"]}
+            for ext in ("wav", "flac", "mp3"):
+                raw_sets[f"raw {ext}"] = [f for f in files if f.suffix == f".{ext}"]
+        c0, w0 = time.process_time(), time.perf_counter()
+        summary = audio.prepare(sources, tmp / "shards", workers=1, progress=False)
+        prep_cpu, prep_wall = time.process_time() - c0, time.perf_counter() - w0
+        crop = int(crop_s * 24000)
+        results = {"shards": (_time_crops(audio.CropDataset([tmp / "shards"], crop, seed=0), range(n_shard),
+                                          args.repeat), n_shard)}
+        for name, src in raw_sets.items():
+            results[name] = _time_crops(audio.CropDataset(src, crop, seed=0), range(n_raw), args.repeat), n_raw
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"data: {crop_s:g} s crops at 24 kHz from {summary['files']} files ({summary['seconds'] / 3600:.2f} h); "
+          f"one thread; median of {args.repeat} runs")
+    print(f"  {'source':<12} {'audio-s/CPU-s':>14} {'audio-s/wall-s':>15} {'shards are':>11}")
+    base = None
+    for name, ((cpu, wall), n) in results.items():
+        per_cpu, per_wall = n * crop_s / cpu, n * crop_s / wall
+        base = base or per_cpu
+        print(f"  {name:<12} {per_cpu:>14.0f} {per_wall:>15.0f} {base / per_cpu:>10.1f}x")
+    print(f"  one-time prepare (decode + resample + write, 1 process): {summary['seconds'] / prep_cpu:.0f} "
+          f"audio-s/CPU-s, {summary['seconds'] / prep_wall:.0f} audio-s/wall-s")
 
 
 # -----------------------------------------------------------------------------
@@ -232,6 +400,8 @@ def _child(argv):
             run(music_like(24000, 1))  # first-call allocations (kernels, caches) stay out of the figure
             mb = peak_rss_rise(lambda: run(x))
         print(json.dumps({"mb": mb}))
+    elif what == "cqt_mem":
+        print(json.dumps(_cqt_mem_child(argv[1], argv[2], int(argv[3]))))
     else:
         raise SystemExit(f"unknown child task {what}")
 
@@ -242,14 +412,18 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 epilog="example: python bench.py extract --repeat 7",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["extract", "train"], help="which comparison to run")
+    p.add_argument("what", choices=["extract", "cqt", "data", "train"], help="which comparison to run")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per candidate (the median is reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every candidate")
     p.add_argument("--quick", action="store_true", help="skip the slow long-input measurements")
+    p.add_argument("--long-peers", action="store_true", help="cqt: peak memory of the peers on 10 minutes too")
+    p.add_argument("--data", default=None, help="data: a folder or manifest of your own audio (default: synthesise)")
     p.add_argument("--sizes", default="", help="train: comma-separated sizes (default: tiny on CPU; all on a GPU)")
     p.add_argument("--batch", type=int, default=0, help="train: clips per step (default: per size)")
     args = p.parse_args()
-    {"extract": bench_extract, "train": bench_train}[args.what](args)
+    if args.repeat < 5:
+        p.error("--repeat must be >= 5: every figure is a median")
+    {"extract": bench_extract, "cqt": bench_cqt, "data": bench_data, "train": bench_train}[args.what](args)
 
 
 if __name__ == "__main__":
