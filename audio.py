@@ -47,7 +47,7 @@ Training data (the second half of this file):
   levels stay those of the raw files; only samples beyond full scale (resampler overshoot on
   clipped masters, hot float files) are cut, and their count is kept per file.
 - One core delivers ~80k audio-s/s from shards but ~700 from 44.1 kHz FLAC/MP3 (decode + resample;
-  ~1.7k from WAV): `python bench_data.py`. Use raw folders for small runs, shards to feed a GPU.
+  ~1.7k from WAV): `python bench.py data`. Use raw folders for small runs, shards to feed a GPU.
 - torch and tqdm are imported inside the functions that need them, so reading audio needs neither.
 """
 import argparse

@@ -43,7 +43,7 @@ nnAudio stores every kernel zero-padded to kernel_width taps and runs one stride
    much wider than the 75 Hz frame rate) exactly instead of approximating it.
 
 Cost: about 2 * BAND * sum_k(1 / l_k) complex multiply-adds per input sample (~6 for MERT) plus
-the FFTs. For MERT's settings on a shared 2-core CPU (bench_cqt.py): 20-35x less time than nnAudio
+the FFTs. For MERT's settings on a shared 2-core CPU (`python bench.py cqt`): 20-35x less time than nnAudio
 for 1 x 30 s and 8 x 5 s, 14 MB of buffers instead of 337 MB of kernel construction, 2.5-3.3x less
 working memory. Long inputs are processed a few blocks at a time, so memory stays bounded. On GPUs
 (and when gradients are needed) the same product runs as gather / multiply / scatter-add.
