@@ -20,6 +20,7 @@ Design notes:
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -206,6 +207,11 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def report_bad_file(rank: int, msg: str):
+    """Name an unreadable audio file once (per loader process) on stderr."""
+    print(f"[rank {rank}] skipping unreadable audio: {msg}", file=sys.stderr, flush=True)
+
+
 def save_checkpoint(path: Path, obj: dict):
     """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
@@ -252,11 +258,9 @@ def main(argv=None):
 
     # -- data
     crop = int(round(tc.crop_seconds * 24000))
-
-    def on_bad(msg):  # called once per unreadable file (per loader process)
-        print(f"[rank {rank}] skipping unreadable audio: {msg}", file=sys.stderr, flush=True)
-
+    on_bad = functools.partial(report_bad_file, rank)  # a partial, not a closure: loader workers pickle it
     train_ds = audio.CropDataset(tc.data.split(","), crop_samples=crop, seed=tc.seed, on_bad=on_bad)
+    data_id = {"n_files": train_ds.n_files, "seconds": round(float(train_ds.seconds), 3)}
     val_ds = audio.CropDataset(tc.val_data.split(","), crop_samples=crop, seed=tc.seed + 1, on_bad=on_bad) \
         if tc.val_data else None
 
@@ -284,6 +288,9 @@ def main(argv=None):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
+        if state.get("data") != data_id:
+            print0(f"warning: the training data changed since the checkpoint ({state.get('data')} -> {data_id}); "
+                   f"the resumed run reads a different stream than the interrupted one would have")
     print0(f"train config: {json.dumps(asdict(tc))}")
     print0(f"model config: {json.dumps(asdict(cfg))}")
     print0(f"{n_params / 1e6:.2f}M parameters | world {world} | micro-batch {tc.batch_size} | accumulation {accum} "
@@ -334,7 +341,7 @@ def main(argv=None):
                 log.flush()
         if master and step > 0 and (step % tc.ckpt_interval == 0 or last):
             save_checkpoint(ckpt_path, {"config": asdict(cfg), "train_config": asdict(tc), "model": raw_model.state_dict(),
-                                        "optimizer": optimizer.state_dict(), "step": step})
+                                        "optimizer": optimizer.state_dict(), "step": step, "data": data_id})
         if last:
             break
 
