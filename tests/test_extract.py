@@ -134,3 +134,13 @@ def test_default_output_beside_input_and_no_default_model(ckpt, tmp_path, monkey
     assert "no default model" in capsys.readouterr().err
     assert extract.main([str(tmp_path / "missing.wav"), "--ckpt", str(ckpt)]) == 2
     assert extract.main([str(tmp_path / "song.wav"), "--ckpt", str(ckpt), "--layers", "9"]) == 2
+
+
+def test_bfloat16_output_is_close_and_float32(ckpt, tmp_path):
+    sf.write(tmp_path / "b.wav", music(36000), 24000)
+    base = [str(tmp_path / "b.wav"), "--ckpt", str(ckpt), "--layers", "2"]
+    assert extract.main(base + ["-o", str(tmp_path / "f32")]) == 0
+    assert extract.main(base + ["-o", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    a, b = np.load(tmp_path / "f32" / "b.npy"), np.load(tmp_path / "bf16" / "b.npy")
+    assert b.dtype == np.float32 and a.shape == b.shape
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.05
