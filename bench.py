@@ -2,6 +2,7 @@
 
     python bench.py extract          # mert.py vs transformers' HubertModel (sdpa), 95M, same weights
     python bench.py cqt              # cqt.py vs nnAudio's CQT and librosa.cqt, MERT's settings
+    python bench.py rvq              # rvq.py encode speed: encodec24k vs the encodec package, and small
     python bench.py data             # loader audio-seconds/s per core, prepared shards vs raw files
     python bench.py train            # a pretraining step: ms, audio-s/s (MFU, memory on a GPU)
     python bench.py extract --quick  # --quick skips the slow 10-minute inputs
@@ -12,6 +13,7 @@ the rise of the peak resident set size over the resident size after set-up, via 
 """
 
 import argparse
+import importlib.machinery
 import json
 import os
 import resource
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +333,114 @@ def bench_data(args):
 
 
 # -----------------------------------------------------------------------------
+# rvq: encode speed of rvq.py (encodec24k vs the encodec package, and small)
+
+
+RVQ_CASES = [(1, 10.0), (8, 5.0)]  # (batch, seconds): one long clip; a MERT training batch of crops
+
+
+def _import_encodec():
+    """Import `encodec` with a stub `torchaudio` (unused by the model; its wheels do not load beside our torch)."""
+    try:
+        import torchaudio  # noqa: F401
+    except Exception:
+        stub = types.ModuleType("torchaudio")
+        stub.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
+        stub.transforms = types.ModuleType("torchaudio.transforms")
+        sys.modules.setdefault("torchaudio", stub)
+        sys.modules.setdefault("torchaudio.transforms", stub.transforms)
+    import encodec
+    return encodec
+
+
+def _encodec_weights(path: Path) -> Path:
+    """Random EnCodec 24 kHz weights with codebooks set to real latent frames, saved as a bare state dict."""
+    if not path.exists():
+        encodec = _import_encodec()
+        torch.manual_seed(0)
+        ref = encodec.EncodecModel.encodec_model_24khz(pretrained=False)
+        with torch.no_grad():
+            frames = ref.encoder(music_like(14 * 24000, 1)[:, None])[0].T      # (1050, 128)
+            for k, layer in enumerate(ref.quantizer.vq.layers):
+                # speed does not depend on the values; scale later codebooks like shrinking residuals
+                pick = torch.randperm(frames.shape[0], generator=torch.Generator().manual_seed(k))[:1024]
+                layer._codebook.embed.copy_(frames[pick] * 0.5 ** k)
+                layer._codebook.inited.fill_(1.0)
+        torch.save(ref.state_dict(), path)
+    return path
+
+
+def _small_model(ckpt):
+    """A `small` model: the given checkpoint, or random weights with k-means-initialised codebooks."""
+    import rvq
+    if ckpt:
+        return rvq.load(ckpt)
+    torch.manual_seed(0)
+    model = rvq.RVQVAE(rvq.PRESETS["small"])
+    with torch.no_grad():
+        model.quantizer.init_(model.encoder(music_like(20 * 24000, 1)[:, None]))
+    return model.eval()
+
+
+def _rvq_candidate(which: str, weights: Path, ckpt):
+    """A callable wav (B, L) -> codes for 'encodec' (the package), 'ours' (encodec24k) or 'small'."""
+    if which == "encodec":
+        encodec = _import_encodec()
+        ref = encodec.EncodecModel.encodec_model_24khz(pretrained=False)
+        ref.load_state_dict(torch.load(weights, weights_only=True))
+        ref.set_target_bandwidth(6.0)
+        return lambda x: ref.encode(x[:, None])[0][0]
+    import rvq
+    model = rvq.load(weights) if which == "ours" else _small_model(ckpt)
+    return lambda x: model.encode(x, n_q=8)
+
+
+def bench_rvq(args):
+    """encodec24k vs the encodec package (time, memory ratios) and `small` throughput in x real time."""
+    torch.set_num_threads(args.threads)
+    ckpt = getattr(args, "ckpt", None)
+    weights = _encodec_weights(Path(tempfile.mkdtemp(prefix="rvq_bench_")) / "encodec_24khz-random.th")
+    peer, ours, small = (_rvq_candidate(w, weights, ckpt) for w in ("encodec", "ours", "small"))
+    print(f"rvq: encode at 6 kbps (8 codebooks), fp32, {torch.get_num_threads()} threads, "
+          f"median of {args.repeat}", flush=True)
+    rows = []
+    with torch.inference_mode():
+        for B, sec in RVQ_CASES:
+            x = music_like(int(sec * 24000), B)
+            assert torch.equal(peer(x), ours(x)), "encodec24k codes differ from the encodec package"
+            t = interleaved_medians({"peer": lambda: peer(x), "ours": lambda: ours(x),
+                                     "small": lambda: small(x)}, args.repeat)
+            rows.append(ratio_row(f"encodec24k time {B}x{sec:g}s", t["peer"], t["ours"], "s"))
+            print(rows[-1], flush=True)
+            rows.append(f"{'encodec24k ' + f'{B}x{sec:g}s':<28} {B * sec / t['ours']:7.1f}x real time "
+                        f"(encodec package {B * sec / t['peer']:.1f}x)")
+            rows.append(f"{'small ' + f'{B}x{sec:g}s':<28} {B * sec / t['small']:7.1f}x real time "
+                        f"(goal >= 200x), {t['small'] * 1e3:.0f} ms")
+            print(rows[-2] + "\n" + rows[-1], flush=True)
+    for B, sec in RVQ_CASES[1:]:
+        mem = {w: in_subprocess("rvq_mem", w, weights, B, sec, args.threads, ckpt or "")["mb"]
+               for w in ("encodec", "ours", "small")}
+        rows.append(ratio_row(f"encodec24k peak mem {B}x{sec:g}s", mem["encodec"], mem["ours"], "MB"))
+        rows.append(f"{'small peak mem ' + f'{B}x{sec:g}s':<28} {mem['small']:9.1f} MB")
+        print(rows[-2] + "\n" + rows[-1], flush=True)
+    print("\nsummary (ratio = peer / ours: > 1 means we are faster or use less memory)")
+    print("\n".join(rows))
+
+
+def _rvq_mem_child(argv):
+    """Subprocess side of the rvq memory measurement: prints one JSON line."""
+    which, weights, B, sec, threads, ckpt = argv[1], Path(argv[2]), int(argv[3]), float(argv[4]), int(argv[5]), argv[6]
+    torch.set_num_threads(threads)
+    run = _rvq_candidate(which, weights, ckpt or None)
+    x = music_like(int(sec * 24000), B)
+    with torch.inference_mode():
+        run(music_like(24000, 1))                  # first-call allocations stay out of the figure
+        mb = peak_rss_rise(lambda: run(x))
+    print(json.dumps({"mb": mb}))
+
+
+
+# -----------------------------------------------------------------------------
 # train: one optimiser step of pretraining, teachers included
 
 
@@ -400,6 +511,8 @@ def _child(argv):
             run(music_like(24000, 1))  # first-call allocations (kernels, caches) stay out of the figure
             mb = peak_rss_rise(lambda: run(x))
         print(json.dumps({"mb": mb}))
+    elif what == "rvq_mem":
+        _rvq_mem_child(argv)
     elif what == "cqt_mem":
         print(json.dumps(_cqt_mem_child(argv[1], argv[2], int(argv[3]))))
     else:
@@ -412,18 +525,20 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 epilog="example: python bench.py extract --repeat 7",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["extract", "cqt", "data", "train"], help="which comparison to run")
+    p.add_argument("what", choices=["extract", "cqt", "rvq", "data", "train"], help="which comparison to run")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per candidate (the median is reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every candidate")
     p.add_argument("--quick", action="store_true", help="skip the slow long-input measurements")
     p.add_argument("--long-peers", action="store_true", help="cqt: peak memory of the peers on 10 minutes too")
     p.add_argument("--data", default=None, help="data: a folder or manifest of your own audio (default: synthesise)")
+    p.add_argument("--ckpt", default=None, help="rvq: time this trained `small` checkpoint instead of random weights")
     p.add_argument("--sizes", default="", help="train: comma-separated sizes (default: tiny on CPU; all on a GPU)")
     p.add_argument("--batch", type=int, default=0, help="train: clips per step (default: per size)")
     args = p.parse_args()
     if args.repeat < 5:
         p.error("--repeat must be >= 5: every figure is a median")
-    {"extract": bench_extract, "cqt": bench_cqt, "data": bench_data, "train": bench_train}[args.what](args)
+    {"extract": bench_extract, "cqt": bench_cqt, "rvq": bench_rvq, "data": bench_data,
+     "train": bench_train}[args.what](args)
 
 
 if __name__ == "__main__":
