@@ -16,7 +16,6 @@ import argparse
 import importlib.machinery
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -156,13 +155,16 @@ def _bench_long_song(root: Path, folder: Path, args) -> str:
     song = root / "song10min.wav"
     sf.write(song, music_like(600 * 24000)[0].numpy(), 24000, subtype="PCM_16")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(HERE / "extract.py"), str(song), "-o", str(root / "feats"),
-                           "--ckpt", str(folder), "--chunk", "30", "--batch", "1"],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    with open(root / "extract.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(HERE / "extract.py"), str(song), "-o", str(root / "feats"),
+                                 "--ckpt", str(folder), "--chunk", "30", "--batch", "1"], stdout=log, stderr=log,
+                                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not the largest of all children
+        proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if proc.returncode:
-        raise RuntimeError(f"extract.py failed: {proc.stderr[-2000:]}")
-    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
+        raise RuntimeError(f"extract.py failed: {(root / 'extract.log').read_text()[-2000:]}")
+    peak_gb = usage.ru_maxrss / 1024 ** 2
     shape = np.load(root / "feats" / "song10min.npy", mmap_mode="r").shape
     row = (f"10-min song, --chunk 30       peak RSS {peak_gb:.2f} GB (goal < 2 GB), {wall:.0f} s, "
            f"output {shape}")
