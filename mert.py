@@ -203,6 +203,8 @@ class ConvLayer(nn.Module):
                 x = masked_channel_norm(x, n, self.layer_norm.weight, self.layer_norm.bias, self.eps)
         elif self.norm == "layer":
             x = self.layer_norm(x.transpose(1, 2)).transpose(1, 2)
+        if not torch.is_grad_enabled():  # x is a fresh buffer: GELU in place saves a (B, C, T) allocation
+            return torch.ops.aten.gelu_(x)
         return F.gelu(x)
 
 
