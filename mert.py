@@ -593,9 +593,7 @@ class MERT(nn.Module):
         gets exactly the features it gets alone. `layers` (a list of indices) returns only those states
         and stops the transformer after the deepest one.
         """
-        if wav.dim() == 1:
-            wav = wav[None]
-        feats, frame_mask = self._embed(wav.to(self.masked_spec_embed.dtype), lengths)
+        feats, frame_mask = self._embed(wav.to(self.masked_spec_embed.dtype), lengths)  # [L] becomes [1, L]
         x = self.feature_projection(feats)
         del feats
         B, T, D = x.shape

@@ -4,7 +4,6 @@ Levels are measured on the middle of each output, away from the zero-padded edge
 least-squares sinusoid fit (amplitude) and the RMS of what the fit leaves (aliases, images, noise).
 """
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

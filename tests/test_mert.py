@@ -2,8 +2,6 @@
 
 The configs are MERT-v1-95M's and MERT-v1-330M's at full width, cut to 2 layers for CI speed.
 """
-import copy
-import json
 import os
 import pickle
 import sys
@@ -244,7 +242,6 @@ def hf_to_fairseq(sd):
     out = {}
     for k, v in sd.items():
         n = k
-        n = n.replace("feature_extractor.conv_layers.", "feature_extractor.conv_layers.")
         if ".conv.weight" in n and n.startswith("feature_extractor"):
             n = n.replace(".conv.weight", ".0.weight")
         elif n.startswith("feature_extractor") and ".layer_norm." in n:

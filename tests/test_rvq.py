@@ -3,7 +3,6 @@ import importlib.machinery
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
