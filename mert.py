@@ -145,14 +145,16 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
     and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
-def _fast(x: torch.Tensor) -> bool:
+def _fast(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # under autocast F.linear would cast the weight; the fused ops do not, so they take only matching dtypes
     return _ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
+        and x.dtype == weight.dtype and not torch.is_autocast_enabled("cpu") \
         and not (torch.is_grad_enabled() and x.requires_grad)
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
     """layer(x), optionally followed by exact GELU, fused on the CPU inference path."""
-    if _fast(x) and not torch.is_grad_enabled():
+    if _fast(x, layer.weight) and not torch.is_grad_enabled():
         return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu" if gelu else "none",
                                                   [None], "none")
     y = F.linear(x, layer.weight, layer.bias)
@@ -161,7 +163,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
 
 def conv1d_gelu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     """GELU(conv(x)) for an unpadded strided conv, fused on the CPU inference path."""
-    if _fast(x) and not torch.is_grad_enabled():
+    if _fast(x, conv.weight) and not torch.is_grad_enabled():
         return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, [0], list(conv.stride), [1], 1,
                                                        "gelu", [None], "none")
     return F.gelu(conv(x))
@@ -610,11 +612,21 @@ class MERT(nn.Module):
 
     # -- checkpoints ------------------------------------------------------------
 
-    def save(self, path, **extra):
-        """Write {"config", "model", **extra} atomically (temp file, then rename)."""
+    def save(self, path, heads: bool = True, dtype: torch.dtype | None = None, **extra):
+        """Write {"config", "model", **extra} atomically (temp file, then rename).
+
+        heads=False drops the pretraining heads (an encoder for feature extraction); dtype=torch.float16
+        stores the weights at half size (they are cast back to the model's dtype when loaded)."""
         path = Path(path)
+        cfg, state = asdict(self.config), self.state_dict()
+        if not heads:
+            cfg.update(n_codebooks=0, cqt_bins=0)
+            own = MERT(MERTConfig(**cfg)).state_dict().keys()
+            state = {k: v for k, v in state.items() if k in own}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"config": asdict(self.config), "model": self.state_dict(), **extra}, tmp)
+        torch.save({"config": cfg, "model": state, **extra}, tmp)
         os.replace(tmp, path)
 
     @classmethod

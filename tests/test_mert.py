@@ -184,6 +184,32 @@ def test_our_checkpoint_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_encoder_export_drops_heads_and_halves_the_file(tmp_path):
+    torch.manual_seed(0)
+    m = MERT(MERTConfig.from_preset("tiny")).eval()  # with pretraining heads
+    m.save(tmp_path / "full.pt")
+    m.save(tmp_path / "enc.pt", heads=False, dtype=torch.float16, step=7)
+    e = MERT.from_pretrained(tmp_path / "enc.pt")
+    assert e.config.n_codebooks == 0 and e.config.cqt_bins == 0 and not hasattr(e, "cqt_head")
+    assert next(e.parameters()).dtype == torch.float32  # stored in half, computed in float
+    assert torch.load(tmp_path / "enc.pt", weights_only=True)["step"] == 7
+    assert (tmp_path / "enc.pt").stat().st_size < 0.45 * (tmp_path / "full.pt").stat().st_size
+    wav = music(24000)[None]
+    a, b = m.extract(wav), e.extract(wav)
+    assert ((a - b).norm() / a.norm()).item() < 5e-3  # float16 rounding of the weights only
+
+
+def test_extract_under_cpu_autocast():
+    """Validation during bf16 training runs extract-like no-grad passes under autocast (fp32 weights)."""
+    torch.manual_seed(0)
+    m = MERT(MERTConfig.from_preset("tiny", n_layers=2)).eval()
+    wav = music(12000)[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m.extract(wav)
+    ref = m.extract(wav)
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 0.05
+
+
 def test_missing_and_mismatched_keys_are_named(tmp_path):
     m = MERT(MERTConfig.from_preset("tiny"))
     sd = m.state_dict()
