@@ -412,5 +412,24 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+def export(argv=None) -> int:
+    """`python train.py export RUN/ckpt.pt OUT.pt`: the encoder alone, for extract.py and probe.py."""
+    p = argparse.ArgumentParser(prog="train.py export", description=export.__doc__)
+    p.add_argument("ckpt", help="a checkpoint written by train.py")
+    p.add_argument("out", help="where to write the encoder (atomically)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="storage dtype of the weights")
+    args = p.parse_args(argv)
+    state = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    model = MERT(MERTConfig.from_dict(state["config"]))
+    model.load_state_dict(state["model"])
+    meta = {k: state[k] for k in ("step", "train_config", "data") if k in state}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    model.save(args.out, heads=False, dtype=getattr(torch, args.dtype), **meta)
+    print(f"train.py export: {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, step {state.get('step')})")
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["export"]:
+        sys.exit(export(sys.argv[2:]))
     main()
