@@ -31,11 +31,12 @@ from tqdm import tqdm
 import audio
 from mert import MERT, CheckpointError
 
-# The model extract.py uses when --ckpt is not given (shipped with the repository once it exists).
+# The model extract.py uses when --ckpt is not given: a small model pretrained by this repository's own
+# pipeline on freely licensed music, shipped with it (README, "The shipped model").
 DEFAULT_CKPT = Path(__file__).resolve().parent / "models" / "mert_default.pt"
 NO_DEFAULT_MSG = (
-    "no --ckpt given and no default model is shipped yet ({path}).\n"
-    "Use the official weights from your local Hugging Face cache, e.g. --ckpt m-a-p/MERT-v1-95M\n"
+    "no --ckpt given and the shipped default model {path} is missing (copy models/ along with extract.py).\n"
+    "Or name a model: the official weights from your local Hugging Face cache, e.g. --ckpt m-a-p/MERT-v1-95M\n"
     "(fetch once with `huggingface-cli download m-a-p/MERT-v1-95M`), a folder with config.json and\n"
     "pytorch_model.bin / model.safetensors, a fairseq MERT .pt, or a checkpoint written by train.py.")
 
@@ -170,52 +171,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Extract MERT features (all hidden states, 75 frames/s) from audio files or folders.",
-        epilog="example: python extract.py music/ -o feats/ --ckpt m-a-p/MERT-v1-95M --layers 4-8 --pool mean",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="audio files and/or folders (searched recursively)")
-    p.add_argument("-o", "--out", default=None, help="output folder (default: beside each input)")
-    p.add_argument("--ckpt", default=None, help="model: HF folder, hub id in the local HF cache, fairseq .pt or ours (default: the shipped model)")
-    p.add_argument("--layers", default="all", help="hidden states to keep: all, N, A-B, or a comma list (0 = input of layer 1)")
-    p.add_argument("--pool", default="none", choices=["none", "mean", "meanstd"], help="pool over time: none -> [layers, frames, dim]; mean -> [layers, dim]; meanstd -> [layers, 2*dim]")
-    p.add_argument("--chunk", type=float, default=30.0, help="seconds per chunk for long files (0: whole file at once)")
-    p.add_argument("--overlap", type=float, default=5.0, help="seconds of overlap between chunks")
-    p.add_argument("--batch", type=int, default=1, help="chunks per forward pass (clips of unequal length are padded exactly)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype (outputs are float32)")
-    p.add_argument("--overwrite", action="store_true", help="recompute inputs whose output already exists")
-    return p
+def extract_files(model: MERT, jobs: list[tuple[Path, Path]], layers: list[int], pool: str = "none",
+                  chunk_s: float = 30.0, overlap_s: float = 5.0, batch: int = 1, overwrite: bool = False,
+                  progress: bool = True) -> tuple[int, int, list[str]]:
+    """Write features of each (audio file, .npy) pair with a loaded model; returns (written, skipped, errors).
 
-
-def main(argv=None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 some inputs failed, 2 usage error)."""
-    args = build_parser().parse_args(argv)
-    err = lambda msg: print(f"extract.py: {msg}", file=sys.stderr)  # noqa: E731
-    if args.batch < 1 or args.chunk < 0 or args.overlap < 0:
-        err("--batch must be >= 1 and --chunk/--overlap >= 0")
-        return 2
-    ckpt = args.ckpt or DEFAULT_CKPT
-    if args.ckpt is None and not DEFAULT_CKPT.exists():
-        err(NO_DEFAULT_MSG.format(path=DEFAULT_CKPT))
-        return 2
-    try:
-        jobs = resolve_jobs(args.inputs, args.out)
-        model = MERT.from_pretrained(ckpt)
-        device, dtype = pick_device(args.device), getattr(torch, args.dtype)
-        model = model.to(device=device, dtype=dtype)
-        layers = parse_layers(args.layers, model.num_states)
-    except (audio.AudioError, CheckpointError, ValueError, RuntimeError) as e:
-        err(str(e))
-        return 2
+    A file that cannot be read or run is named in the errors and on stderr, and the others go on."""
     cfg = model.config
     hop, rf = cfg.hop, cfg.receptive_field
-    chunk = int(round(args.chunk * cfg.sample_rate / hop))
-    overlap = int(round(args.overlap * cfg.sample_rate / hop))
+    device = next(model.parameters()).device
+    chunk = int(round(chunk_s * cfg.sample_rate / hop))
+    overlap = int(round(overlap_s * cfg.sample_rate / hop))
     if chunk and overlap >= chunk:
-        err("--overlap must be shorter than --chunk")
-        return 2
+        raise ValueError("--overlap must be shorter than --chunk")
 
     seen, todo, skipped, failed = {}, [], 0, []
 
@@ -227,7 +195,7 @@ def main(argv=None) -> int:
             fail(f"{src}: its output {dst} collides with that of {seen[dst]}")
             continue
         seen[dst] = src
-        if dst.exists() and not args.overwrite:
+        if dst.exists() and not overwrite:
             skipped += 1
         else:
             todo.append((src, dst))
@@ -235,8 +203,7 @@ def main(argv=None) -> int:
     pending = []  # (writer, wav segment, keep_lo, keep_hi, start) waiting for a batch
     remaining = {}  # writer -> chunks not yet written
     n_done = 0
-    t0 = time.time()
-    bar = tqdm(total=len(todo), unit="file", desc="extract", file=sys.stderr, disable=None)
+    bar = tqdm(total=len(todo), unit="file", desc="extract", file=sys.stderr, disable=None if progress else True)
 
     def run_batch():
         nonlocal n_done
@@ -278,18 +245,67 @@ def main(argv=None) -> int:
             continue
         n_frames = int(model.num_frames(len(x)))
         shape = (len(layers), n_frames, cfg.dim)
-        w = PoolWriter(src, dst, shape, args.pool) if args.pool != "none" else NpyWriter(src, dst, shape)
+        w = PoolWriter(src, dst, shape, pool) if pool != "none" else NpyWriter(src, dst, shape)
         plan = plan_chunks(n_frames, chunk, overlap)
         remaining[w] = len(plan)
         for start, length, lo, hi in plan:
             seg = x[start * hop: start * hop + (length - 1) * hop + rf]
             pending.append((w, seg, lo, hi, start))
-            if len(pending) >= args.batch:
+            if len(pending) >= batch:
                 run_batch()
     if pending:
         run_batch()
     bar.close()
+    return n_done, skipped, failed
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
+    p = argparse.ArgumentParser(
+        description="Extract MERT features (all hidden states, 75 frames/s) from audio files or folders.",
+        epilog="example: python extract.py music/ -o feats/ --ckpt m-a-p/MERT-v1-95M --layers 4-8 --pool mean",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="audio files and/or folders (searched recursively)")
+    p.add_argument("-o", "--out", default=None, help="output folder (default: beside each input)")
+    p.add_argument("--ckpt", default=None, help="model: HF folder, hub id in the local HF cache, fairseq .pt or ours (default: the shipped model)")
+    p.add_argument("--layers", default="all", help="hidden states to keep: all, N, A-B, or a comma list (0 = input of layer 1)")
+    p.add_argument("--pool", default="none", choices=["none", "mean", "meanstd"], help="pool over time: none -> [layers, frames, dim]; mean -> [layers, dim]; meanstd -> [layers, 2*dim]")
+    p.add_argument("--chunk", type=float, default=30.0, help="seconds per chunk for long files (0: whole file at once)")
+    p.add_argument("--overlap", type=float, default=5.0, help="seconds of overlap between chunks")
+    p.add_argument("--batch", type=int, default=1, help="chunks per forward pass (clips of unequal length are padded exactly)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype (outputs are float32)")
+    p.add_argument("--overwrite", action="store_true", help="recompute inputs whose output already exists")
+    return p
+
+
+def main(argv=None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 some inputs failed, 2 usage error)."""
+    args = build_parser().parse_args(argv)
+    err = lambda msg: print(f"extract.py: {msg}", file=sys.stderr)  # noqa: E731
+    if args.batch < 1 or args.chunk < 0 or args.overlap < 0:
+        err("--batch must be >= 1 and --chunk/--overlap >= 0")
+        return 2
+    ckpt = args.ckpt or DEFAULT_CKPT
+    if args.ckpt is None and not DEFAULT_CKPT.exists():
+        err(NO_DEFAULT_MSG.format(path=DEFAULT_CKPT))
+        return 2
+    try:
+        jobs = resolve_jobs(args.inputs, args.out)
+        model = MERT.from_pretrained(ckpt)
+        device, dtype = pick_device(args.device), getattr(torch, args.dtype)
+        model = model.to(device=device, dtype=dtype)
+        layers = parse_layers(args.layers, model.num_states)
+    except (audio.AudioError, CheckpointError, ValueError, RuntimeError) as e:
+        err(str(e))
+        return 2
+    try:
+        t0 = time.time()
+        n_done, skipped, failed = extract_files(model, jobs, layers, args.pool, args.chunk, args.overlap,
+                                                args.batch, args.overwrite)
+    except ValueError as e:
+        err(str(e))
+        return 2
     print(f"extract.py: {n_done} written, {skipped} already there, {len(failed)} failed "
           f"({time.time() - t0:.1f} s)", file=sys.stderr)
     return 1 if failed else 0

@@ -131,7 +131,7 @@ def test_default_output_beside_input_and_no_default_model(ckpt, tmp_path, monkey
     assert np.load(tmp_path / "song.npy").shape == (3, 74, 256)
     monkeypatch.setattr(extract, "DEFAULT_CKPT", tmp_path / "absent.pt")
     assert extract.main([str(tmp_path / "song.wav"), "--overwrite"]) == 2
-    assert "no default model" in capsys.readouterr().err
+    assert "shipped default model" in capsys.readouterr().err
     assert extract.main([str(tmp_path / "missing.wav"), "--ckpt", str(ckpt)]) == 2
     assert extract.main([str(tmp_path / "song.wav"), "--ckpt", str(ckpt), "--layers", "9"]) == 2
 
@@ -144,3 +144,4 @@ def test_bfloat16_output_is_close_and_float32(ckpt, tmp_path):
     a, b = np.load(tmp_path / "f32" / "b.npy"), np.load(tmp_path / "bf16" / "b.npy")
     assert b.dtype == np.float32 and a.shape == b.shape
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.05
+
