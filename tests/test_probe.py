@@ -1,0 +1,162 @@
+"""probe.py: metrics against hand-worked values, the labels file, and the CLI end to end on synthesised clips."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import probe
+from mert import MERT, MERTConfig
+
+SR = 24000
+
+
+def tone(f0, seconds=1.0, seed=0, harmonics=4):
+    g = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    x = sum(0.3 / h * np.sin(2 * np.pi * f0 * h * t + g.uniform(0, 6.3)) for h in range(1, harmonics + 1))
+    return (x + 0.01 * g.standard_normal(len(t))).astype(np.float32)
+
+
+def write_set(folder, rows, name="labels.csv"):
+    """rows: (file name, audio, label, split) -> the CSV's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / name, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        for fname, x, label, split in rows:
+            if x is not None:
+                (folder / fname).parent.mkdir(parents=True, exist_ok=True)
+                sf.write(folder / fname, x, SR)
+            w.writerow([fname, label, split])
+    return folder / name
+
+
+def split_of(i):
+    return ("train", "train", "train", "valid", "test")[i % 5]
+
+
+def test_roc_auc_and_average_precision_by_hand():
+    y = np.array([1, 0, 1, 0])
+    s = np.array([0.9, 0.8, 0.7, 0.1])
+    assert probe.roc_auc(y, s) == pytest.approx(3 / 4)  # positive-negative pairs ranked right: 3 of 4
+    assert probe.average_precision(y, s) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert probe.roc_auc(np.array([1, 0]), np.array([0.5, 0.5])) == 0.5  # a tie counts half
+    # tied scores form one threshold: precision 2/3 at recall 1 for the block of three
+    assert probe.average_precision(np.array([1, 0, 1]), np.array([0.5, 0.5, 0.5])) == pytest.approx(2 / 3)
+    assert np.isnan(probe.roc_auc(np.ones(3), np.arange(3.0)))
+    r2 = probe.metrics("regress", np.array([1.0, 2.0, 3.0]), np.array([[1.0], [2.0], [4.0]]))["r2"]
+    assert r2 == pytest.approx(1 - 1 / 2)
+
+
+def test_labels_file_errors_name_the_file_and_row(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label,split\na.wav,x,train\nb.wav,y,holdout\n")
+    with pytest.raises(probe.ProbeError, match=r"bad.csv: row 2: split 'holdout'"):
+        probe.read_labels(bad)
+    bad.write_text("a.wav,1.5,train\nb.wav,loud,valid\nc.wav,2,test\n")
+    with pytest.raises(probe.ProbeError, match=r"bad.csv: row 2: label 'loud' is not a number"):
+        probe.read_labels(bad, "regress")
+    bad.write_text("a.wav\n")
+    with pytest.raises(probe.ProbeError, match="row 1 needs path,label"):
+        probe.read_labels(bad)
+    # no split column: a seeded 60/20/20 split; the task is guessed from the labels
+    ok = tmp_path / "ok.csv"
+    ok.write_text("".join(f"c{i}.wav,{i * 1.5}\n" for i in range(20)))
+    items, splits, task = probe.read_labels(ok, seed=3)
+    assert task == "regress" and splits.count("train") == 12 and splits.count("test") == 4
+    assert probe.read_labels(ok, seed=3)[1] == splits and probe.read_labels(ok, seed=4)[1] != splits
+    ok.write_text("".join(f"c{i}.wav,{'a;b' if i % 2 else 'a'}\n" for i in range(10)))
+    assert probe.read_labels(ok)[2] == "tag"
+
+
+@pytest.fixture(scope="module")
+def pitch_set(tmp_path_factory):
+    """Three pitch classes of harmonic tones plus one corrupt file and one missing file."""
+    folder = tmp_path_factory.mktemp("pitch")
+    rows = [(f"sub/p{i:02d}.wav", tone([196.0, 261.6, 392.0][i % 3] * 2 ** (0.2 * (i % 4) / 12), seed=i),
+             ["G3", "C4", "G4"][i % 3], split_of(i // 3)) for i in range(45)]
+    rows.append(("corrupt.wav", None, "C4", "train"))
+    rows.append(("missing.wav", None, "G4", "test"))
+    csv_path = write_set(folder, rows)
+    (folder / "corrupt.wav").write_bytes(b"RIFF not really a wave file")
+    return csv_path
+
+
+def test_classify_with_handmade_features_names_bad_files(pitch_set, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert probe.main([str(pitch_set), "--features", "mfcc", "--json", str(out)]) == 0
+    cap = capsys.readouterr()
+    lines = cap.err.splitlines()
+    assert sum("corrupt.wav" in ln for ln in lines) == 1 and sum("missing.wav" in ln for ln in lines) == 1
+    assert "2 of 47 clips left out" in cap.err
+    r = json.loads(out.read_text())
+    assert r["task"] == "classify" and r["clips"] == {"train": 27, "valid": 9, "test": 9}
+    assert r["best"]["linear"]["test"]["accuracy"] >= 0.85  # three octave-spread pitches: easy from MFCC
+    assert "linear accuracy" in cap.out and "best" in cap.out
+
+
+def test_model_features_per_layer_cached_and_seeded(pitch_set, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = MERT(MERTConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, conv_dim=(32,) * 7, pos_conv_groups=4,
+                            n_codebooks=0, cqt_bins=0))
+    ckpt = tmp_path / "m.pt"
+    model.save(ckpt)
+    cache = tmp_path / "cache"
+    args = [str(pitch_set), "--ckpt", str(ckpt), "--cache", str(cache), "--epochs", "60"]
+    assert probe.main(args + ["--json", str(tmp_path / "a.json")]) == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a["layers"] == 3 and a["dim"] == 32 and len(a["per_layer"]) == 3
+    assert {"linear", "mlp"} <= set(a["per_layer"][0]) and len(a["weighted"]["mlp"]["weights"]) == 3
+    assert sum(a["weighted"]["linear"]["weights"]) == pytest.approx(1, abs=1e-3)
+    feats = sorted(cache.rglob("*.npy"))
+    assert len(feats) == 45 and np.load(feats[0]).shape == (3, 32)  # [layers, dim], mirrored paths
+    assert all(f.parent.name == "sub" for f in feats)
+    stamp = [f.stat().st_mtime_ns for f in feats]
+    assert probe.main(args + ["--json", str(tmp_path / "b.json")]) == 0
+    assert [f.stat().st_mtime_ns for f in feats] == stamp  # read back from the cache, not recomputed
+    b = json.loads((tmp_path / "b.json").read_text())
+    for r in (a, b):
+        r.pop("seconds")
+    assert a == b  # seeded: identical results
+    # the same architecture at random initialisation is a different feature set, cached separately
+    assert probe.main(args + ["--features", "random", "--seed", "1"]) == 0
+    assert len(list(cache.glob("random-*"))) == 1
+    capsys.readouterr()
+
+
+def test_tagging_and_regression(tmp_path):
+    g = np.random.default_rng(0)
+    rows = []
+    for i in range(60):
+        low, high = bool(i % 2), bool((i // 2) % 2) or not i % 2  # at least one tag per clip
+        x = (tone(110.0, seed=i) if low else 0) + (tone(1760.0, seed=i + 99) if high else 0)
+        rows.append((f"t{i}.wav", x, ";".join(t for t, on in (("high", high), ("low", low)) if on), split_of(i)))
+    csv_path = write_set(tmp_path / "tag", rows)
+    assert probe.main([str(csv_path), "--features", "cqt", "--json", str(tmp_path / "t.json")]) == 0
+    t = json.loads((tmp_path / "t.json").read_text())
+    assert t["task"] == "tag" and t["classes"] == ["high", "low"]
+    assert t["best"]["linear"]["test"]["roc_auc"] > 0.8 and t["best"]["mlp"]["test"]["roc_auc"] > 0.95
+    assert t["best"]["mlp"]["test"]["average_precision"] > 0.95
+
+    rows = []
+    for i in range(60):
+        f0 = float(g.uniform(100, 800))
+        rows.append((f"r{i}.wav", tone(f0, seed=i), f"{np.log2(f0):.4f}", split_of(i)))
+    csv_path = write_set(tmp_path / "reg", rows)
+    assert probe.main([str(csv_path), "--features", "cqt", "--json", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    # log f0 is not linear in the mean CQT (the peak moves), and 36 clips are few for 672 dims: the MLP's job
+    assert r["task"] == "regress" and r["best"]["mlp"]["test"]["r2"] > 0.6
+
+
+def test_no_model_and_bad_labels_exit_2(tmp_path, monkeypatch, capsys):
+    import extract
+    (tmp_path / "l.csv").write_text("a.wav,x,train\n")
+    monkeypatch.setattr(extract, "DEFAULT_CKPT", tmp_path / "absent.pt")
+    assert probe.main([str(tmp_path / "l.csv")]) == 2
+    assert probe.main([str(tmp_path / "l.csv"), "--features", "mfcc"]) == 2  # valid and test splits empty
+    err = capsys.readouterr().err
+    assert "no shipped model" in err and "l.csv: the valid split is empty" in err
