@@ -145,3 +145,16 @@ def test_bfloat16_output_is_close_and_float32(ckpt, tmp_path):
     assert b.dtype == np.float32 and a.shape == b.shape
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.05
 
+
+def test_shipped_model_on_the_example_clip(tmp_path):
+    """The README's second set-up command: the shipped model, no --ckpt, no network."""
+    ckpt = torch.load(extract.DEFAULT_CKPT, weights_only=True)
+    assert extract.DEFAULT_CKPT.stat().st_size <= 15_000_000
+    assert ckpt["config"]["n_codebooks"] == 0 and ckpt["config"]["cqt_bins"] == 0  # encoder only
+    assert ckpt["step"] > 0 and ckpt["train_config"]["teachers"] == "rvq+cqt"  # provenance travels with it
+    clip = extract.DEFAULT_CKPT.parent.parent / "examples" / "clip.flac"
+    assert extract.main([str(clip), "-o", str(tmp_path)]) == 0
+    feats = np.load(tmp_path / "clip.npy")
+    cfg = ckpt["config"]
+    assert feats.shape == (cfg["n_layers"] + 1, 449, cfg["dim"]) and np.isfinite(feats).all()
+    assert feats[1:].std() > 0.1  # a trained model, not zeros

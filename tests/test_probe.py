@@ -160,3 +160,25 @@ def test_no_model_and_bad_labels_exit_2(tmp_path, monkeypatch, capsys):
     assert probe.main([str(tmp_path / "l.csv"), "--features", "mfcc"]) == 2  # valid and test splits empty
     err = capsys.readouterr().err
     assert "no shipped model" in err and "l.csv: the valid split is empty" in err
+
+
+def test_probe_tasks_and_evidence_scripts(tmp_path):
+    """The README's evidence commands, at toy size: synthesis is seeded, and the table has a row per task."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    make = [sys.executable, str(root / "examples" / "make_probe_tasks.py"), "--n", "30", "--seconds", "1",
+            "--tasks", "chord,tempo"]
+    subprocess.run(make + [str(tmp_path / "a")], check=True, capture_output=True)
+    subprocess.run(make + [str(tmp_path / "b")], check=True, capture_output=True)
+    for f in ("chord.csv", "chord/chord_00007.flac", "tempo.csv", "tempo/tempo_00003.flac"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    rows = list(csv.reader(open(tmp_path / "a" / "tempo.csv")))
+    assert rows[0] == ["path", "label", "split"] and len(rows) == 31 and 70 <= float(rows[1][1]) <= 170
+    assert {r[2] for r in rows[1:]} == {"train", "valid", "test"}
+    out = subprocess.run([sys.executable, str(root / "examples" / "probe_evidence.py"), str(tmp_path / "a"),
+                          "--features", "mfcc", "--only", "chord,tempo", "--json", str(tmp_path / "e.json")],
+                         check=True, capture_output=True, text=True).stdout
+    assert "| chord | accuracy |" in out and "| tempo | r2 |" in out
+    assert set(json.loads((tmp_path / "e.json").read_text())) == {"chord/mfcc", "tempo/mfcc"}
