@@ -336,7 +336,7 @@ def train_probes(x: dict, y: dict, task: str, n_out: int, hidden: int, combine: 
         with torch.no_grad():
             out = model(x["valid"])
             vloss = _loss(task, out, y["valid"])
-        scores = torch.tensor([metrics(task, y["valid_np"], _to_target_units(task, o, args)).get(key) for o in out])
+        scores = torch.tensor([metrics(task, y["valid_np"], _to_target_units(o, y)).get(key) for o in out])
         # a plateau of the metric (accuracy moves in steps) is broken by the validation loss
         better = (scores > best_score + 1e-9) | ((scores > best_score - 1e-9) & (vloss < best_loss))
         since = 0 if better.any() else since + 1
@@ -355,10 +355,11 @@ def train_probes(x: dict, y: dict, task: str, n_out: int, hidden: int, combine: 
     return model.eval(), best_epoch
 
 
-def _to_target_units(task: str, out: torch.Tensor, args) -> np.ndarray:
+def _to_target_units(out: torch.Tensor, y: dict) -> np.ndarray:
     """Probe output for one probe [N, C] -> numpy in the units the metric expects."""
     out = out.numpy()
-    return out * args._y_std + args._y_mean if task == "regress" else out
+    mean, std = y["scale"]  # (0, 1) unless regression targets were standardised
+    return out * std + mean
 
 
 # ----------------------------------------------------------------------------- main
@@ -418,9 +419,9 @@ def run(args) -> dict:
     std = torch.maximum(std, 0.1 * std.square().mean(2, keepdim=True).sqrt())
     for s in x:  # standardise each layer with the training split's statistics
         x[s] = (x[s] - mean) / (std + 1e-5)
-    args._y_mean, args._y_std = (float(y["train_np"].mean()), float(y["train_np"].std() + 1e-8)) if task == "regress" else (0.0, 1.0)
+    y["scale"] = (float(y["train_np"].mean()), float(y["train_np"].std() + 1e-8)) if task == "regress" else (0.0, 1.0)
     for s in ("train", "valid"):
-        y[s] = torch.from_numpy((y[s + "_np"] - args._y_mean) / args._y_std if task == "regress" else y[s + "_np"])
+        y[s] = torch.from_numpy((y[s + "_np"] - y["scale"][0]) / y["scale"][1] if task == "regress" else y[s + "_np"])
     if task == "classify":
         missing = sorted(set(range(len(names))) - set(y["train_np"].tolist()))
         if missing:
@@ -439,8 +440,8 @@ def run(args) -> dict:
         with torch.no_grad():
             out_va, out_te = probes(x["valid"]), probes(x["test"])
         for i in range(L):
-            per[i][kind] = {"valid": metrics(task, y["valid_np"], _to_target_units(task, out_va[i], args)),
-                            "test": metrics(task, y["test_np"], _to_target_units(task, out_te[i], args)),
+            per[i][kind] = {"valid": metrics(task, y["valid_np"], _to_target_units(out_va[i], y)),
+                            "test": metrics(task, y["test_np"], _to_target_units(out_te[i], y)),
                             "epochs": epochs[i]}
         key = METRICS[task][-1]
         b = max(range(L), key=lambda i: (per[i][kind]["valid"][key], -i))  # chosen on validation, never on test
@@ -448,7 +449,7 @@ def run(args) -> dict:
         if L > 1:
             mix, _ = train_probes(x, y, task, n_out, hidden, True, args)
             with torch.no_grad():
-                te = _to_target_units(task, mix(x["test"])[0], args)
+                te = _to_target_units(mix(x["test"])[0], y)
             results["weighted"][kind] = {"test": metrics(task, y["test_np"], te),
                                          "weights": [round(w, 4) for w in mix.mix[0].softmax(0).tolist()]}
     results["per_layer"] = per
