@@ -163,6 +163,14 @@ def handmade_features(kind: str):
     return features
 
 
+def _load_model(ckpt) -> MERT:
+    """MERT.from_pretrained, with a bad checkpoint as a ProbeError."""
+    try:
+        return MERT.from_pretrained(ckpt)
+    except (CheckpointError, ValueError, RuntimeError, OSError) as e:
+        raise ProbeError(str(e))
+
+
 def compute_features(items, args, csv_dir: Path) -> tuple[list, str]:
     """Mean-pooled features [layers, dim] per clip (None where the clip failed) and a name for the source."""
     if args.feats:
@@ -172,14 +180,9 @@ def compute_features(items, args, csv_dir: Path) -> tuple[list, str]:
             key, name = args.features, f"{args.features} statistics baseline"
         else:
             ckpt = args.ckpt or extract.DEFAULT_CKPT
-            try:
-                model = MERT.from_pretrained(ckpt)
-            except (CheckpointError, ValueError, RuntimeError, OSError) as e:
-                raise ProbeError(str(e))
             if args.features == "random":  # keyed by architecture and seed: any checkpoint of it gives the same
-                torch.manual_seed(args.seed)
-                model = MERT(model.config).eval()
-                key = f"random|{args.seed}|{json.dumps(asdict(model.config), sort_keys=True)}"
+                cfg = _load_model(ckpt).config
+                key = f"random|{args.seed}|{json.dumps(asdict(cfg), sort_keys=True)}"
                 name = f"{ckpt}'s architecture at random initialisation (seed {args.seed})"
             else:
                 key, name = _stamp(ckpt), str(ckpt)
@@ -199,7 +202,12 @@ def compute_features(items, args, csv_dir: Path) -> tuple[list, str]:
                 tmp = dst.with_name(dst.name + ".tmp.npy")
                 np.save(tmp, feats.astype(np.float32))
                 os.replace(tmp, dst)
-        elif todo:
+        elif todo:  # the checkpoint is loaded only when some clip still needs its features
+            if args.features == "random":
+                torch.manual_seed(args.seed)
+                model = MERT(cfg).eval()
+            else:
+                model = _load_model(ckpt)
             model = model.to(extract.pick_device(args.device))
             extract.extract_files(model, todo, list(range(model.num_states)), pool="mean", batch=args.batch)
     out = []
