@@ -1,6 +1,9 @@
 """probe.py: metrics against hand-worked values, the labels file, and the CLI end to end on synthesised clips."""
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,9 +167,6 @@ def test_no_model_and_bad_labels_exit_2(tmp_path, monkeypatch, capsys):
 
 def test_probe_tasks_and_evidence_scripts(tmp_path):
     """The README's evidence commands, at toy size: synthesis is seeded, and the table has a row per task."""
-    import subprocess
-    import sys
-    from pathlib import Path
     root = Path(__file__).resolve().parent.parent
     make = [sys.executable, str(root / "examples" / "make_probe_tasks.py"), "--n", "30", "--seconds", "1",
             "--tasks", "chord,tempo"]
