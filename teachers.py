@@ -204,8 +204,11 @@ class MusicalTeacher(Teacher):
 
     key, frame_dim = "cqt", 1
 
-    def __init__(self):
+    def __init__(self, log: bool = False):
         super().__init__()
+        # log=True: log10(|CQT| + 1e-3) + 1.5 (about -1.5..2), not MERT's linear magnitude; linear MSE is ruled by
+        # the few loud low bins, the log spreads the loss over all 336 bins (and so over pitch).
+        self.log = bool(log)
         # nnAudio CQT1992v2 settings of the official MERT code; cqt.py reproduces its numbers
         self.cqt = cqt.CQT(sr=SAMPLE_RATE, hop_length=HOP, fmin=32.7, n_bins=336, bins_per_octave=48,
                            filter_scale=1, norm=1, window="hann", center=True, pad_mode="constant",
@@ -214,7 +217,8 @@ class MusicalTeacher(Teacher):
         self._freeze()
 
     def _labels(self, wav: torch.Tensor) -> torch.Tensor:
-        return self.cqt(wav).transpose(1, 2)                # (B, 336, L // 320 + 1) -> (B, frames, 336)
+        mag = self.cqt(wav).transpose(1, 2)                 # (B, 336, L // 320 + 1) -> (B, frames, 336)
+        return torch.log10(mag + 1e-3) + 1.5 if self.log else mag
 
 
 # ----------------------------------------------------------------------------- MFCC + k-means
@@ -505,11 +509,12 @@ class Teachers(nn.Module):
 
 def build_teachers(names: list | str = "acoustic,cqt", acoustic_ckpt: str | os.PathLike | None = None,
                    mfcc_ckpt: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                   seed: int = 0, n_q: int = 8, log=None) -> Teachers:
+                   seed: int = 0, n_q: int = 8, log=None, cqt_log: bool = False) -> Teachers:
     """Teachers by name ("acoustic", "cqt", "mfcc", "randproj"; a list or a comma-separated string) on `device`.
 
     "acoustic" without `acoustic_ckpt` falls back to "randproj" (8 x 1024 codes, seeded with `seed`)
     and says so in one line through `log` (default: print to stderr; pass a rank-0 print under DDP).
+    cqt_log makes the "cqt" teacher give log10(|CQT| + 1e-3) + 1.5 instead of MERT's linear magnitude.
     """
     if isinstance(names, str):
         names = [n for n in names.replace(" ", "").split(",") if n]
@@ -531,7 +536,7 @@ def build_teachers(names: list | str = "acoustic,cqt", acoustic_ckpt: str | os.P
         if n == "acoustic":
             built[n] = AcousticTeacher(acoustic_ckpt, n_q=n_q)
         elif n == "cqt":
-            built[n] = MusicalTeacher()
+            built[n] = MusicalTeacher(log=cqt_log)
         elif n == "mfcc":
             if mfcc_ckpt is None:
                 raise ValueError("the 'mfcc' teacher needs mfcc_ckpt; fit one with: "

@@ -49,6 +49,7 @@ class TrainConfig:
     teachers: str = "rvq+cqt"  # any of rvq, randproj, mfcc, cqt joined by '+'
     acoustic_ckpt: str = ""  # rvq.py or EnCodec checkpoint; empty: the random-projection teacher stands in
     mfcc_ckpt: str = ""  # k-means fitted by `python teachers.py fit-mfcc`
+    cqt_log: bool = False  # log10(|CQT| + 1e-3) + 1.5 as the CQT target (MERT: linear magnitude)
     max_steps: int = 400_000
     warmup_steps: int = 32_000
     lr: float = 5e-4
@@ -87,6 +88,7 @@ HELP = {
     "val_data": "held-out audio for the validation loss", "out": "run folder for checkpoints and the JSONL log",
     "teachers": "label producers joined by '+': rvq, randproj, mfcc, cqt",
     "acoustic_ckpt": "RVQ teacher checkpoint (ours or EnCodec 24 kHz)", "mfcc_ckpt": "MFCC k-means teacher file",
+    "cqt_log": "reconstruct log10(|CQT| + 1e-3) + 1.5 instead of MERT's linear CQT magnitude",
     "max_steps": "optimiser steps", "warmup_steps": "linear warm-up steps, then linear decay to 0 at max_steps",
     "lr": "peak learning rate", "weight_decay": "decoupled weight decay (matrices only)", "beta1": "Adam beta1",
     "beta2": "Adam beta2", "eps": "Adam epsilon", "grad_clip": "clip the global gradient norm to this (0: off)",
@@ -267,6 +269,7 @@ def main(argv=None):
     # -- teachers and model
     teach = teachers_lib.build_teachers(tc.teachers.replace("+", ","), acoustic_ckpt=tc.acoustic_ckpt or None,
                                         mfcc_ckpt=tc.mfcc_ckpt or None, device=device, seed=tc.seed,
+                                        cqt_log=tc.cqt_log,
                                         log=print0 if master else (lambda *a, **k: None)).to(device).eval()
     heads = dict(n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size,
                  cqt_bins=teach.cqt_bins)

@@ -79,6 +79,15 @@ def test_musical_teacher_shape_and_pitch(cqt_teacher):
         assert (peaks == expected).all(), (f, expected, peaks.unique())
 
 
+def test_musical_teacher_log_target(cqt_teacher):
+    wav = rich(2, L5, 4)
+    lin = cqt_teacher(wav, T5)["cqt"]
+    log = build_teachers("cqt", cqt_log=True)(wav, T5)["cqt"]
+    assert torch.allclose(log, torch.log10(lin + 1e-3) + 1.5, atol=1e-5)
+    assert log.min() >= 1.5 - 3 - 1e-6                        # silence floors at -1.5, not -inf
+    assert torch.equal(build_teachers("cqt")(wav, T5)["cqt"], lin)   # the default stays MERT's linear magnitude
+
+
 # ----------------------------------------------------------------------------- MFCC k-means
 
 def test_mfcc_features_shape_and_chunking():
