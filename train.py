@@ -50,6 +50,7 @@ class TrainConfig:
     acoustic_ckpt: str = ""  # rvq.py or EnCodec checkpoint; empty: the random-projection teacher stands in
     mfcc_ckpt: str = ""  # k-means fitted by `python teachers.py fit-mfcc`
     cqt_log: bool = False  # log10(|CQT| + 1e-3) + 1.5 as the CQT target (MERT: linear magnitude)
+    freeze: str = ""  # comma-separated parameter-name prefixes kept at their initial values (MERT: none)
     max_steps: int = 400_000
     warmup_steps: int = 32_000
     lr: float = 5e-4
@@ -89,6 +90,7 @@ HELP = {
     "teachers": "label producers joined by '+': rvq, randproj, mfcc, cqt",
     "acoustic_ckpt": "RVQ teacher checkpoint (ours or EnCodec 24 kHz)", "mfcc_ckpt": "MFCC k-means teacher file",
     "cqt_log": "reconstruct log10(|CQT| + 1e-3) + 1.5 instead of MERT's linear CQT magnitude",
+    "freeze": "comma-separated parameter-name prefixes to keep at initialisation, e.g. encoder.pos_conv_embed",
     "max_steps": "optimiser steps", "warmup_steps": "linear warm-up steps, then linear decay to 0 at max_steps",
     "lr": "peak learning rate", "weight_decay": "decoupled weight decay (matrices only)", "beta1": "Adam beta1",
     "beta2": "Adam beta2", "eps": "Adam epsilon", "grad_clip": "clip the global gradient norm to this (0: off)",
@@ -168,6 +170,20 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
     return tc.lr * max(0.0, (tc.max_steps - step) / max(1, tc.max_steps - tc.warmup_steps))
+
+
+def freeze_parameters(model: torch.nn.Module, prefixes: str) -> list[str]:
+    """Turn off gradients of the parameters whose names start with any of the comma-separated prefixes."""
+    frozen = []
+    for prefix in [p.strip() for p in prefixes.split(",") if p.strip()]:
+        hits = [(n, p) for n, p in model.named_parameters() if n == prefix or n.startswith(prefix + ".")]
+        if not hits:
+            raise SystemExit(f"train.py: --freeze {prefix!r} matches no parameter (names look like "
+                             f"{next(iter(dict(model.named_parameters())))!r})")
+        for n, p in hits:
+            p.requires_grad_(False)
+            frozen.append(n)
+    return frozen
 
 
 def configure_optimizer(model: torch.nn.Module, tc: TrainConfig, fused: bool) -> torch.optim.Optimizer:
@@ -285,11 +301,16 @@ def main(argv=None):
     torch.manual_seed(tc.seed)
     model = MERT(cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
+    frozen = freeze_parameters(model, tc.freeze)  # before the optimiser, which skips frozen parameters
     optimizer = configure_optimizer(model, tc, fused=device.type == "cuda")
     step = 0
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # the parameter groups differ: the run was started with another --freeze
+            raise SystemExit(f"train.py: {ckpt_path}'s optimiser state does not fit this model's trainable "
+                             f"parameters (was the run started with a different --freeze?): {e}")
         step = state["step"]
         if state.get("data") != data_id:
             print0(f"warning: the training data changed since the checkpoint ({state.get('data')} -> {data_id}); "
@@ -298,6 +319,8 @@ def main(argv=None):
     print0(f"model config: {json.dumps(asdict(cfg))}")
     print0(f"{n_params / 1e6:.2f}M parameters | world {world} | micro-batch {tc.batch_size} | accumulation {accum} "
            f"| {total} clips x {tc.crop_seconds} s per step | device {device} | bf16 {use_bf16}")
+    if frozen:
+        print0(f"frozen at initialisation: {', '.join(frozen)}")
     raw_model = model
     if tc.compile:
         model = torch.compile(model)

@@ -77,6 +77,24 @@ def test_resume_is_exact(music, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_freeze_keeps_parameters_at_init_and_resume_checks_it(music, tmp_path):
+    base = MICRO + ["--data", str(music), "--max_steps", "3", "--batch_size", "2", "--ckpt_interval", "2",
+                    "--cqt_log", "true", "--out", str(tmp_path / "f")]
+    run(base + ["--freeze", "encoder.pos_conv_embed, feature_extractor.conv_layers.0"])
+    ck = torch.load(tmp_path / "f" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ck["train_config"]["cqt_log"] is True
+    torch.manual_seed(ck["train_config"]["seed"])
+    init = train.MERT(train.MERTConfig.from_dict(ck["config"])).state_dict()
+    frozen = [k for k in init if k.startswith(("encoder.pos_conv_embed.", "feature_extractor.conv_layers.0."))]
+    assert len(frozen) >= 4 and all(torch.equal(ck["model"][k], init[k]) for k in frozen)
+    assert not torch.equal(ck["model"]["feature_projection.projection.weight"],
+                           init["feature_projection.projection.weight"])
+    with pytest.raises(SystemExit, match="different --freeze"):  # resuming must not silently unfreeze
+        run(base + ["--resume", "--max_steps", "4"])
+    with pytest.raises(SystemExit, match="matches no parameter"):
+        run(base + ["--freeze", "encoder.pos_conv"])
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
