@@ -68,6 +68,7 @@ class TrainConfig:
     eval_interval: int = 500
     eval_clips: int = 64
     ckpt_interval: int = 1000
+    keep_ckpts: bool = False  # also keep each checkpoint as ckpt_<step>.pt
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     seed: int = 1337
     num_workers: int = 2
@@ -99,7 +100,9 @@ HELP = {
     "crop_seconds": "seconds per training crop", "noise_prob": "probability of in-batch noise per clip",
     "noise_min_seconds": "shortest noise segment", "noise_max_seconds": "longest noise segment",
     "eval_interval": "steps between validation losses", "eval_clips": "validation clips per evaluation",
-    "ckpt_interval": "steps between checkpoints", "max_bad_steps": "consecutive non-finite steps that stop the run",
+    "ckpt_interval": "steps between checkpoints",
+    "keep_ckpts": "also keep every checkpoint as OUT/ckpt_<step>.pt (to probe or export a run's history)",
+    "max_bad_steps": "consecutive non-finite steps that stop the run",
     "seed": "seed of crops, masks, noise and initialisation", "num_workers": "data loader processes per device",
     "device": "auto, cpu, cuda", "dtype": "auto, float32 or bfloat16 (autocast)",
     "compile": "torch.compile the model", "resume": "continue from OUT/ckpt.pt",
@@ -366,8 +369,11 @@ def main(argv=None):
                 log.write(json.dumps({"step": step, "val_loss": v}) + "\n")
                 log.flush()
         if master and step > 0 and (step % tc.ckpt_interval == 0 or last):
-            save_checkpoint(ckpt_path, {"config": asdict(cfg), "train_config": asdict(tc), "model": raw_model.state_dict(),
-                                        "optimizer": optimizer.state_dict(), "step": step, "data": data_id})
+            ck = {"config": asdict(cfg), "train_config": asdict(tc), "model": raw_model.state_dict(),
+                  "optimizer": optimizer.state_dict(), "step": step, "data": data_id}
+            save_checkpoint(ckpt_path, ck)
+            if tc.keep_ckpts:
+                save_checkpoint(out / f"ckpt_{step}.pt", ck)
         if last:
             break
 

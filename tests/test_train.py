@@ -77,12 +77,15 @@ def test_resume_is_exact(music, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_freeze_keeps_parameters_at_init_and_resume_checks_it(music, tmp_path):
+def test_freeze_keep_ckpts_and_resume_check(music, tmp_path):
     base = MICRO + ["--data", str(music), "--max_steps", "3", "--batch_size", "2", "--ckpt_interval", "2",
                     "--cqt_log", "true", "--out", str(tmp_path / "f")]
-    run(base + ["--freeze", "encoder.pos_conv_embed, feature_extractor.conv_layers.0"])
+    run(base + ["--freeze", "encoder.pos_conv_embed, feature_extractor.conv_layers.0", "--keep_ckpts", "true"])
     ck = torch.load(tmp_path / "f" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ck["train_config"]["cqt_log"] is True
+    kept = {int(p.stem.split("_")[1]): p for p in (tmp_path / "f").glob("ckpt_*.pt")}   # --keep_ckpts: steps 2 and 3
+    assert sorted(kept) == [2, 3] and torch.load(kept[2], weights_only=True)["step"] == 2
+    assert all(torch.equal(v, torch.load(kept[3], weights_only=True)["model"][k]) for k, v in ck["model"].items())
     torch.manual_seed(ck["train_config"]["seed"])
     init = train.MERT(train.MERTConfig.from_dict(ck["config"])).state_dict()
     frozen = [k for k in init if k.startswith(("encoder.pos_conv_embed.", "feature_extractor.conv_layers.0."))]
