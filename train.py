@@ -182,7 +182,7 @@ def freeze_parameters(model: torch.nn.Module, prefixes: str) -> list[str]:
         hits = [(n, p) for n, p in model.named_parameters() if n == prefix or n.startswith(prefix + ".")]
         if not hits:
             raise SystemExit(f"train.py: --freeze {prefix!r} matches no parameter (names look like "
-                             f"{next(iter(dict(model.named_parameters())))!r})")
+                             f"{next(model.named_parameters())[0]!r})")
         for n, p in hits:
             p.requires_grad_(False)
             frozen.append(n)
