@@ -23,6 +23,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -184,8 +185,9 @@ def freeze_parameters(model: torch.nn.Module, prefixes: str) -> list[str]:
             raise SystemExit(f"train.py: --freeze {prefix!r} matches no parameter (names look like "
                              f"{next(model.named_parameters())[0]!r})")
         for n, p in hits:
-            p.requires_grad_(False)
-            frozen.append(n)
+            if p.requires_grad:  # overlapping prefixes name a parameter once
+                p.requires_grad_(False)
+                frozen.append(n)
     return frozen
 
 
@@ -238,6 +240,18 @@ def save_checkpoint(path: Path, obj: dict):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def keep_copy(src: Path, dst: Path):
+    """Keep src's current contents also as dst: a hard link (no second write of a 330M checkpoint),
+    or a copy where the file system has no links; via a temp name and rename, like save_checkpoint."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 # -----------------------------------------------------------------------------
@@ -373,7 +387,7 @@ def main(argv=None):
                   "optimizer": optimizer.state_dict(), "step": step, "data": data_id}
             save_checkpoint(ckpt_path, ck)
             if tc.keep_ckpts:
-                save_checkpoint(out / f"ckpt_{step}.pt", ck)
+                keep_copy(ckpt_path, out / f"ckpt_{step}.pt")
         if last:
             break
 

@@ -98,6 +98,22 @@ def test_freeze_keep_ckpts_and_resume_check(music, tmp_path):
         run(base + ["--freeze", "encoder.pos_conv"])
 
 
+def test_freeze_overlapping_prefixes_and_keep_copy(tmp_path, monkeypatch):
+    m = train.MERT(train.MERTConfig.from_preset("tiny", n_codebooks=0, cqt_bins=0))
+    frozen = train.freeze_parameters(m, "encoder.pos_conv_embed,encoder")
+    assert len(frozen) == len(set(frozen)) == sum(n.startswith("encoder.") for n, _ in m.named_parameters())
+    src = tmp_path / "ckpt.pt"
+    src.write_bytes(b"one")
+    train.keep_copy(src, tmp_path / "ckpt_1.pt")
+    def no_links(*a):
+        raise OSError("no hard links here")
+    monkeypatch.setattr(train.os, "link", no_links)
+    train.keep_copy(src, tmp_path / "ckpt_2.pt")  # falls back to a copy
+    train.save_checkpoint(src, {"x": 1})  # replacing ckpt.pt must leave the kept files as they were
+    assert (tmp_path / "ckpt_1.pt").read_bytes() == (tmp_path / "ckpt_2.pt").read_bytes() == b"one"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
