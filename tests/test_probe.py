@@ -182,3 +182,9 @@ def test_probe_tasks_and_evidence_scripts(tmp_path):
                          check=True, capture_output=True, text=True).stdout
     assert "| chord | accuracy |" in out and "| tempo | r2 |" in out
     assert set(json.loads((tmp_path / "e.json").read_text())) == {"chord/mfcc", "tempo/mfcc"}
+    bound = [sys.executable, str(root / "examples" / "supervised_bound.py"), str(tmp_path / "a"), "--task", "chord",
+             "--steps", "2", "--batch", "2", "--eval_every", "2", "--threads", "1"]
+    out = subprocess.run(bound + ["--crop", "0.5"], check=True, capture_output=True, text=True).stdout
+    assert "6 classes (chance 0.167)" in out and "step 2 |" in out and "test accuracy" in out
+    bad = subprocess.run(bound + ["--crop", "2"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "fewer than --crop" in bad.stderr
