@@ -12,27 +12,40 @@ seeds of make_probe_tasks.py), or by default the train split of TASKS; random cr
 Test: the test split of TASKS, whole clips.
 """
 import argparse
-import csv
-import os
 import sys
 import time
+from pathlib import Path
 
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # mert.py and friends live one folder up
+import audio  # noqa: E402
+import probe  # noqa: E402
 from mert import MERT, MERTConfig  # noqa: E402
 
 
-def load_task(root: str, task: str, splits) -> tuple[list, list]:
-    """(waveforms, labels) of the rows of ROOT/TASK.csv whose split is in `splits` (None: all)."""
-    with open(os.path.join(root, f"{task}.csv"), newline="") as f:
-        rows = [r for r in csv.DictReader(f) if splits is None or r["split"] in splits]
-    if not rows:
-        raise SystemExit(f"supervised_bound.py: {root}/{task}.csv has no rows for splits {splits}")
-    waves = [torch.from_numpy(sf.read(os.path.join(root, r["path"]), dtype="float32")[0]) for r in rows]
-    return waves, [r["label"] for r in rows]
+def load_task(root: str, task: str, splits, sr: int) -> tuple[list, list]:
+    """(waveforms at sr, labels) of ROOT/TASK.csv's rows whose split is in `splits` (None: all).
+
+    The CSV is read by probe.py's reader and the audio by audio.load, so their checks apply; an
+    unreadable clip is named on stderr and left out."""
+    try:
+        items, row_splits, _ = probe.read_labels(Path(root) / f"{task}.csv", "classify")
+    except probe.ProbeError as e:
+        raise SystemExit(f"supervised_bound.py: {e}")
+    waves, labels = [], []
+    for (path, label), split in zip(items, row_splits):
+        if splits is None or split in splits:
+            try:
+                waves.append(torch.from_numpy(audio.load(path, sr)))
+            except audio.AudioError as e:
+                print(f"supervised_bound.py: skipped {e}", file=sys.stderr)
+                continue
+            labels.append(label)
+    if not waves:
+        raise SystemExit(f"supervised_bound.py: {root}/{task}.csv has no readable clips for splits {splits}")
+    return waves, labels
 
 
 def main(argv=None):
@@ -52,29 +65,30 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    cfg = MERTConfig.from_preset(args.size, n_codebooks=0, cqt_bins=0)
+    sr = cfg.sample_rate
 
     if args.train:
         waves, labels = [], []
         for root in args.train.split(","):
-            w, y = load_task(root, args.task, None)
+            w, y = load_task(root, args.task, None, sr)
             waves += w
             labels += y
     else:
-        waves, labels = load_task(args.tasks, args.task, ("train",))
-    test_w, test_y = load_task(args.tasks, args.task, ("test",))
+        waves, labels = load_task(args.tasks, args.task, ("train",), sr)
+    test_w, test_y = load_task(args.tasks, args.task, ("test",), sr)
     classes = sorted(set(labels))
     unknown = set(test_y) - set(classes)
     if unknown:
         raise SystemExit(f"supervised_bound.py: test labels {sorted(unknown)} never seen in training")
     y = torch.tensor([classes.index(c) for c in labels])
     y_test = torch.tensor([classes.index(c) for c in test_y])
-    sr = 24000
     crop = int(args.crop * sr)
     shortest = min(len(w) for w in waves)
     if shortest < crop:
         raise SystemExit(f"supervised_bound.py: a training clip has {shortest} samples, fewer than --crop")
 
-    model = MERT(MERTConfig.from_preset(args.size, n_codebooks=0, cqt_bins=0))
+    model = MERT(cfg)
     head = torch.nn.Linear(model.config.dim, len(classes))
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)

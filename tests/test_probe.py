@@ -184,7 +184,11 @@ def test_probe_tasks_and_evidence_scripts(tmp_path):
     assert set(json.loads((tmp_path / "e.json").read_text())) == {"chord/mfcc", "tempo/mfcc"}
     bound = [sys.executable, str(root / "examples" / "supervised_bound.py"), str(tmp_path / "a"), "--task", "chord",
              "--steps", "2", "--batch", "2", "--eval_every", "2", "--threads", "1"]
-    out = subprocess.run(bound + ["--crop", "0.5"], check=True, capture_output=True, text=True).stdout
+    broken = next(r[0] for r in csv.reader(open(tmp_path / "a" / "chord.csv")) if r[2] == "train")
+    (tmp_path / "a" / broken).write_bytes(b"not audio")  # one bad clip is named and left out
+    res = subprocess.run(bound + ["--crop", "0.5"], check=True, capture_output=True, text=True)
+    out = res.stdout
     assert "6 classes (chance 0.167)" in out and "step 2 |" in out and "test accuracy" in out
+    assert "skipped" in res.stderr and Path(broken).name in res.stderr and "17 training clips" in out
     bad = subprocess.run(bound + ["--crop", "2"], capture_output=True, text=True)
     assert bad.returncode != 0 and "fewer than --crop" in bad.stderr
