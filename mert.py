@@ -78,6 +78,7 @@ class MERTConfig:
     cqt_bins: int = 336  # CQT reconstruction head (0: none)
     cqt_weight: float = 1.0
     feature_penalty: float = 10.0  # weight of mean(conv features^2)
+    unmasked_weight: float = 0.0  # HuBERT's pred_nomask_weight: the same losses on unmasked frames, scaled (MERT: 0)
     mask_prob: float = 0.8  # fairseq compute_mask_indices: expected share of frames that start a span
     mask_length: int = 5
     min_masks: int = 2
@@ -541,7 +542,8 @@ class MERT(nn.Module):
         [B, K, T]) and/or "cqt" ([B, T, cqt_bins]) from the teachers, frames are masked (`mask` [B, T]
         bool, else drawn with compute_mask_indices) and replaced by the learned mask embedding, and the
         loss is: sum over codebooks of the cross-entropy of cosine logits / logit_temp on masked frames
-        + cqt_weight * MSE of the CQT head on masked frames + feature_penalty * mean(conv features^2).
+        + cqt_weight * MSE of the CQT head on masked frames + feature_penalty * mean(conv features^2), plus
+        unmasked_weight times the same code and CQT losses on the unmasked (valid) frames when it is > 0.
         """
         cfg = self.config
         feats, frame_mask = self._embed(wav, lengths)
@@ -556,21 +558,28 @@ class MERT(nn.Module):
         x = torch.where(mask[..., None], self.masked_spec_embed.to(x.dtype), x)
         x = self._encode(x, frame_mask)
         parts = {"features_pen": feats.float().pow(2).mean()}
-        loss = cfg.feature_penalty * parts["features_pen"]
-        xm = x[mask]  # (N, d): the masked frames only
-        if "codes" in targets:
-            codes = targets["codes"][..., :T].transpose(1, 2)[mask]  # (N, K)
-            ce = self.code_loss(xm, codes)
-            for k, v in enumerate(ce):
-                parts[f"ce_{k}"] = v.detach()
-            parts["ce"] = ce.sum()
-            loss = loss + parts["ce"]
-        if "cqt" in targets:
-            pred = self.cqt_head(xm).float()
-            parts["cqt"] = F.mse_loss(pred, targets["cqt"][:, :T][mask].float())
-            loss = loss + cfg.cqt_weight * parts["cqt"]
+        loss = cfg.feature_penalty * parts["features_pen"] + self._frame_losses(x, mask, targets, parts, "")
+        if cfg.unmasked_weight > 0:
+            keep = ~mask if frame_mask is None else ~mask & frame_mask  # padding is never a target
+            if bool(keep.any()):
+                loss = loss + cfg.unmasked_weight * self._frame_losses(x, keep, targets, parts, "_u")
         parts["mask_frac"] = mask.float().mean().detach()
         return x, loss, parts
+
+    def _frame_losses(self, x, sel, targets, parts, suffix):
+        """Summed code cross-entropies + cqt_weight * CQT MSE over the frames sel [B, T] of x; parts gain suffix."""
+        T, loss = x.shape[1], 0.0
+        xs = x[sel]  # (N, d)
+        if "codes" in targets:
+            ce = self.code_loss(xs, targets["codes"][..., :T].transpose(1, 2)[sel])
+            for k, v in enumerate(ce):
+                parts[f"ce_{k}{suffix}"] = v.detach()
+            parts["ce" + suffix] = ce.sum()
+            loss = loss + parts["ce" + suffix]
+        if "cqt" in targets:
+            parts["cqt" + suffix] = F.mse_loss(self.cqt_head(xs).float(), targets["cqt"][:, :T][sel].float())
+            loss = loss + self.config.cqt_weight * parts["cqt" + suffix]
+        return loss
 
     def code_loss(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Per-codebook cross-entropy [K] of cosine(proj_k(x), emb_k) / temp for x [N, d], codes [N, K].

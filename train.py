@@ -444,8 +444,7 @@ def main(argv=None):
         if peak:
             rec["mfu"] = flops_per_step / dt / world / peak
         if master:
-            shown = " ".join(f"{k} {v:.3f}" for k, v in rec.items() if k.startswith(("ce", "cqt", "features_pen"))
-                             and not k[3:].isdigit())
+            shown = " ".join(f"{k} {v:.3f}" for k, v in rec.items() if k in ("features_pen", "ce", "cqt", "ce_u", "cqt_u"))
             print(f"step {step} | loss {rec['loss']:.4f} ({shown}) | gnorm {rec['grad_norm']:.2f} | lr {lr:.2e} | "
                   f"{rec['ms']:.0f} ms | {audio_s:.0f} audio-s/s" + (f" | mfu {rec['mfu'] * 100:.1f}%" if peak else ""),
                   flush=True)

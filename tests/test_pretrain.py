@@ -104,6 +104,29 @@ def test_loss_parts_and_padding():
     assert m.label_embs.grad is not None and m.cqt_head.weight.grad is not None
 
 
+def test_unmasked_weight_adds_the_losses_of_unmasked_valid_frames():
+    torch.manual_seed(0)
+    cfg = MERTConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, conv_dim=(16,) * 7, pos_conv_groups=4,
+                     n_codebooks=2, codebook_size=16, final_dim=8, cqt_bins=12)
+    m = MERT(cfg).eval()  # no dropout: both passes see the same network
+    wav = torch.randn(2, 24000)
+    T = m.num_frames(24000)
+    targets = {"codes": torch.randint(0, 16, (2, 2, T)), "cqt": torch.rand(2, T, 12)}
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    mask[:, 10:30] = True
+    x, loss0, parts0 = m(wav, lengths=[24000, 16000], targets=targets, mask=mask)
+    assert "cqt_u" not in parts0
+    m.config.unmasked_weight = 0.5
+    _, loss1, parts1 = m(wav, lengths=[24000, 16000], targets=targets, mask=mask)
+    keep = ~mask
+    keep[1, m.num_frames(16000):] = False  # clip 2's padding is no target
+    ce_u = m.code_loss(x[keep], targets["codes"].transpose(1, 2)[keep]).sum()
+    cqt_u = F.mse_loss(m.cqt_head(x[keep]), targets["cqt"][keep])
+    assert torch.allclose(parts1["cqt_u"], cqt_u) and torch.allclose(parts1["ce_u"], ce_u)
+    assert torch.allclose(loss1, loss0 + 0.5 * (ce_u + cqt_u))
+    assert torch.allclose(parts1["ce"], parts0["ce"]) and torch.allclose(parts1["cqt"], parts0["cqt"])
+
+
 def test_tiny_model_learns():
     """A small model's masked-prediction loss falls clearly within 50 steps on synthetic audio."""
     torch.manual_seed(0)
