@@ -192,3 +192,35 @@ def test_probe_tasks_and_evidence_scripts(tmp_path):
     assert "skipped" in res.stderr and Path(broken).name in res.stderr and "17 training clips" in out
     bad = subprocess.run(bound + ["--crop", "2"], capture_output=True, text=True)
     assert bad.returncode != 0 and "fewer than --crop" in bad.stderr
+
+
+def test_cqt_decode_ridge_and_table(tmp_path):
+    """examples/cqt_decode.py: the ridge R² is ~1 for features that hold the target and ~0 for noise; the CLI
+    prints a row per reference, conv stack and layer, and a real spectrum decodes the CQT of harmonic tones."""
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "examples"))
+    try:
+        import cqt_decode
+    finally:
+        sys.path.remove(str(root / "examples"))
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(9, 50, 24, generator=g)
+    err, var = cqt_decode.ridge_r2(y @ torch.randn(24, 40, generator=g), y, 6)
+    assert 1 - err.sum() / var.sum() > 0.95
+    err, var = cqt_decode.ridge_r2(torch.randn(9, 50, 20, generator=g), y, 6)
+    assert abs(1 - err.sum() / var.sum()) < 0.1
+    rng = np.random.default_rng(0)
+    for i in range(4):  # 6 s of 12 random notes each
+        notes = [tone(110 * 2 ** (rng.integers(0, 36) / 12), 0.5, seed=10 * i + j, harmonics=8) for j in range(12)]
+        sf.write(tmp_path / f"m{i}.wav", np.concatenate(notes), SR)
+    cfg = MERTConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, conv_dim=(16,) * 7, pos_conv_groups=4,
+                     n_codebooks=0, cqt_bins=0)
+    MERT(cfg).save(tmp_path / "m.pt")
+    cmd = [sys.executable, str(root / "examples" / "cqt_decode.py"), str(tmp_path), "--ckpt", str(tmp_path / "m.pt"),
+           "--clips", "9", "--threads", "1"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    rows = {r.split(" | ")[0].lstrip("| "): r.split(" | ")[1:] for r in out.splitlines() if r.startswith("| ")}
+    assert {"m.pt, conv features", "m.pt, layer 0", "m.pt, layer 2"} <= set(rows)
+    assert float(rows["log STFT, 2048-sample window"][0]) > 0.5
+    bad = subprocess.run(cmd[:-4] + ["--clips", "3"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "at least 6" in bad.stderr
