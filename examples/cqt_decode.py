@@ -21,10 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # mert.py and friends live one folder up
 import audio  # noqa: E402
 from mert import MERT  # noqa: E402
-from teachers import MusicalTeacher  # noqa: E402
+from teachers import HOP, SAMPLE_RATE, MusicalTeacher  # noqa: E402
 
 
-def ridge_r2(x: torch.Tensor, y: torch.Tensor, n_train: int, lam: float = 10.0) -> torch.Tensor:
+def ridge_errors(x: torch.Tensor, y: torch.Tensor, n_train: int,
+                 lam: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(squared error, squared deviation from the fit's mean) per column of y [N, T, D], summed over the scored clips.
 
     The ridge maps x [N, T, F] to y on the first n_train clips; the others are scored. Summing both over
@@ -41,7 +42,7 @@ def ridge_r2(x: torch.Tensor, y: torch.Tensor, n_train: int, lam: float = 10.0) 
 
 def r2_row(name: str, x: torch.Tensor, y: torch.Tensor, n_train: int) -> str:
     """One table row: R² over all 336 bins, then per octave (48 bins each)."""
-    err, var = ridge_r2(x, y, n_train)
+    err, var = ridge_errors(x, y, n_train)
     octaves = 1 - err.view(7, -1).sum(1) / var.view(7, -1).sum(1)
     return f"| {name} | {1 - err.sum() / var.sum():.3f} | " + " | ".join(f"{v:.2f}" for v in octaves.tolist()) + " |"
 
@@ -68,12 +69,12 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        ds = audio.CropDataset(args.audio.split(","), crop_samples=5 * 24000, seed=args.seed)
+        ds = audio.CropDataset(args.audio.split(","), crop_samples=5 * SAMPLE_RATE, seed=args.seed)
         wav = torch.stack([ds[i] for i in range(args.clips)]).float()
     except (audio.AudioError, ValueError, OSError) as e:
         raise SystemExit(f"cqt_decode.py: {args.audio}: {e}")
     n_train = 2 * args.clips // 3
-    frames = wav.shape[1] // 320 + 1
+    frames = wav.shape[1] // HOP + 1
     target = MusicalTeacher(log=True)(wav, frames)["cqt"].float()
 
     def rows(name, model):
@@ -91,7 +92,7 @@ def main(argv=None):
           f"{args.clips - n_train} scored); octaves from C1 (32.7 Hz)\n")
     print("| features | all | C1 | C2 | C3 | C4 | C5 | C6 | C7 |\n|---|---|---|---|---|---|---|---|---|")
     for window in (400, 2048):
-        print(r2_row(f"log STFT, {window}-sample window", log_stft(wav, window, 320, frames), target, n_train))
+        print(r2_row(f"log STFT, {window}-sample window", log_stft(wav, window, HOP, frames), target, n_train))
     for path in args.ckpt:
         try:
             model = MERT.from_pretrained(path)

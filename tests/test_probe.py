@@ -205,9 +205,9 @@ def test_cqt_decode_ridge_and_table(tmp_path):
         sys.path.remove(str(root / "examples"))
     g = torch.Generator().manual_seed(0)
     y = torch.randn(9, 50, 24, generator=g)
-    err, var = cqt_decode.ridge_r2(y @ torch.randn(24, 40, generator=g), y, 6)
+    err, var = cqt_decode.ridge_errors(y @ torch.randn(24, 40, generator=g), y, 6)
     assert 1 - err.sum() / var.sum() > 0.95
-    err, var = cqt_decode.ridge_r2(torch.randn(9, 50, 20, generator=g), y, 6)
+    err, var = cqt_decode.ridge_errors(torch.randn(9, 50, 20, generator=g), y, 6)
     assert abs(1 - err.sum() / var.sum()) < 0.1
     rng = np.random.default_rng(0)
     for i in range(4):  # 6 s of 12 random notes each
