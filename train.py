@@ -50,6 +50,7 @@ class TrainConfig:
     teachers: str = "rvq+cqt"  # any of rvq, randproj, mfcc, cqt joined by '+'
     acoustic_ckpt: str = ""  # rvq.py or EnCodec checkpoint; empty: the random-projection teacher stands in
     mfcc_ckpt: str = ""  # k-means fitted by `python teachers.py fit-mfcc`
+    n_q: int = 8  # code streams taken from the acoustic (or random-projection) teacher (MERT: 8)
     cqt_log: bool = False  # log10(|CQT| + 1e-3) + 1.5 as the CQT target (MERT: linear magnitude)
     freeze: str = ""  # comma-separated parameter-name prefixes kept at their initial values (MERT: none)
     max_steps: int = 400_000
@@ -91,6 +92,7 @@ HELP = {
     "val_data": "held-out audio for the validation loss", "out": "run folder for checkpoints and the JSONL log",
     "teachers": "label producers joined by '+': rvq, randproj, mfcc, cqt",
     "acoustic_ckpt": "RVQ teacher checkpoint (ours or EnCodec 24 kHz)", "mfcc_ckpt": "MFCC k-means teacher file",
+    "n_q": "codebooks of the rvq/randproj teacher to predict, the first n_q (MERT: 8)",
     "cqt_log": "reconstruct log10(|CQT| + 1e-3) + 1.5 instead of MERT's linear CQT magnitude",
     "freeze": "comma-separated parameter-name prefixes to keep at initialisation, e.g. encoder.pos_conv_embed",
     "max_steps": "optimiser steps", "warmup_steps": "linear warm-up steps, then linear decay to 0 at max_steps",
@@ -302,7 +304,7 @@ def main(argv=None):
     # -- teachers and model
     teach = teachers_lib.build_teachers(tc.teachers.replace("+", ","), acoustic_ckpt=tc.acoustic_ckpt or None,
                                         mfcc_ckpt=tc.mfcc_ckpt or None, device=device, seed=tc.seed,
-                                        cqt_log=tc.cqt_log,
+                                        n_q=tc.n_q, cqt_log=tc.cqt_log,
                                         log=print0 if master else (lambda *a, **k: None)).to(device).eval()
     heads = dict(n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size,
                  cqt_bins=teach.cqt_bins)

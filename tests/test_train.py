@@ -98,6 +98,16 @@ def test_freeze_keep_ckpts_and_resume_check(music, tmp_path):
         run(base + ["--freeze", "encoder.pos_conv"])
 
 
+def test_n_q_sets_the_code_streams_predicted(music, tmp_path):
+    out = tmp_path / "q"
+    run(MICRO + ["--data", str(music), "--out", str(out), "--max_steps", "2", "--batch_size", "2", "--n_q", "3"])
+    ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ck["train_config"]["n_q"] == 3 and ck["config"]["n_codebooks"] == 3
+    assert ck["model"]["label_embs"].shape[:2] == (3, 1024)  # one label table per predicted codebook
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+
+
 def test_freeze_overlapping_prefixes_and_keep_copy(tmp_path, monkeypatch):
     m = train.MERT(train.MERTConfig.from_preset("tiny", n_codebooks=0, cqt_bins=0))
     frozen = train.freeze_parameters(m, "encoder.pos_conv_embed,encoder")
