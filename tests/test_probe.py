@@ -224,3 +224,34 @@ def test_cqt_decode_ridge_and_table(tmp_path):
     assert float(rows["log STFT, 2048-sample window"][0]) > 0.5
     bad = subprocess.run(cmd[:-4] + ["--clips", "3"], capture_output=True, text=True)
     assert bad.returncode != 0 and "at least 6" in bad.stderr
+
+
+def test_frontend_fit_gabor_bank_and_cli(tmp_path):
+    """examples/frontend_fit.py: each Gabor channel peaks at its own constant-Q centre frequency; the CLI
+    trains the front end on harmonic tones and prints the held-out R² before, during and after training."""
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "examples"))
+    try:
+        import frontend_fit
+    finally:
+        sys.path.remove(str(root / "examples"))
+    w = frontend_fit.gabor_bank(96, 1024)[:, 0].double()
+    spec = torch.fft.rfft(w, n=1 << 16).abs()
+    peak = spec.argmax(1).double() * SR / (1 << 16)
+    centre = 110.0 * 2.0 ** (torch.arange(96, dtype=torch.float64) / 24)
+    assert torch.allclose(peak, centre, rtol=0.01, atol=2.0)
+    with pytest.raises(ValueError, match="Nyquist"):
+        frontend_fit.gabor_bank(256, 64)
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        notes = [tone(110 * 2 ** (rng.integers(0, 36) / 12), 0.5, seed=10 * i + j, harmonics=8) for j in range(8)]
+        sf.write(tmp_path / f"m{i}.wav", np.concatenate(notes), SR)
+    cmd = [sys.executable, str(root / "examples" / "frontend_fit.py"), str(tmp_path), "--val", str(tmp_path),
+           "--kernels", "64,3,3,3,3,2,2", "--gabor", "--freeze-first", "--steps", "4", "--every", "2",
+           "--batch", "2", "--val-clips", "2", "--threads", "1"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    assert "receptive field 454 samples" in out and "first conv frozen True" in out
+    steps = [int(line.split("|")[0].split()[1]) for line in out.splitlines() if line.startswith("step")]
+    assert steps == [0, 2, 4]
+    bad = subprocess.run(cmd[:5] + ["--kernels", "10,3"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "same length" in bad.stderr
