@@ -144,12 +144,15 @@ PRESETS = {
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
     and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+# oneDNN builds no bfloat16 primitive on CPUs without AVX-512 ("could not create a primitive descriptor")
+_ONEDNN_BF16 = _ONEDNN and getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
 
 
 def _fast(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # under autocast F.linear would cast the weight; the fused ops do not, so they take only matching dtypes
-    return _ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
-        and x.dtype == weight.dtype and not torch.is_autocast_enabled("cpu") \
+    return _ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype \
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _ONEDNN_BF16)) \
+        and not torch.is_autocast_enabled("cpu") \
         and not (torch.is_grad_enabled() and x.requires_grad)
 
 
