@@ -805,12 +805,15 @@ def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr
     from tqdm import tqdm
     pool = None
     try:
-        if workers > 1:
+        if jobs:
+            # Worker processes even for workers=1: each runs BLAS on one thread, and the resampler's float32
+            # matmuls round differently under other thread counts (seen on AVX2 OpenBLAS), so the shards'
+            # bytes would otherwise depend on `workers`. imap keeps the order for the same reason.
             import multiprocessing
-            pool = multiprocessing.get_context().Pool(workers, initializer=_prepare_worker_init)
-            results = pool.imap(_prepare_one, jobs)   # in order: shards do not depend on `workers`
+            pool = multiprocessing.get_context().Pool(max(1, workers), initializer=_prepare_worker_init)
+            results = pool.imap(_prepare_one, jobs)
         else:
-            results = map(_prepare_one, jobs)
+            results = iter(())
         for path, y, clipped, msg in tqdm(results, total=len(jobs), desc="prepare", unit="file",
                                           file=sys.stderr, disable=None if progress is None else not progress):
             if msg == "short":

@@ -223,7 +223,9 @@ def test_shards_hold_the_int16_of_load(collection, shards):
         ref = load(source)
         data = np.memmap(shards / index["shards"][shard], dtype="<i2", mode="r")[offset:offset + length]
         assert length == len(ref) and clipped == 0
-        assert np.abs(data / 32768 - ref).max() <= 0.5 * LSB + 1e-7
+        # 1e-6: prepare's workers run BLAS on one thread and this process may not; the resampler's float32
+        # matmuls differ by a few 1e-7 between thread counts on some CPUs (AVX2 OpenBLAS)
+        assert np.abs(data / 32768 - ref).max() <= 0.5 * LSB + 1e-6
 
 
 def test_raw_and_shard_crops_agree(collection, shards):
