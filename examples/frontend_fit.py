@@ -68,6 +68,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the crops")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.steps < 0 or args.every < 1 or args.batch < 1 or args.val_clips < 1:
+        raise SystemExit("frontend_fit.py: --steps must be >= 0 and --every, --batch, --val-clips >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     over = {}
@@ -102,7 +104,7 @@ def main(argv=None):
     def loss_and_pred(wav):
         pred = head(norm(fe(wav, None).transpose(1, 2)))  # (B, T, 336)
         with torch.no_grad():
-            y = teacher._labels(wav)[:, shift:shift + pred.shape[1]]
+            y = teacher(wav, shift + pred.shape[1])["cqt"][:, shift:]
         return (pred - y).pow(2).mean(), pred, y
 
     print(f"kernels {','.join(map(str, cfg.conv_kernel))}, norm {cfg.extractor_norm}, receptive field "
