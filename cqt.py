@@ -1,77 +1,22 @@
 """Constant-Q transform in pure PyTorch: nnAudio's `CQT` (CQT1992v2) numbers, computed in the
 frequency domain at a small fraction of the cost.
 
-What it computes
-----------------
-For bin k (frequency f_k = fmin * 2**(k / bins_per_octave)) and frame t (centred on sample
-t * hop_length), with Q = filter_scale / (2**(1 / bins_per_octave) - 1):
+    from cqt import CQT
+    spec = CQT(sr=24000, hop_length=320, fmin=32.7, n_bins=336, bins_per_octave=48)  # MERT's settings
+    C = spec(wav)     # [B, samples] -> [B, 336, samples // 320 + 1] magnitude; also output="complex"/"log"/"db"
 
-    l_k       = ceil(Q * sr / f_k)                       kernel length in samples
-    w_k[m]    = periodic window of length l_k, m = 0 .. l_k - 1   (scipy `fftbins=True`)
-    a_k       = ceil(l_k / 2)                            samples of the kernel before the centre
-    C[k, t]   = sqrt(l_k) / norm_k * sum_m x[t*hop + m - a_k] * w_k[m] * exp(-2j*pi*f_k*(m - a_k)/sr)
+Decisions:
+- The definition is nnAudio 0.3.4's `CQT` (librosa-style sqrt(l_k) scaling, its framing: the signal
+  padded by half the longest kernel rounded up to a power of two, len // hop + 1 frames), because that
+  is the CQT the official MERT code trained on; tests/test_cqt.py compares against the package.
+- The computation is not nnAudio's (one strided conv with 65,536-tap kernels, mostly zeros) but Brown
+  & Puckette's sparse spectral kernels: each block of signal is FFT'd once, each bin's kernel spectrum
+  is kept within +-16 bins of its band (closed form, never materialised), and the product is folded
+  so that only hop-rate outputs are computed: relative L2 error ~1e-4 at tens of times less time
+  and memory than nnAudio (`python bench.py cqt`).
+- librosa.cqt computes the same quantity with a 0.75% larger Q and its own approximations (~1%).
 
-norm_k is sum(w_k) for norm=1 (L1, the default), sqrt(sum(w_k**2)) for norm=2, l_k for norm=None.
-That is exactly nnAudio 0.3.4 `nnAudio.features.cqt.CQT` (= CQT1992v2) with its default
-`normalization_type="librosa"` (the sqrt(l_k) factor), including its framing: with center=True the
-signal is padded by kernel_width // 2 on both sides, kernel_width being the longest kernel rounded
-up to a power of two (65,536 taps for MERT's settings), and there are len(x) // hop + 1 frames.
-Complex outputs carry nnAudio's sign convention (phase measured at the frame centre).
-
-How it computes it (and why not nnAudio's way)
-----------------------------------------------
-nnAudio stores every kernel zero-padded to kernel_width taps and runs one strided conv1d: for MERT
-(336 bins, 48 per octave, fmin 32.7 Hz, hop 320 at 24 kHz) that is 176 MB of kernels and
-44 M multiply-adds per output frame, almost all of them on zeros. Here instead (Brown & Puckette's
-"sparse spectral kernel" idea, arranged for hop-rate output):
-
-1. The signal is cut into overlapping blocks of M = T' * hop samples (M about 4x the longest kernel,
-   T' a 2-3-5-smooth number) and each block is FFT'd once (overlap-save: the part of a block that
-   only feeds the next block's frames is computed twice). An input of at most M - l_max/2 samples
-   (7.4 s for MERT) is a single block: its own FFT, zero-extended to M samples.
-2. A windowed complex exponential has its spectrum concentrated around +f_k: the Hann window's
-   sidelobes fall as 1/d**3 (d in units of sr / l_k). Each kernel's M-point spectrum is kept only
-   within +-BAND * sr / l_k Hz of f_k (BAND = 16: the dropped sidelobes are below 1/(pi*16**3) ~ 8e-5
-   of the peak; measured relative L2 error ~1e-4, see tests/test_cqt.py). The band values are
-   computed in closed form (a cosine-sum window's DTFT is a sum of Dirichlet kernels), so no
-   kernel is ever materialised: a few MB of buffers instead of 176 MB.
-3. The output is needed only every hop samples. Sampling the inverse DFT at multiples of hop is the
-   same as folding the spectrum modulo T' = M / hop and taking a T'-point inverse FFT. Multiplying
-   each bin's band by the kernel band and folding it is one sparse matrix product: a CSR matrix with
-   a row per (bin, slot) holds H_k[f] in row k*T' + (f mod T'), column f; times the block spectra,
-   then n_bins inverse FFTs of T' points. This reproduces nnAudio's time aliasing (the top bins are
-   much wider than the 75 Hz frame rate) exactly instead of approximating it.
-
-Cost: about 2 * BAND * sum_k(1 / l_k) complex multiply-adds per input sample (~6 for MERT) plus
-the FFTs. For MERT's settings on a shared 2-core CPU (`python bench.py cqt`): 20-35x less time than nnAudio
-for 1 x 30 s and 8 x 5 s, 14 MB of buffers instead of 337 MB of kernel construction, 2.5-3.3x less
-working memory. Long inputs are processed a few blocks at a time, so memory stays bounded. On GPUs
-(and when gradients are needed) the same product runs as gather / multiply / scatter-add.
-
-Relation to librosa.cqt (librosa 0.11, scale=True)
---------------------------------------------------
-librosa computes sqrt(l_k) * (correlation with the L1-normalised kernel) too, with the same framing
-(frames centred on t * hop, len(x) // hop + 1 of them, pad_mode "constant" by default), so the
-magnitudes agree up to these differences:
-  - librosa's Q is filter_scale / alpha with alpha = (2**(2/b) - 1) / (2**(2/b) + 1) (b = bins per
-    octave), about 0.75 % larger than nnAudio's (and ours) at b = 48; its scale uses the un-rounded
-    length Q * sr / f_k. Passing librosa `filter_scale = Q_ours * alpha` removes the first difference.
-  - librosa truncates each kernel's spectrum to 99 % of its L1 mass (sparsity=0.01) and computes
-    the lower octaves on a signal resampled by 2 per octave; both cost accuracy at the 1e-3 level.
-On synthetic music and tones, frames whose longest kernel lies inside the signal agree to a relative
-L2 error of 0.15-0.25 % with Q matched and sparsity=0, ~0.7 % with librosa's defaults; edge frames
-can differ by a few per cent (librosa pads its downsampled low octaves, not the original signal).
-tests/test_cqt.py checks these bounds.
-
-References
-----------
-J. C. Brown, "Calculation of a constant Q spectral transform", JASA 89(1), 1991.
-J. C. Brown and M. S. Puckette, "An efficient algorithm for the calculation of a constant Q
-    transform", JASA 92(5), 1992.
-K. W. Cheuk et al., "nnAudio: An on-the-fly GPU audio to spectrogram conversion toolbox using 1D
-    convolutional neural networks", IEEE Access 8, 2020 (the definition reproduced here).
-Y. Li et al., "MERT: Acoustic Music Understanding Model with Large-Scale Self-supervised
-    Training", 2023 (uses the 336-bin CQT as a pretraining target).
+Derivation, cost model, the relation to librosa and references: docs/cqt.md.
 """
 import functools
 import math

@@ -9,36 +9,18 @@ same codes as the `encodec` package at 6 kbps.
         ─ RVQ: codebook k quantises what codebooks 1..k-1 left over ─▶ codes [B, n_q, T] (int64)
         ─ sum of the chosen code vectors ─ Decoder (mirror image) ─▶ wav [B, 320·T]
 
-Design choices
-- Convolutions are weight-normalised (weight = g · v / ‖v‖, norm over all but the output dim)
-  and pad themselves so that a stride-s layer turns L steps into exactly ceil(L/s); EnCodec's
-  framing, so a clip of n·320 samples gives n frames and the decoder returns n·320 samples.
-- Codebooks are not trained by gradient: each keeps exponential moving averages of how often
-  each code was chosen and of the sum of the vectors that chose it (VQ-VAE-2 / EnCodec style),
-  starts from k-means on the first batch, and restarts codes that fall out of use on random
-  vectors of the current batch. The encoder sees the straight-through gradient plus a
-  commitment loss. Under torch.distributed the statistics are all-reduced and every random
-  choice is broadcast from rank 0, so all ranks hold bit-identical codebooks.
-- Training loss: waveform L1 + waveform SNR + multi-resolution log-mel L1 + multi-resolution
-  spectral convergence + commitment; no discriminator (codes are what MERT needs, not listening
-  quality).
-  Quantiser dropout (a random number of codebooks per step) makes the first k codebooks a
-  usable code on their own, which is what the 1/2/4/8-codebook table in the README measures.
+Decisions:
+- EnCodec's framing: weight-normalised convs that pad themselves so a stride-s layer turns L steps
+  into exactly ceil(L/s); a clip of n·320 samples gives n frames.
+- Codebooks learn by EMA (counts and vector sums), start from k-means on the first batch and restart
+  dead codes on random vectors of the batch; under torch.distributed the statistics are all-reduced
+  and random choices broadcast from rank 0, so every rank holds the same codebooks.
+- Loss: waveform L1 + SNR + multi-resolution log-mel L1 + spectral convergence + commitment, with
+  quantiser dropout so the first k codebooks are a code on their own; no discriminator (MERT needs
+  the codes, not listening quality).
+- Imports only torch, numpy and the standard library; `audio` only in the command-line part.
 
-References
-- Zeghidour et al. 2021, "SoundStream: An End-to-End Neural Audio Codec", arXiv:2107.03312
-  (residual VQ, quantiser dropout).
-- Défossez et al. 2022, "High Fidelity Neural Audio Compression" (EnCodec), arXiv:2210.13438
-  (SEANet encoder/decoder with LSTM, 24 kHz / 75 Hz, EMA codebooks with dead-code expiry).
-- Tagliasacchi et al. 2020, "SEANet", arXiv:2009.02095.
-- van den Oord et al. 2017, "Neural Discrete Representation Learning", arXiv:1711.00937
-  (straight-through estimator, commitment loss, EMA codebook updates in its appendix).
-- Yamamoto et al. 2020, "Parallel WaveGAN", arXiv:1910.11480 (multi-resolution STFT loss).
-- Li et al. 2023, "MERT: Acoustic Music Understanding Model with Large-Scale Self-supervised
-  Training", arXiv:2306.00107 (EnCodec codes as the acoustic teacher).
-
-Only torch, numpy and the standard library are imported at the top; `audio` (the project's audio
-reader) is imported by the command-line part only.
+References: docs/teachers.md.
 """
 from __future__ import annotations
 
