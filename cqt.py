@@ -12,8 +12,8 @@ Decisions:
 - The computation is not nnAudio's (one strided conv with 65,536-tap kernels, mostly zeros) but Brown
   & Puckette's sparse spectral kernels: each block of signal is FFT'd once, each bin's kernel spectrum
   is kept within +-16 bins of its band (closed form, never materialised), and the product is folded
-  so that only hop-rate outputs are computed: relative L2 error ~1e-4, tens of times faster than nnAudio with a
-  few times less memory (`python bench.py cqt`).
+  so that only hop-rate outputs are computed: relative L2 error ~1e-4, tens of times faster than
+  nnAudio with a few times less memory (`python bench.py cqt`).
 - librosa.cqt computes the same quantity with a 0.75% larger Q and its own approximations (~1%).
 
 Derivation, cost model, the relation to librosa and references: docs/cqt.md.
