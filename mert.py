@@ -30,6 +30,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import sys
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
@@ -641,6 +642,13 @@ class MERT(nn.Module):
         torch.save({"config": cfg, "model": state, **extra}, tmp)
         os.replace(tmp, path)
 
+    def save_pretrained(self, folder, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
+        """Write the encoder as a Hugging Face MERT-v1 folder that transformers' HubertModel loads (atomically).
+
+        config.json (a HubertConfig with MERT's fields beside it), model.safetensors (no safetensors package
+        needed) and preprocessor_config.json; the pretraining heads are left out, as in the official folders."""
+        return save_hf_folder(self.config, self.state_dict(), folder, dtype=dtype, overwrite=overwrite)
+
     @classmethod
     def from_pretrained(cls, path, map_location="cpu", **overrides) -> "MERT":
         """Load a Hugging Face MERT folder or hub id (local cache only), a fairseq MERT .pt, or our own .pt.
@@ -736,8 +744,12 @@ def load_state_strict(model: nn.Module, state: dict, src: str):
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(path, map_location="cpu") -> tuple[MERTConfig, dict, str]:
-    """Resolve `path` and read it into (config, state dict in our key layout, source description)."""
+def load_checkpoint(path, map_location="cpu", for_training: bool = False) -> tuple[MERTConfig, dict, str]:
+    """Resolve `path` and read it into (config, state dict in our key layout, source description).
+
+    for_training (train.py --init): also map a fairseq checkpoint's pretraining heads, and leave out what a
+    source lacks (a Hugging Face folder without mask embedding) instead of filling it, so it starts fresh.
+    """
     p = Path(os.path.expanduser(str(path)))
     if not p.exists():
         if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
@@ -745,10 +757,10 @@ def load_checkpoint(path, map_location="cpu") -> tuple[MERTConfig, dict, str]:
         else:
             raise CheckpointError(f"{path}: no such file or folder")
     if p.is_dir():
-        return _load_hf_folder(p, map_location)
+        return _load_hf_folder(p, map_location, fill=not for_training)
     if p.suffix == ".safetensors" or p.name in ("pytorch_model.bin",):
         if (p.parent / "config.json").exists():
-            return _load_hf_folder(p.parent, map_location)
+            return _load_hf_folder(p.parent, map_location, fill=not for_training)
         raise CheckpointError(f"{p}: a Hugging Face weight file needs its config.json beside it")
     try:
         obj = torch.load(p, map_location=map_location, weights_only=True)
@@ -764,7 +776,7 @@ def load_checkpoint(path, map_location="cpu") -> tuple[MERTConfig, dict, str]:
         return cfg, dict(obj["model"]), str(p)
     if "model" in obj and isinstance(obj["model"], dict) and any(
             k.startswith("encoder.layers.") and ".self_attn." in k for k in obj["model"]):
-        return _from_fairseq(obj, str(p))
+        return _from_fairseq(obj, str(p), heads=for_training)
     raise CheckpointError(f"{p}: not a MERT checkpoint (ours needs 'config' and 'model'; "
                           f"fairseq needs 'model' with encoder.layers.*.self_attn.* keys)")
 
@@ -857,7 +869,7 @@ def _fuse_qkv(state: dict, q: str, k: str, v: str, out: str):
                     state[f"{n}.{suffix}"] = p
 
 
-def _load_hf_folder(folder: Path, map_location) -> tuple[MERTConfig, dict, str]:
+def _load_hf_folder(folder: Path, map_location, fill: bool = True) -> tuple[MERTConfig, dict, str]:
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{folder}: no config.json (expected a Hugging Face MERT folder)")
@@ -870,10 +882,10 @@ def _load_hf_folder(folder: Path, map_location) -> tuple[MERTConfig, dict, str]:
         state = torch.load(wfile, map_location=map_location, weights_only=True)
     else:
         raise CheckpointError(f"{folder}: neither model.safetensors nor pytorch_model.bin found")
-    return cfg, hf_state_to_ours(state, cfg), str(wfile)
+    return cfg, hf_state_to_ours(state, cfg, fill=fill), str(wfile)
 
 
-def hf_state_to_ours(state: dict, cfg: MERTConfig) -> dict:
+def hf_state_to_ours(state: dict, cfg: MERTConfig, fill: bool = True) -> dict:
     """transformers HuBERT/MERT key layout -> ours (fused qkv, weight_g/weight_v positional conv)."""
     state = dict(state)
     for prefix in ("hubert.", "model.", "mert."):  # heads-wrapped models nest the encoder
@@ -889,9 +901,160 @@ def hf_state_to_ours(state: dict, cfg: MERTConfig) -> dict:
     for i in range(cfg.n_layers):
         a = f"encoder.layers.{i}.attention."
         _fuse_qkv(state, a + "q_proj", a + "k_proj", a + "v_proj", a + "qkv")
-    if "masked_spec_embed" not in state:  # absent when mask_time_prob == 0; only pretraining uses it
+    if "masked_spec_embed" not in state and fill:  # absent when mask_time_prob == 0; only pretraining uses it
         state["masked_spec_embed"] = torch.zeros(cfg.dim)
     return state
+
+
+# -- Hugging Face export -------------------------------------------------------
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_safetensors(path, tensors: dict, metadata: dict | None = None):
+    """Write tensors as a .safetensors file with the standard library (no safetensors package).
+
+    Layout: an 8-byte little-endian header size N, N bytes of JSON header ({name: {"dtype", "shape",
+    "data_offsets": [begin, end]}} with begin/end relative to the data, plus "__metadata__"), padded with
+    spaces to a multiple of 8, then the raw little-endian tensor bytes back to back. Tensors go largest element
+    first, so every tensor starts at a multiple of its element size (8-aligned data start, 8-, 4-, 2-, 1-byte
+    tensors in that order).
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("write_safetensors writes little-endian bytes and runs only on little-endian machines")
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header, offset = {}, 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name}: dtype {t.dtype} has no safetensors code")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in order:
+            t = tensors[name].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # the raw bytes, without a copy
+
+
+def hf_config(cfg: MERTConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """config.json of the MERT-v1 Hugging Face layout for the encoder of cfg.
+
+    model_type "hubert": transformers' own HubertModel and AutoModel read it, no remote code needed. The
+    fields m-a-p's remote MERTConfig adds (configuration_MERT.py: sample_rate, feature_extractor_cqt(_bins),
+    deepnorm, attention_relax) stand beside the HuBERT ones with a plain MERT-v1's values, so the official
+    remote code reads it too. The fine-tuning fields (SpecAugment, CTC) carry MERT-v1-95M's values; the
+    encoder's outputs do not depend on them.
+    """
+    if cfg.norm_eps != 1e-5:  # modeling_hubert.py builds the conv extractor's norms with torch's default eps
+        raise CheckpointError(f"norm_eps {cfg.norm_eps}: transformers' HuBERT conv extractor norms use eps 1e-5")
+    return {
+        "architectures": ["HubertModel"], "model_type": "hubert", "torch_dtype": str(dtype).removeprefix("torch."),
+        "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "intermediate_size": cfg.ffn_dim, "hidden_act": "gelu", "do_stable_layer_norm": cfg.pre_ln,
+        "layer_norm_eps": cfg.norm_eps,
+        "num_feat_extract_layers": len(cfg.conv_dim), "conv_dim": list(cfg.conv_dim),
+        "conv_kernel": list(cfg.conv_kernel), "conv_stride": list(cfg.conv_stride), "conv_bias": cfg.conv_bias,
+        "feat_extract_norm": cfg.extractor_norm, "feat_extract_activation": "gelu",
+        "feat_proj_layer_norm": cfg.proj_norm,
+        "num_conv_pos_embeddings": cfg.pos_conv_kernel, "num_conv_pos_embedding_groups": cfg.pos_conv_groups,
+        "conv_pos_batch_norm": False,
+        "hidden_dropout": cfg.dropout, "attention_dropout": cfg.attn_dropout, "activation_dropout": cfg.act_dropout,
+        "feat_proj_dropout": cfg.dropout, "feat_extract_dropout": 0.0, "final_dropout": cfg.dropout,
+        "layerdrop": cfg.layerdrop, "initializer_range": 0.02,
+        "apply_spec_augment": True, "mask_time_prob": 0.05, "mask_time_length": 10, "mask_time_min_masks": 2,
+        "mask_feature_prob": 0.0, "mask_feature_length": 10, "mask_feature_min_masks": 0,
+        "ctc_loss_reduction": "sum", "ctc_zero_infinity": False, "use_weighted_layer_sum": False,
+        "classifier_proj_size": 256, "vocab_size": 32, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+        # m-a-p's MERTConfig fields
+        "sample_rate": cfg.sample_rate, "feature_extractor_cqt": False, "feature_extractor_cqt_bins": 336,
+        "deepnorm": False, "attention_relax": cfg.attn_relax if cfg.attn_relax > 0 else -1.0,
+    }
+
+
+def hf_preprocessor_config(cfg: MERTConfig) -> dict:
+    """preprocessor_config.json: a Wav2Vec2FeatureExtractor at the model's rate, with MERT-v1's settings.
+
+    MERT-v1's shipped file sets do_normalize and return_attention_mask to true (quoted in yizhilll/MERT
+    issue #20), although pretraining read unnormalised audio (task.normalize: false in
+    mert_fairseq/config/pretrain/MERT_RVQ-VAE_CQT_95M.yaml), as train.py and extract.py do. We follow the
+    shipped file, so the processor behaves as it does for the official weights.
+    """
+    return {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1,
+            "sampling_rate": cfg.sample_rate, "padding_side": "right", "padding_value": 0.0,
+            "do_normalize": True, "return_attention_mask": True}
+
+
+def ours_state_to_hf(state: dict) -> dict:
+    """Our encoder state dict -> transformers HubertModel keys; pretraining heads dropped.
+
+    Splits the fused qkv into q_proj/k_proj/v_proj and names the positional conv's weight norm as torch
+    parametrizations (original0 = g, original1 = v), the layout transformers 5 saves and loads without
+    renaming (transformers 4 renames it to weight_g/weight_v where its torch lacks parametrizations).
+    """
+    out = {}
+    pc = "encoder.pos_conv_embed.conv."
+    for k, v in state.items():
+        if k.startswith(("final_proj.", "label_embs", "cqt_head.")):
+            continue
+        m = re.fullmatch(r"(encoder\.layers\.\d+\.attention\.)qkv\.(weight|bias)", k)
+        if m:
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                out[f"{m.group(1)}{name}.{m.group(2)}"] = part
+        elif k == pc + "weight_g":
+            out[pc + "parametrizations.weight.original0"] = v
+        elif k == pc + "weight_v":
+            out[pc + "parametrizations.weight.original1"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def save_hf_folder(cfg: MERTConfig, state: dict, folder, dtype: torch.dtype = torch.float32,
+                   overwrite: bool = False) -> Path:
+    """Write the Hugging Face MERT-v1 layout (config.json, model.safetensors, preprocessor_config.json).
+
+    Written under a temporary name beside `folder` and renamed into place, so `folder` is either the old one
+    or the complete new one. A non-empty existing folder is replaced only with overwrite=True.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder}: folder exists and is not empty (overwrite it with --overwrite)")
+    config = hf_config(cfg, dtype)  # refuses what transformers cannot express, before anything is written
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ours_state_to_hf(state).items()}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config(cfg), indent=2) + "\n")
+        if folder.exists():
+            os.replace(folder, old)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if old.exists():
+                os.replace(old, folder)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 # -- fairseq ------------------------------------------------------------------
@@ -1055,7 +1218,7 @@ def fairseq_state_to_ours(sd: dict, cfg: MERTConfig) -> tuple[dict, list]:
     return out, ignored
 
 
-def _from_fairseq(ckpt: dict, src: str) -> tuple[MERTConfig, dict, str]:
+def _from_fairseq(ckpt: dict, src: str, heads: bool = False) -> tuple[MERTConfig, dict, str]:
     sd = ckpt["model"]
     for key in ("post_extract_proj.weight", "encoder.layers.0.fc1.weight"):
         if key not in sd:
@@ -1089,9 +1252,95 @@ def _from_fairseq(ckpt: dict, src: str) -> tuple[MERTConfig, dict, str]:
             kw[ours] = float(fc[theirs])
     relax = fc.get("attention_relax", -1)
     kw["attn_relax"] = float(relax) if isinstance(relax, (int, float)) and relax > 0 else 0.0
-    cfg = MERTConfig(**kw, n_codebooks=0, cqt_bins=0)  # heads are not converted (their layout differs)
+    cfg = MERTConfig(**kw, n_codebooks=0, cqt_bins=0)  # the encoder; heads only when asked for (train.py --init)
     state, ignored = fairseq_state_to_ours(sd, cfg)
+    if heads:
+        head_cfg, head_state = fairseq_heads_to_ours(ckpt, dim, src)
+        cfg = replace(cfg, **head_cfg)
+        state.update(head_state)
+        ignored = [k for k in ignored if not k.startswith(_FAIRSEQ_HEAD_KEYS)]
     if ignored:
         print(f"{src}: ignoring {len(ignored)} pretraining-head tensor(s): {', '.join(sorted(ignored)[:6])}"
               + (" ..." if len(ignored) > 6 else ""), file=sys.stderr)
     return cfg, state, src
+
+
+_FAIRSEQ_HEAD_KEYS = ("label_embs_concat", "final_proj.", "encoder_cqt_model.fc.")
+
+
+def _fairseq_dictionaries(ckpt: dict, src: str) -> list[list[str]] | None:
+    """The symbol lists of the label Dictionaries pickled in a fairseq checkpoint's task_state (None if absent)."""
+    ts = _plain(ckpt.get("task_state"))
+    dicts = ts.get("dictionaries") if isinstance(ts, dict) else None
+    if not dicts:
+        return None
+    out = []
+    for i, d in enumerate(dicts):
+        st = d.state if isinstance(d, _Inert) else d  # a Dictionary unpickles as an inert object holding its __dict__
+        symbols = st.get("symbols") if isinstance(st, dict) else None
+        if not isinstance(symbols, list) or not all(isinstance(x, str) for x in symbols):
+            raise CheckpointError(f"{src}: task_state dictionary {i} holds no list of symbols")
+        out.append(symbols)
+    return out
+
+
+def fairseq_heads_to_ours(ckpt: dict, dim: int, src: str) -> tuple[dict, dict]:
+    """A fairseq MERT checkpoint's pretraining heads in our layout: (config fields, tensors).
+
+    label_embs_concat stacks one table per codebook of len(Dictionary) rows: fairseq's 4 special symbols
+    (<s>, <pad>, </s>, <unk>) first, then the symbols of that codebook's dict.*.txt in file order. A label
+    "c" is encoded through the Dictionary (its index of the symbol "c"), so code c's row is gathered through
+    the pickled Dictionary, never assumed at c + 4; a code the Dictionary lacks was encoded as <unk> and gets
+    that row. The special rows, never a target, are dropped. (fairseq's NCE also scores them as negatives,
+    mert_model.py compute_pred; our loss scores the codes only.) final_proj is untied in MERT-v1
+    (untie_final_proj: true): codebook k uses output rows [k F, (k + 1) F), as mert_model.py chunks it; a
+    tied projection is copied to every codebook. The CQT head is encoder_cqt_model.fc (model_cqt_pred).
+    """
+    sd = ckpt["model"]
+    fields_, state = {"n_codebooks": 0, "cqt_bins": 0}, {}
+    table = sd.get("label_embs_concat")
+    if table is not None:
+        dicts = _fairseq_dictionaries(ckpt, src)
+        if dicts is None:
+            raise CheckpointError(f"{src}: label_embs_concat without the label dictionaries (task_state"
+                                  f"['dictionaries']) that say which row holds which code; cannot map the label tables")
+        sizes = [len(d) for d in dicts]
+        if sum(sizes) != table.shape[0]:
+            raise CheckpointError(f"{src}: label_embs_concat has {table.shape[0]} rows but the {len(dicts)} "
+                                  f"dictionaries hold {sum(sizes)} symbols")
+        rows_of = []
+        for symbols in dicts:
+            code_rows = {}
+            for i, sym in enumerate(symbols):
+                if sym.isdigit():
+                    code_rows.setdefault(int(sym), i)
+            if not code_rows:
+                raise CheckpointError(f"{src}: a label dictionary holds no integer codes (symbols {symbols[:6]} ...)")
+            unk = symbols.index("<unk>") if "<unk>" in symbols else 3
+            rows_of.append((code_rows, unk))
+        V = max(max(rows) for rows, _ in rows_of) + 1
+        F_, offset, embs = table.shape[1], 0, []
+        for k, ((code_rows, unk), n) in enumerate(zip(rows_of, sizes)):
+            absent = V - len(code_rows)
+            if absent:
+                print(f"{src}: codebook {k}: {absent} of codes 0..{V - 1} are not in its dictionary; they take its "
+                      f"<unk> row, as fairseq encoded them", file=sys.stderr)
+            idx = torch.tensor([offset + code_rows.get(c, unk) for c in range(V)])
+            embs.append(table.index_select(0, idx))
+            offset += n
+        state["label_embs"] = torch.stack(embs)  # (K, V, F): row c is code c
+        K = len(dicts)
+        w, b = sd.get("final_proj.weight"), sd.get("final_proj.bias")
+        if w is None or w.shape[1] != dim or w.shape[0] not in (F_, K * F_):
+            raise CheckpointError(f"{src}: final_proj.weight {None if w is None else tuple(w.shape)} does not fit "
+                                  f"{K} codebooks of final_dim {F_} on width {dim}")
+        if w.shape[0] == F_ and K > 1:  # tied: the same projection serves every codebook
+            w, b = w.repeat(K, 1), None if b is None else b.repeat(K)
+        state["final_proj.weight"] = w
+        state["final_proj.bias"] = b if b is not None else torch.zeros(w.shape[0])
+        fields_.update(n_codebooks=K, codebook_size=V, final_dim=F_)
+    if "encoder_cqt_model.fc.weight" in sd:
+        state["cqt_head.weight"] = sd["encoder_cqt_model.fc.weight"]
+        state["cqt_head.bias"] = sd["encoder_cqt_model.fc.bias"]
+        fields_["cqt_bins"] = sd["encoder_cqt_model.fc.weight"].shape[0]
+    return fields_, state

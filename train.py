@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import audio
 import teachers as teachers_lib
-from mert import MERT, MERTConfig, PRESETS, compute_mask_indices, mix_noise
+from mert import (MERT, MERTConfig, PRESETS, CheckpointError, compute_mask_indices, load_checkpoint, load_state_strict,
+                  mix_noise)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 elsewhere
     compile: bool = False
     resume: bool = False
+    init: str = ""  # fresh run's starting weights: our checkpoint, a fairseq MERT .pt (with heads) or a Hugging Face folder
 
 
 TRAIN_PRESETS = {
@@ -109,6 +111,9 @@ HELP = {
     "seed": "seed of crops, masks, noise and initialisation", "num_workers": "data loader processes per device",
     "device": "auto, cpu, cuda", "dtype": "auto, float32 or bfloat16 (autocast)",
     "compile": "torch.compile the model", "resume": "continue from OUT/ckpt.pt",
+    "init": "start a fresh run (new optimiser and schedule) from these weights: a train.py checkpoint, an official "
+            "MERT fairseq .pt with its pretraining heads, or a Hugging Face folder or hub id (encoder only; heads "
+            "start fresh). Ignored when the run resumes",
 }
 
 
@@ -232,6 +237,57 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+# The fields that shape an encoder's weights and outputs: --init takes them from its source.
+ARCH_FIELDS = ("dim", "n_layers", "n_heads", "ffn_dim", "pre_ln", "conv_dim", "conv_kernel", "conv_stride", "conv_bias",
+               "extractor_norm", "proj_norm", "pos_conv_kernel", "pos_conv_groups", "norm_eps", "sample_rate")
+
+
+def init_from(path: str, size: str, heads: dict, model_over: dict, teachers: str, log) -> tuple[MERTConfig, dict]:
+    """--init: (the run's model config, the initial weights to load) from an existing model.
+
+    The encoder's shape comes from the source; everything else (dropout, masking, loss weights) from --size and
+    the command line, as for any fresh run. A pretraining head the source has (code heads: label tables and
+    final projection; CQT head) must fit the teachers exactly and is loaded; one it lacks starts fresh.
+    """
+    try:
+        src_cfg, state, src = load_checkpoint(path, for_training=True)
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"train.py: --init {e}")
+    clash = [f"--{f} {model_over[f]} (source: {getattr(src_cfg, f)})" for f in ARCH_FIELDS + ("final_dim",)
+             if f in model_over and model_over[f] != getattr(src_cfg, f) and (f != "final_dim" or "label_embs" in state)]
+    if clash:
+        raise SystemExit(f"train.py: --init {src} fixes the model's shape; {', '.join(clash)} contradicts it")
+    has_codes, has_cqt = "label_embs" in state, "cqt_head.weight" in state
+    problems = []
+    if has_codes and (src_cfg.n_codebooks, src_cfg.codebook_size) != (heads["n_codebooks"], heads["codebook_size"]):
+        problems.append(f"code heads for {src_cfg.n_codebooks} codebooks x {src_cfg.codebook_size} codes, the teachers "
+                        f"give {heads['n_codebooks']} x {heads['codebook_size']}")
+    if has_cqt and src_cfg.cqt_bins != heads["cqt_bins"]:
+        problems.append(f"a CQT head of {src_cfg.cqt_bins} bins, the teachers give {heads['cqt_bins']}")
+    if problems:
+        raise SystemExit(f"train.py: --init {src} does not fit --teachers {teachers}: it has {'; '.join(problems)}")
+    cfg = MERTConfig.from_preset(size, **{**heads, **model_over})
+    cfg = replace(cfg, **{f: getattr(src_cfg, f) for f in ARCH_FIELDS}, **({"final_dim": src_cfg.final_dim} if has_codes else {}))
+    loaded, fresh = ["encoder"], []
+    if has_codes:
+        loaded.append(f"code heads ({cfg.n_codebooks} x {cfg.codebook_size} codes, final_dim {cfg.final_dim})")
+    elif cfg.n_codebooks:
+        fresh.append(f"code heads ({cfg.n_codebooks} x {cfg.codebook_size} codes, final_dim {cfg.final_dim})")
+    if has_cqt:
+        loaded.append(f"CQT head ({cfg.cqt_bins} bins)")
+    elif cfg.cqt_bins:
+        fresh.append(f"CQT head ({cfg.cqt_bins} bins)")
+    if "masked_spec_embed" not in state:
+        fresh.append("mask embedding")
+    log(f"init: {src}: loaded {', '.join(loaded)}; fresh: {', '.join(fresh) or 'nothing'}; the optimiser, learning-rate "
+        f"schedule and step start anew")
+    shaped_like = [n for n in PRESETS if all(getattr(MERTConfig.from_preset(n), f) == getattr(cfg, f) for f in ARCH_FIELDS)]
+    if shaped_like and size not in shaped_like:
+        log(f"init: the source has --size {shaped_like[0]}'s shape; the training settings follow --size {size} "
+            f"(pass --size {shaped_like[0]} for its learning rate, dropout and crops)")
+    return cfg, state
+
+
 def report_bad_file(rank: int, msg: str):
     """Name an unreadable audio file once (per loader process) on stderr."""
     print(f"[rank {rank}] skipping unreadable audio: {msg}", file=sys.stderr, flush=True)
@@ -309,16 +365,22 @@ def main(argv=None):
     heads = dict(n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size,
                  cqt_bins=teach.cqt_bins)
     ckpt_path = out / "ckpt.pt"
-    state = None
+    state = init_state = None
     if tc.resume:
         if not ckpt_path.exists():
             raise SystemExit(f"train.py: --resume but no checkpoint at {ckpt_path}")
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         cfg = MERTConfig.from_dict(state["config"])
+        if tc.init:
+            print0(f"resuming {ckpt_path}: --init {tc.init} is ignored (it seeds fresh runs only)")
+    elif tc.init:
+        cfg, init_state = init_from(tc.init, tc.size, heads, model_over, tc.teachers, print0 if master else (lambda *a: None))
     else:
         cfg = MERTConfig.from_preset(tc.size, **{**heads, **model_over})
     torch.manual_seed(tc.seed)
     model = MERT(cfg).to(device)
+    if init_state is not None:  # over the seeded initialisation: the heads the source lacks stay fresh
+        load_state_strict(model, {**model.state_dict(), **init_state}, tc.init)
     n_params = sum(p.numel() for p in model.parameters())
     frozen = freeze_parameters(model, tc.freeze)  # before the optimiser, which skips frozen parameters
     optimizer = configure_optimizer(model, tc, fused=device.type == "cuda")
@@ -460,19 +522,52 @@ def main(argv=None):
 
 
 def export(argv=None) -> int:
-    """`python train.py export RUN/ckpt.pt OUT.pt`: the encoder alone, for extract.py and probe.py."""
-    p = argparse.ArgumentParser(prog="train.py export", description=export.__doc__)
-    p.add_argument("ckpt", help="a checkpoint written by train.py")
-    p.add_argument("out", help="where to write the encoder (atomically)")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="storage dtype of the weights")
+    """`python train.py export RUN/ckpt.pt OUT`: the encoder alone, as our .pt (default) or a Hugging Face folder."""
+    p = argparse.ArgumentParser(
+        prog="train.py export", description=export.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="examples: python train.py export runs/95m/ckpt.pt models/mine.pt\n"
+               "          python train.py export runs/95m/ckpt.pt hf/mert-mine --format hf   # transformers' HubertModel")
+    p.add_argument("ckpt", help="a checkpoint written by train.py (also: a fairseq MERT .pt, a Hugging Face folder)")
+    p.add_argument("out", help="the .pt file (--format pt) or the folder (--format hf) to write, atomically")
+    p.add_argument("--format", default="pt", choices=["pt", "hf"],
+                   help="pt: our encoder checkpoint (extract.py, probe.py); hf: the Hugging Face MERT-v1 layout "
+                        "(config.json, model.safetensors, preprocessor_config.json) that transformers' HubertModel loads")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype of the weights (default: float16 for pt, float32 for hf as in MERT-v1's files)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty existing --format hf folder")
     args = p.parse_args(argv)
-    state = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    model = MERT(MERTConfig.from_dict(state["config"]))
-    model.load_state_dict(state["model"])
-    meta = {k: state[k] for k in ("step", "train_config", "data") if k in state}
+    dtype = getattr(torch, args.dtype or ("float16" if args.format == "pt" else "float32"))
+    meta = {}
+    try:
+        try:  # our checkpoints carry step and configs worth keeping in a .pt export
+            obj = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+        except Exception:  # a folder, a fairseq pickle, ...: load_checkpoint reads it or names the problem
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and "model" in obj:
+            cfg, state, src = MERTConfig.from_dict(obj["config"]), obj["model"], args.ckpt
+            meta = {k: obj[k] for k in ("step", "train_config", "data") if k in obj}
+        else:
+            cfg, state, src = load_checkpoint(args.ckpt)
+        model = MERT(cfg)
+        load_state_strict(model, state, src)
+    except (CheckpointError, ValueError) as e:
+        print(f"train.py export: {e}", file=sys.stderr)
+        return 1
+    if args.format == "hf":
+        try:
+            folder = model.save_pretrained(args.out, dtype=dtype, overwrite=args.overwrite)
+        except FileExistsError as e:
+            p.error(str(e))
+        except CheckpointError as e:
+            print(f"train.py export: {args.ckpt}: cannot be expressed as a HuBERT config: {e}", file=sys.stderr)
+            return 1
+        mb = (folder / "model.safetensors").stat().st_size / 1e6
+        print(f"train.py export: {folder}/ (Hugging Face MERT-v1 layout: config.json, model.safetensors {mb:.1f} MB "
+              f"{args.dtype or 'float32'}, preprocessor_config.json; step {meta.get('step')})")
+        return 0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    model.save(args.out, heads=False, dtype=getattr(torch, args.dtype), **meta)
-    print(f"train.py export: {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, step {state.get('step')})")
+    model.save(args.out, heads=False, dtype=dtype, **meta)
+    print(f"train.py export: {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, step {meta.get('step')})")
     return 0
 
 
