@@ -254,7 +254,8 @@ def init_from(path: str, size: str, heads: dict, model_over: dict, teachers: str
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"train.py: --init {e}")
     clash = [f"--{f} {model_over[f]} (source: {getattr(src_cfg, f)})" for f in ARCH_FIELDS + ("final_dim",)
-             if f in model_over and model_over[f] != getattr(src_cfg, f) and (f != "final_dim" or "label_embs" in state)]
+             if f in model_over and model_over[f] != getattr(src_cfg, f)
+             and (f != "final_dim" or "label_embs" in state)]  # final_dim is the source's only with its code heads
     if clash:
         raise SystemExit(f"train.py: --init {src} fixes the model's shape; {', '.join(clash)} contradicts it")
     has_codes, has_cqt = "label_embs" in state, "cqt_head.weight" in state
@@ -267,7 +268,8 @@ def init_from(path: str, size: str, heads: dict, model_over: dict, teachers: str
     if problems:
         raise SystemExit(f"train.py: --init {src} does not fit --teachers {teachers}: it has {'; '.join(problems)}")
     cfg = MERTConfig.from_preset(size, **{**heads, **model_over})
-    cfg = replace(cfg, **{f: getattr(src_cfg, f) for f in ARCH_FIELDS}, **({"final_dim": src_cfg.final_dim} if has_codes else {}))
+    cfg = replace(cfg, **{f: getattr(src_cfg, f) for f in ARCH_FIELDS},
+                  **({"final_dim": src_cfg.final_dim} if has_codes else {}))
     loaded, fresh = ["encoder"], []
     if has_codes:
         loaded.append(f"code heads ({cfg.n_codebooks} x {cfg.codebook_size} codes, final_dim {cfg.final_dim})")
@@ -279,9 +281,10 @@ def init_from(path: str, size: str, heads: dict, model_over: dict, teachers: str
         fresh.append(f"CQT head ({cfg.cqt_bins} bins)")
     if "masked_spec_embed" not in state:
         fresh.append("mask embedding")
-    log(f"init: {src}: loaded {', '.join(loaded)}; fresh: {', '.join(fresh) or 'nothing'}; the optimiser, learning-rate "
-        f"schedule and step start anew")
-    shaped_like = [n for n in PRESETS if all(getattr(MERTConfig.from_preset(n), f) == getattr(cfg, f) for f in ARCH_FIELDS)]
+    log(f"init: {src}: loaded {', '.join(loaded)}; fresh (not in the source): {', '.join(fresh) or 'nothing'}; "
+        f"the optimiser, learning-rate schedule and step start anew")
+    shaped_like = [n for n in PRESETS
+                   if all(getattr(MERTConfig.from_preset(n), f) == getattr(cfg, f) for f in ARCH_FIELDS)]
     if shaped_like and size not in shaped_like:
         log(f"init: the source has --size {shaped_like[0]}'s shape; the training settings follow --size {size} "
             f"(pass --size {shaped_like[0]} for its learning rate, dropout and crops)")
@@ -524,14 +527,15 @@ def main(argv=None):
 def export(argv=None) -> int:
     """`python train.py export RUN/ckpt.pt OUT`: the encoder alone, as our .pt (default) or a Hugging Face folder."""
     p = argparse.ArgumentParser(
-        prog="train.py export", description=export.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="examples: python train.py export runs/95m/ckpt.pt models/mine.pt\n"
-               "          python train.py export runs/95m/ckpt.pt hf/mert-mine --format hf   # transformers' HubertModel")
+        prog="train.py export", description=export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python train.py export runs/95m/ckpt.pt models/mine.pt\n"
+               "  python train.py export runs/95m/ckpt.pt hf/mert-mine --format hf   # for transformers' HubertModel")
     p.add_argument("ckpt", help="a checkpoint written by train.py (also: a fairseq MERT .pt, a Hugging Face folder)")
     p.add_argument("out", help="the .pt file (--format pt) or the folder (--format hf) to write, atomically")
     p.add_argument("--format", default="pt", choices=["pt", "hf"],
-                   help="pt: our encoder checkpoint (extract.py, probe.py); hf: the Hugging Face MERT-v1 layout "
-                        "(config.json, model.safetensors, preprocessor_config.json) that transformers' HubertModel loads")
+                   help="pt (default): our encoder checkpoint (extract.py, probe.py); hf: the Hugging Face MERT-v1 "
+                        "layout (config.json, model.safetensors, preprocessor_config.json) that transformers' "
+                        "HubertModel loads")
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
                    help="storage dtype of the weights (default: float16 for pt, float32 for hf as in MERT-v1's files)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty existing --format hf folder")

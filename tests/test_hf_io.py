@@ -212,7 +212,7 @@ def test_init_from_fairseq_equals_the_same_weights_loaded_directly(known, music,
     capsys.readouterr()
     train.main(base + ["--init", str(fs), "--out", str(tmp_path / "fairseq")])
     log = capsys.readouterr().out
-    assert "loaded encoder, code heads (8 x 1024 codes, final_dim 8), CQT head (336 bins); fresh: nothing" in log
+    assert "loaded encoder, code heads (8 x 1024 codes, final_dim 8), CQT head (336 bins); fresh (not in the source): nothing" in log
     direct, fairseq = first_loss(tmp_path / "direct"), first_loss(tmp_path / "fairseq")
     assert abs(direct - fairseq) <= 1e-6 * abs(direct), (direct, fairseq)
     ck = torch.load(tmp_path / "fairseq" / "ckpt.pt", weights_only=True)
@@ -226,7 +226,7 @@ def test_init_from_hf_folder_is_encoder_only_and_resume_wins(known, music, tmp_p
     base = MICRO + ["--data", str(music), "--max_steps", "1", "--batch_size", "2"]
     train.main(base + ["--init", str(tmp_path / "hf"), "--out", str(tmp_path / "a")])
     log = capsys.readouterr().out
-    assert "loaded encoder; fresh: code heads (8 x 1024 codes, final_dim 8), CQT head (336 bins)" in log
+    assert "loaded encoder; fresh (not in the source): code heads (8 x 1024 codes, final_dim 8), CQT head (336 bins)" in log
     train.main(base + ["--init", str(tmp_path / "enc.pt"), "--out", str(tmp_path / "b")])
     train.main(base + ["--out", str(tmp_path / "c")])  # no --init
     # the same encoder and the same fresh heads (from the run's seed) as from our encoder-only checkpoint ...
