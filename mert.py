@@ -19,7 +19,9 @@ Design choices:
   index is the final LayerNorm's output.
 - Loads Hugging Face MERT folders (config.json + pytorch_model.bin or model.safetensors), hub ids found
   in the local Hugging Face cache (never downloads), fairseq MERT checkpoints (through a restricted
-  unpickler that admits only tensors and plain containers) and our own checkpoints.
+  unpickler that admits only tensors and plain containers; their pretraining heads too, for continued
+  pretraining) and our own checkpoints; writes the Hugging Face MERT-v1 layout that transformers'
+  HubertModel loads (`save_pretrained`, without the safetensors package).
 
 Imports only torch, numpy and the standard library; copy it into your project as is.
 """

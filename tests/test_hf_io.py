@@ -255,3 +255,21 @@ def test_init_that_does_not_fit_the_teachers_stops_with_one_line(known, music, t
     with pytest.raises(SystemExit, match=r"--n_layers 3 \(source: 2\) contradicts it"):
         train.main(base + ["--init", str(fs), "--n_layers", "3"])
     assert not (tmp_path / "x" / "ckpt.pt").exists()
+
+
+def test_fairseq_code_missing_from_its_dictionary_takes_the_unk_row(known, tmp_path, monkeypatch):
+    m, _ = known
+    path = fairseq_checkpoint(m, tmp_path / "fs.pt", monkeypatch)
+    ck = torch.load(path, weights_only=False)
+    d = ck["task_state"]["dictionaries"][2]
+    gone = d.symbols.index("7")
+    rows = [i for i in range(len(d.symbols)) if i != gone]  # code 7 never made it into dict.*.txt
+    start = 2 * 1028
+    table = ck["model"]["label_embs_concat"]
+    ck["model"]["label_embs_concat"] = torch.cat([table[:start], table[start:start + 1028][rows], table[start + 1028:]])
+    d.symbols = [d.symbols[i] for i in rows]
+    torch.save(ck, path)
+    _, state, _ = load_checkpoint(path, for_training=True)
+    want = m.label_embs.detach().clone()
+    want[2, 7] = table[start + 3]  # fairseq encoded the label "7" as <unk>, row 3
+    assert torch.equal(state["label_embs"], want)
