@@ -200,13 +200,19 @@ class ConvLayer(nn.Module):
         elif norm == "layer":  # normalise each frame over channels
             self.layer_norm = nn.LayerNorm(c_out, eps=eps)
 
-    def forward(self, x: torch.Tensor, n: torch.Tensor | None) -> torch.Tensor:
-        """x [B, C_in, T_in] -> [B, C_out, T_out]; n [B] valid output frames (None: all valid)."""
+    def forward(self, x: torch.Tensor, n: torch.Tensor | None, stats=None) -> torch.Tensor:
+        """x [B, C_in, T_in] -> [B, C_out, T_out]; n [B] valid output frames (None: all valid).
+
+        stats: (mean, var) [B, C_out] float64 for the GroupNorm instead of this input's own (a long file
+        run in chunks normalises every chunk with the whole file's statistics, as one forward would)."""
         if self.norm is None:
             return conv1d_gelu(x, self.conv)
         x = self.conv(x)
         if self.norm == "group":
-            if n is None:
+            if stats is not None:
+                scale, shift = _norm_affine(stats, self.layer_norm.weight, self.layer_norm.bias, self.eps, x.dtype)
+                x = torch.addcmul(shift, x, scale)
+            elif n is None:
                 x = self.layer_norm(x)
             else:
                 x = masked_channel_norm(x, n, self.layer_norm.weight, self.layer_norm.bias, self.eps)
@@ -229,6 +235,14 @@ def masked_channel_norm(x, n, weight, bias, eps):
     return (y * weight[None, :, None] + bias[None, :, None]).to(x.dtype)
 
 
+def _norm_affine(stats, weight, bias, eps, dtype):
+    """GroupNorm with given statistics as y = x * scale + shift: (scale, shift) [B, C, 1] in dtype."""
+    mean, var = stats
+    scale = weight.double()[:, None] * torch.rsqrt(var.double()[..., None] + eps)  # (B, C, 1)
+    shift = bias.double()[:, None] - mean.double()[..., None] * scale
+    return scale.to(dtype), shift.to(dtype)
+
+
 class FeatureExtractor(nn.Module):
     """The strided conv stack: waveform [B, L] -> conv features [B, C, T]."""
 
@@ -241,32 +255,28 @@ class FeatureExtractor(nn.Module):
             c_in = c
         self.conv_layers = nn.ModuleList(layers)
 
-    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None, stats=None) -> torch.Tensor:
+        """wav [B, L] -> [B, C, T]; stats: conv 0's GroupNorm (mean, var) [B, C] to use instead of wav's own."""
         x = wav[:, None, :]  # (B, 1, L)
         n, first = lengths, 0
         if lengths is None and not torch.is_grad_enabled() and self.conv_layers[0].norm == "group" \
                 and self.conv_layers[1].norm is None:
-            x, first = self._first_two_in_blocks(x), 2
-        for layer in self.conv_layers[first:]:
+            x, first = self._first_two_in_blocks(x, stats), 2
+        for i, layer in enumerate(self.conv_layers[first:], first):
             n = None if n is None else conv_out_len(n, layer.kernel, layer.stride)
-            x = layer(x, n)
+            x = layer(x, n, stats if i == 0 else None)
         return x
 
-    def _first_two_in_blocks(self, x: torch.Tensor, block: int = 1024) -> torch.Tensor:
-        """Layers 0 and 1 at inference, in blocks of time, so conv 0's whole output (the largest
-        activation: 512 channels at 4800 frames/s) is never held in memory.
-
-        Pass 1 runs conv 0 block by block for the GroupNorm statistics (per-block mean and variance
-        merged with Chan's formula in float64); pass 2 runs it again per block, normalises, applies
-        GELU and feeds conv 1. conv 0 is cheap (one input channel); its memory traffic is not.
-        """
-        l0, l1 = self.conv_layers[0], self.conv_layers[1]
+    def norm_stats(self, wav: torch.Tensor, block: int = 1024):
+        """(mean, var) [B, C] float64 over time of conv 0's output for wav [B, L]: its GroupNorm's
+        statistics (None when conv 0 has no GroupNorm). Computed block by block, so conv 0's whole
+        output is never held: per-block mean and variance merged with Chan's formula."""
+        l0 = self.conv_layers[0]
+        if l0.norm != "group":
+            return None
+        x = wav[:, None, :] if wav.dim() == 2 else wav  # (B, 1, L)
         w0, b0, k0, s0 = l0.conv.weight, l0.conv.bias, l0.kernel, l0.stride
-        B, L = x.shape[0], x.shape[-1]
-        T0 = conv_out_len(L, k0, s0)
-        T1 = conv_out_len(T0, l1.kernel, l1.stride)
-        if T1 < 1:
-            return l1(l0(x, None), None)
+        T0 = conv_out_len(x.shape[-1], k0, s0)
         n, mean, m2 = 0, None, None
         for a in range(0, T0, block):
             c = min(T0, a + block)
@@ -280,9 +290,26 @@ class FeatureExtractor(nn.Module):
             mean = mean + delta * (nb / (n + nb))
             m2 = m2 + var_b * nb + delta.square() * (n * nb / (n + nb))
             n += nb
-        scale = l0.layer_norm.weight.double()[:, None] * torch.rsqrt(m2 / n + l0.eps)  # (B, C, 1)
-        shift = (l0.layer_norm.bias.double()[:, None] - mean * scale).to(x.dtype)
-        scale = scale.to(x.dtype)
+        return mean[..., 0], (m2 / n)[..., 0]
+
+    def _first_two_in_blocks(self, x: torch.Tensor, stats=None, block: int = 1024) -> torch.Tensor:
+        """Layers 0 and 1 at inference, in blocks of time, so conv 0's whole output (the largest
+        activation: 512 channels at 4800 frames/s) is never held in memory.
+
+        Pass 1 (norm_stats) runs conv 0 block by block for the GroupNorm statistics, unless they are
+        given; pass 2 runs it again per block, normalises, applies GELU and feeds conv 1. conv 0 is
+        cheap (one input channel); its memory traffic is not.
+        """
+        l0, l1 = self.conv_layers[0], self.conv_layers[1]
+        w0, b0, k0, s0 = l0.conv.weight, l0.conv.bias, l0.kernel, l0.stride
+        B, L = x.shape[0], x.shape[-1]
+        T0 = conv_out_len(L, k0, s0)
+        T1 = conv_out_len(T0, l1.kernel, l1.stride)
+        if T1 < 1:
+            return l1(l0(x, None, stats), None)
+        if stats is None:
+            stats = self.norm_stats(x, block)
+        scale, shift = _norm_affine(stats, l0.layer_norm.weight, l0.layer_norm.bias, l0.eps, x.dtype)
         out = x.new_empty(B, l1.conv.out_channels, T1)
         step = block // l1.stride
         for a in range(0, T1, step):
@@ -487,8 +514,8 @@ class MERT(nn.Module):
 
     # -- forward ----------------------------------------------------------------
 
-    def _embed(self, wav, lengths):
-        """wav [B, L] -> (input of layer 1 [B, T, d] before the encoder's pos conv, frame mask [B, T] or None)."""
+    def _embed(self, wav, lengths, norm_stats=None):
+        """wav [B, L] -> (conv features [B, T, C], frame mask [B, T] or None); norm_stats as in extract."""
         if wav.dim() == 1:
             wav = wav[None]
         if wav.dim() != 2:
@@ -502,7 +529,7 @@ class MERT(nn.Module):
                 lengths = None  # nothing is padded: take the plain fast path
         if self.num_frames(L) < 1:
             raise ValueError(f"input of {L} samples is shorter than one frame ({self.config.receptive_field})")
-        feats = self.feature_extractor(wav, lengths).transpose(1, 2)  # (B, T, C)
+        feats = self.feature_extractor(wav, lengths, norm_stats).transpose(1, 2)  # (B, T, C)
         frame_mask = None
         if lengths is not None:
             n = self.num_frames(lengths)
@@ -603,14 +630,16 @@ class MERT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), codes.t().reshape(-1), reduction="none").view(K, -1).mean(1)
 
     @torch.inference_mode()
-    def extract(self, wav: torch.Tensor, lengths=None, layers=None) -> torch.Tensor:
+    def extract(self, wav: torch.Tensor, lengths=None, layers=None, norm_stats=None) -> torch.Tensor:
         """All hidden states [layers + 1, B, T, d] for wav [B, L] or [L]; padded frames come back as zeros.
 
         `lengths` [B] gives each clip's true sample count when wav is a zero-padded batch; each clip then
         gets exactly the features it gets alone. `layers` (a list of indices) returns only those states
-        and stops the transformer after the deepest one.
+        and stops the transformer after the deepest one. `norm_stats` (from `norm_stats()` of a longer
+        signal, [B, C] each) replaces the statistics of the GroupNorm after conv 0, so that a chunk of a
+        file is normalised as the whole file is in one forward.
         """
-        feats, frame_mask = self._embed(wav.to(self.masked_spec_embed.dtype), lengths)  # [L] becomes [1, L]
+        feats, frame_mask = self._embed(wav.to(self.masked_spec_embed.dtype), lengths, norm_stats)  # [L] -> [1, L]
         x = self.feature_projection(feats)
         del feats
         B, T, D = x.shape
@@ -624,6 +653,13 @@ class MERT(nn.Module):
         if frame_mask is not None:
             out.mul_(frame_mask[None, :, :, None].to(out.dtype))
         return out if keep == list(range(upto + 1)) else out[keep]
+
+    @torch.inference_mode()
+    def norm_stats(self, wav: torch.Tensor):
+        """(mean, var) [B, C] float64: the statistics the GroupNorm after conv 0 takes over wav [B, L] or [L]
+        in one forward (None for a model without it), computed in blocks of time with little memory."""
+        wav = wav[None] if wav.dim() == 1 else wav
+        return self.feature_extractor.norm_stats(wav.to(self.masked_spec_embed.dtype))
 
     # -- checkpoints ------------------------------------------------------------
 
@@ -764,13 +800,16 @@ def load_checkpoint(path, map_location="cpu", for_training: bool = False) -> tup
         if (p.parent / "config.json").exists():
             return _load_hf_folder(p.parent, map_location, fill=not for_training)
         raise CheckpointError(f"{p}: a Hugging Face weight file needs its config.json beside it")
+    not_torch = _not_a_torch_file(p)
+    if not_torch:
+        raise CheckpointError(f"{p}: {not_torch}")
     try:
         obj = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         # fairseq checkpoints pickle their config and Dictionary objects, which weights_only refuses.
         obj = _restricted_torch_load(p, map_location)
-    except Exception as e:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"{p}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # truncated zip, ...
+        raise CheckpointError(f"{p}: cannot read checkpoint, truncated or damaged? ({_one_line(e)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p}: expected a dict checkpoint, found {type(obj).__name__}")
     if "config" in obj and "model" in obj and isinstance(obj["config"], dict):
@@ -781,6 +820,32 @@ def load_checkpoint(path, map_location="cpu", for_training: bool = False) -> tup
         return _from_fairseq(obj, str(p), heads=for_training)
     raise CheckpointError(f"{p}: not a MERT checkpoint (ours needs 'config' and 'model'; "
                           f"fairseq needs 'model' with encoder.layers.*.self_attn.* keys)")
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one short line: its type and the first sentence of its message."""
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: " + (msg.split(". ")[0] if len(msg) > 120 else msg)
+
+
+def _not_a_torch_file(p: Path) -> str | None:
+    """Why p cannot be a torch.save file, or None if it may be one. torch.save writes a zip archive (torch
+    >= 1.6) or, in the legacy format, a pickle, whose first byte is the PROTO opcode 0x80; anything else
+    would only fail deep inside the unpickler with a message about opcodes."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        return f"cannot read ({_one_line(e)})"
+    if not head:
+        return "empty file, not a checkpoint"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    what = "a JSON file" if head.lstrip()[:1] in (b"{", b"[") else (
+        "a text file" if all(32 <= c < 127 or c in (9, 10, 13) for c in head) else "an unknown binary file")
+    hint = "; for a Hugging Face model pass its folder" if p.suffix == ".json" else ""
+    return (f"not a PyTorch checkpoint ({what}, {p.stat().st_size} bytes; torch.save writes a zip archive "
+            f"or a pickle){hint}")
 
 
 def hf_cache_snapshot(repo_id: str) -> Path:
@@ -802,7 +867,8 @@ def hf_cache_snapshot(repo_id: str) -> Path:
             return found[-1]
     raise CheckpointError(
         f"{repo_id}: not in the local Hugging Face cache ({root}); nothing is downloaded at run time. "
-        f"Fetch it once with `huggingface-cli download {repo_id}` (or pass a folder path).")
+        f"Fetch it once with `hf download {repo_id}` (`huggingface-cli download {repo_id}` with an older "
+        f"huggingface_hub), or pass a folder path.")
 
 
 def _read_safetensors(path: Path) -> dict:
