@@ -56,17 +56,23 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-__all__ = ["AudioError", "AUDIO_EXTENSIONS", "load", "info", "resample", "find_audio", "load_crop",
+__all__ = ["AudioError", "AudioWarning", "AUDIO_EXTENSIONS", "load", "info", "resample", "find_audio", "load_crop",
            "read_manifest", "CropDataset", "RankBatches", "make_loader", "worker_init", "prepare", "SHARD_FORMAT"]
 
 
 class AudioError(Exception):
     """An audio file that cannot be used; the message is one line, "<path>: <problem>"."""
+
+
+class AudioWarning(UserWarning):
+    """A file that loaded but may hold less than it should (e.g. decoded shorter than its header says);
+    issued with warnings.warn, the message one line, "<path>: <problem>"."""
 
 
 # Suffix -> (libsndfile major format, subtype that must be available or None). Only the suffixes
@@ -92,6 +98,30 @@ def _readable_suffixes() -> frozenset:
 
 AUDIO_EXTENSIONS = _readable_suffixes()
 
+# Audio and video containers that libsndfile cannot decode at all. A folder walk names them instead
+# of passing over them without a word, and loading one says what it is and what to do.
+_UNDECODABLE = {
+    ".m4a": "MP4 audio (AAC/ALAC)", ".m4b": "MP4 audiobook (AAC)", ".m4p": "protected MP4 audio",
+    ".mp4": "MP4 video/audio", ".m4v": "MP4 video", ".mov": "QuickTime", ".3gp": "3GPP", ".aac": "raw AAC",
+    ".wma": "Windows Media Audio", ".asf": "Windows Media", ".webm": "WebM", ".mka": "Matroska audio",
+    ".mkv": "Matroska video", ".ape": "Monkey's Audio", ".wv": "WavPack", ".tta": "True Audio",
+    ".mpc": "Musepack", ".ac3": "Dolby AC-3", ".dts": "DTS", ".amr": "AMR", ".ra": "RealAudio",
+    ".rm": "RealMedia", ".avi": "AVI", ".flv": "Flash video", ".dsf": "DSD (DSF)", ".dff": "DSD (DFF)",
+}
+
+
+def undecodable_reason(path) -> str | None:
+    """Why soundfile cannot read a file of this suffix (None if it may): a one-line hint with the fix."""
+    suffix = Path(path).suffix.lower()
+    if suffix in _UNDECODABLE:
+        kind = _UNDECODABLE[suffix]
+    elif suffix in _SUFFIX_FORMATS and suffix not in AUDIO_EXTENSIONS:
+        kind = f"{_SUFFIX_FORMATS[suffix][0]} (not supported by this libsndfile {sf.__libsndfile_version__})"
+    else:
+        return None
+    return (f"{suffix} is {kind}, which soundfile (libsndfile) cannot decode; "
+            f"convert it first, e.g. ffmpeg -i 'in{suffix}' 'out.flac'")
+
 
 def _oneline(e: BaseException) -> str:
     """An exception's message on one line (libsndfile messages can span lines)."""
@@ -110,10 +140,90 @@ def info(path) -> tuple[int, int, int]:
     try:
         i = sf.info(str(path))
     except _READ_ERRORS as e:
-        raise AudioError(f"{path}: unreadable ({_oneline(e)})") from None
+        raise _unreadable(path, e) from None
     if i.samplerate <= 0 or i.channels <= 0:
         raise AudioError(f"{path}: bad header ({i.samplerate} Hz, {i.channels} channels)")
     return int(i.samplerate), int(i.frames), int(i.channels)
+
+
+def _unreadable(path: Path, e: BaseException) -> AudioError:
+    """The AudioError for a file libsndfile refused, with the fix when its suffix is a known container."""
+    hint = undecodable_reason(path)
+    return AudioError(f"{path}: unreadable ({_oneline(e)})" + (f": {hint}" if hint else ""))
+
+
+def _ogg_tail(path: Path) -> str | None:
+    """How an Ogg file's end is broken, or None. libsndfile decodes a cut Ogg up to its last whole page
+    and reports that shorter length as the file's (sf.info agrees with what is decoded), so a cut file
+    looks like a short song; only the page structure shows it. Every page starts "OggS", 27 header bytes
+    (byte 5: flags, 0x04 = end of stream; byte 26: segment count) then the segment table, whose sum is
+    the body length; the last page of a finished stream carries the end-of-stream flag (RFC 3533)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        base = max(0, size - 2 * 65307)  # 65307: the largest possible page
+        f.seek(base)
+        tail = f.read()
+    last_whole, cut = None, False
+    p = tail.rfind(b"OggS")
+    while p >= 0:
+        if p + 27 <= len(tail) and tail[p + 4] == 0:
+            nseg = tail[p + 26]
+            end = p + 27 + nseg + sum(tail[p + 27:p + 27 + nseg])
+            if p + 27 + nseg <= len(tail) and end <= len(tail):
+                last_whole = p
+                break
+        cut = True  # a page start whose page runs past the end of the file
+        p = tail.rfind(b"OggS", 0, p)
+    if cut:
+        return "truncated Ogg: the file ends inside a page"
+    if last_whole is not None and not tail[last_whole + 5] & 0x04:
+        return "Ogg stream without its end-of-stream page (cut at a page boundary, or an unfinished recording)"
+    return None
+
+
+def _wav_data_shortfall(path: Path) -> tuple[int, int] | None:
+    """(bytes its data chunk declares, bytes present) for a RIFF WAV whose data runs past the end of the
+    file, else None. libsndfile clamps a cut WAV's frame count to the bytes present, without an error."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            head = f.read(8)
+            n = int.from_bytes(head[4:], "little")
+            if head[:4] == b"data":
+                if n in (0, 0xFFFFFFFF):  # size unknown (written while streaming): nothing to check
+                    return None
+                have = size - pos - 8
+                return (n, have) if n > have else None
+            pos += 8 + n + (n & 1)  # chunks are padded to even sizes
+    return None
+
+
+def _check_complete(path: Path, fmt: str, header_frames: int, got: int, file_sr: int) -> None:
+    """Raise AudioError where the file is provably cut; warn (AudioWarning) where it decoded much shorter
+    than its header's estimate (MP3's length is an estimate: Xing-less VBR files can be off)."""
+    secs = f"decoded {got / file_sr:.2f} s"
+    if fmt == "OGG":
+        problem = _ogg_tail(path)
+        if problem and problem.startswith("truncated"):
+            raise AudioError(f"{path}: {problem}; {secs}, the rest is missing")
+        if problem:
+            warnings.warn(AudioWarning(f"{path}: {problem}; {secs}"), stacklevel=3)
+    elif fmt in ("WAV", "WAVEX"):
+        short = _wav_data_shortfall(path)
+        if short:
+            want = short[0] / max(short[1], 1) * got  # the same bytes per frame as what is present
+            raise AudioError(f"{path}: truncated WAV: {secs} of the {want / file_sr:.2f} s its header announces")
+    if got < header_frames:
+        announced = f"{secs} of the {header_frames / file_sr:.2f} s its header announces"
+        if fmt == "FLAC":  # STREAMINFO's count is exact
+            raise AudioError(f"{path}: truncated FLAC: {announced}")
+        if header_frames - got > max(file_sr, header_frames // 100):  # > 1 s and > 1% short
+            warnings.warn(AudioWarning(f"{path}: {announced} (truncated?)"), stacklevel=3)
 
 
 def _mono(x: np.ndarray) -> np.ndarray:
@@ -134,10 +244,13 @@ def load(path, sr: int = 24000) -> np.ndarray:
     if not path.is_file():
         raise AudioError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     try:
-        # always_2d: [frames, channels] even for mono, so the mixdown below has one code path
-        x, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            file_sr, fmt, header_frames = f.samplerate, f.format, f.frames
+            # always_2d: [frames, channels] even for mono, so the mixdown below has one code path
+            x = f.read(dtype="float32", always_2d=True)
     except _READ_ERRORS as e:
-        raise AudioError(f"{path}: unreadable ({_oneline(e)})") from None
+        raise _unreadable(path, e) from None
+    _check_complete(path, fmt, header_frames, x.shape[0], file_sr)  # a cut file says so, even if it decoded nothing
     if x.shape[0] == 0:
         raise AudioError(f"{path}: empty (0 samples)")
     # NaN/inf would poison every feature frame downstream; counted on the file's own channels.
@@ -300,22 +413,33 @@ def resample(x, orig_sr: int, new_sr: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Finding files
 # ---------------------------------------------------------------------------------------------
-def find_audio(paths, recursive: bool = True) -> list[Path]:
-    """Expand files and folders into a list of audio files (files kept as given, folders sorted)."""
+def find_audio(paths, recursive: bool = True, skipped: list | None = None) -> list[Path]:
+    """Expand files and folders into a list of audio files (files kept as given, folders sorted).
+
+    `skipped`, a list, receives (path, reason) for what a folder walk passes over that a user may have
+    meant as input: files in containers soundfile cannot decode (.m4a, .mp4, .wma, ...) and folders
+    that cannot be listed."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     found, seen = [], set()
     for p in map(Path, paths):
         if p.is_dir():
-            files = []
+            files, passed = [], []
             # os.walk with sorted names: deterministic order; hidden entries (".git", macOS "._x.mp3"
             # AppleDouble stubs that look like audio but are not) are skipped.
-            for root, dirs, names in os.walk(p):
+            walk_err = lambda e: passed.append((Path(e.filename), f"cannot list folder ({e.strerror})"))  # noqa: E731
+            for root, dirs, names in os.walk(p, onerror=walk_err):
                 dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
                 for name in names:
-                    if not name.startswith(".") and Path(name).suffix.lower() in AUDIO_EXTENSIONS:
+                    if name.startswith("."):
+                        continue
+                    if Path(name).suffix.lower() in AUDIO_EXTENSIONS:
                         files.append(Path(root) / name)
+                    elif undecodable_reason(name):
+                        passed.append((Path(root) / name, undecodable_reason(name)))
             files.sort(key=lambda f: f.relative_to(p).parts)
+            if skipped is not None:
+                skipped.extend(sorted(passed, key=lambda item: item[0].relative_to(p).parts))
         elif p.exists():
             files = [p]  # named explicitly: the caller decides, whatever the suffix
         else:

@@ -4,6 +4,7 @@ Levels are measured on the middle of each output, away from the zero-padded edge
 least-squares sinusoid fit (amplitude) and the RMS of what the fit leaves (aliases, images, noise).
 """
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -243,6 +244,43 @@ def test_truncated_flac(tmp_path):
         assert str(e).startswith(f"{path}: ")
 
 
+@pytest.mark.parametrize("subtype,sr", [("VORBIS", 24000), ("OPUS", 48000)])
+def test_truncated_ogg_is_an_error_naming_the_seconds(tmp_path, subtype, sr):
+    """libsndfile decodes a cut Ogg up to its last whole page and reports that length in its header read
+    too (sf.info agrees), so without a look at the page structure a cut file passes for a short song."""
+    path = tmp_path / "song.ogg"
+    noisy = tone(440, sr, 6.0) + 0.1 * np.random.default_rng(0).standard_normal(6 * sr).astype(np.float32)
+    sf.write(path, noisy, sr, format="OGG", subtype=subtype)
+    data = path.read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole file: neither error nor warning
+        assert len(load(path)) == 6 * 24000
+    path.write_bytes(data[:len(data) * 2 // 5])
+    decoded = sf.info(str(path)).duration
+    assert decoded < 4.0  # what libsndfile reports for the cut file: a shorter song, no error
+    with pytest.raises(AudioError) as e:
+        load(path)
+    msg = _one_line_naming(e, path)
+    assert "truncated Ogg" in msg and f"decoded {decoded:.2f} s" in msg
+    # cut exactly where a page starts: every page whole, but the end-of-stream page is missing
+    path.write_bytes(data[:data.rfind(b"OggS")])
+    with pytest.warns(audio.AudioWarning, match="end-of-stream"):
+        load(path)
+
+
+def test_truncated_wav_is_an_error_and_truncated_mp3_a_warning(tmp_path):
+    wav, mp3 = tmp_path / "cut.wav", tmp_path / "cut.mp3"
+    sf.write(wav, tone(440, 24000, 3.0), 24000, subtype="PCM_16")
+    wav.write_bytes(wav.read_bytes()[:44 + 2 * 24000])  # header + 1 s of the 3
+    with pytest.raises(AudioError) as e:
+        load(wav)
+    assert "truncated WAV: decoded 1.00 s of the 3.00 s its header announces" in _one_line_naming(e, wav)
+    sf.write(mp3, tone(440, 24000, 6.0), 24000, format="MP3")
+    mp3.write_bytes(mp3.read_bytes()[:mp3.stat().st_size // 3])
+    with pytest.warns(audio.AudioWarning, match=r"decoded \d\.\d\d s of the 6\.00 s its header announces"):
+        load(mp3)
+
+
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.wav"
     sf.write(path, np.zeros((0, 1), np.float32), 24000)
@@ -292,6 +330,18 @@ def test_find_audio(tmp_path):
     with pytest.raises(AudioError) as e:
         find_audio([tmp_path / "b.wav", tmp_path / "missing"])
     assert str(e.value) == f"{tmp_path / 'missing'}: no such file or folder"
+
+
+def test_find_audio_names_containers_soundfile_cannot_decode(tmp_path):
+    _touch(tmp_path, "a.wav", "b.m4a", "sub/c.MP4", "sub/d.wma", "cover.jpg", "notes.txt", ".hidden.m4a")
+    skipped = []
+    assert [f.name for f in find_audio([tmp_path], skipped=skipped)] == ["a.wav"]
+    assert [(p.relative_to(tmp_path).as_posix(), "cannot decode" in why) for p, why in skipped] == [
+        ("b.m4a", True), ("sub/c.MP4", True), ("sub/d.wma", True)]
+    (tmp_path / "b.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(64))
+    with pytest.raises(AudioError) as e:  # named explicitly: one line that says what it is and what to do
+        load(tmp_path / "b.m4a")
+    assert "MP4 audio" in _one_line_naming(e, tmp_path / "b.m4a") and "ffmpeg" in str(e.value)
 
 
 def test_cli(tmp_path, capsys):
