@@ -1,27 +1,37 @@
-"""Extract MERT features from audio files: one .npy per input, named after it.
+"""Extract MERT features from audio files: one .npy per input, named after it, with a record of what made it.
 
     python extract.py song.wav                         # -> song.npy beside it: [layers, frames, dim] float32
     python extract.py music/ -o feats/ --layers 4-8 --pool mean   # -> feats/<sub/dirs>/<stem>.npy: [layers, dim]
 
 Any format soundfile reads, any sample rate or channel count (mixed to mono, resampled to 24 kHz).
-Long files run in chunks of --chunk seconds that overlap by --overlap seconds; each output frame is taken
-from the chunk where it lies furthest from an edge, so the frame count and timestamps are those of the
-whole file: frame t covers samples [320 t, 320 t + 400) at 24 kHz, i.e. it is centred on (320 t + 200) / 24000 s.
+A file that fits in one --chunk runs whole, every sample, as transformers' HubertModel runs it. Longer files
+run in chunks overlapping by --overlap, the last one running to the end of the file; each output frame comes
+from the chunk where it lies furthest from an edge, so frames and timestamps are the whole file's: frame t
+covers samples [320 t, 320 t + 400) at 24 kHz. With --chunk_stats file (default) every chunk's GroupNorm after
+conv 0 takes the whole file's statistics, as one forward would; attention sees the chunk only.
 
       file  |------------------------------------------------------------------|
       chunk |==========keep======|~~~~|                        overlap ~~, boundary at its middle
       chunk              |~~~~|======keep=======|~~~~|
       chunk                                |~~~~|=========keep====(to the end)=|
 
-Unreadable, empty, too-short or NaN-containing files are named on stderr and skipped; the exit code is 1
-when any input failed, 2 on usage errors.
+song.npy.json beside each output records what made it (model fingerprint, settings, the input's size and
+time): a rerun skips outputs made the same way, recomputes those whose input changed, and refuses (exit 2)
+to replace outputs made another way unless --overwrite. Arrays are written to song.npy.tmp and renamed after
+their record, so a killed run leaves no partial song.npy. Bad inputs are named on stderr and skipped: exit 1
+when any failed, 2 on usage errors (no input at all included).
 """
 
 import argparse
+import datetime
+import hashlib
+import json
 import os
 import re
 import sys
 import time
+import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +47,26 @@ DEFAULT_CKPT = Path(__file__).resolve().parent / "models" / "mert_default.pt"
 NO_DEFAULT_MSG = (
     "no --ckpt given and the shipped default model {path} is missing (copy models/ along with extract.py).\n"
     "Or name a model: the official weights from your local Hugging Face cache, e.g. --ckpt m-a-p/MERT-v1-95M\n"
-    "(fetch once with `huggingface-cli download m-a-p/MERT-v1-95M`), a folder with config.json and\n"
-    "pytorch_model.bin / model.safetensors, a fairseq MERT .pt, or a checkpoint written by train.py.")
+    "(fetch once with `hf download m-a-p/MERT-v1-95M`, or `huggingface-cli download m-a-p/MERT-v1-95M` with an\n"
+    "older huggingface_hub), a folder with config.json and pytorch_model.bin / model.safetensors, a fairseq MERT\n"
+    ".pt, or a checkpoint written by train.py.")
+
+# The extraction convention, recorded with every output; raise it when the same settings would give other
+# numbers. 1: the tail past the last whole frame was dropped (no records were written then). 2: whole
+# files and last chunks run to the end of the file; chunks take the file's GroupNorm statistics.
+EXTRACT_VERSION = 2
+# Config fields that do not change what an eval-mode forward computes: left out of the model fingerprint,
+# so a training checkpoint and its exported encoder count as the same model.
+_TRAINING_ONLY = {"dropout", "attn_dropout", "act_dropout", "layerdrop", "conv_grad_mult", "attn_impl", "attn_relax",
+                  "n_codebooks", "codebook_size", "final_dim", "logit_temp", "cqt_bins", "cqt_weight",
+                  "feature_penalty", "unmasked_weight", "mask_prob", "mask_length", "min_masks"}
+_HEADS = ("final_proj.", "label_embs", "cqt_head.", "masked_spec_embed")
+# The settings that decide an output's numbers; an existing output whose record differs in any is not reused.
+SETTINGS = ("version", "model", "layers", "pool", "chunk", "overlap", "chunk_stats", "normalize", "dtype")
+
+
+class OutputConflict(ValueError):
+    """Existing outputs were made another way (other model or settings, or without a record)."""
 
 
 def parse_layers(spec: str, n_states: int) -> list[int]:
@@ -85,13 +113,84 @@ def plan_chunks(n_frames: int, chunk: int, overlap: int) -> list[tuple[int, int,
     return plan
 
 
+def model_fingerprint(model: MERT) -> str:
+    """A hash of what decides the model's eval-mode outputs: its config (less training-only fields) and the
+    encoder's weights (as float32, so a float16 checkpoint and its float32 load agree; heads left out)."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in asdict(model.config).items() if k not in _TRAINING_ONLY}
+    h.update(json.dumps(cfg, sort_keys=True, default=list).encode())
+    for name, t in sorted(model.state_dict().items()):
+        if name.startswith(_HEADS):
+            continue
+        a = t.detach().to("cpu", torch.float32).contiguous().numpy()
+        h.update(f"{name}{tuple(a.shape)}".encode())
+        h.update(a.data)
+    return "sha256:" + h.hexdigest()[:20]
+
+
+def record_path(dst: Path) -> Path:
+    """Where the record of how `dst` was made lives: song.npy -> song.npy.json."""
+    return dst.with_name(dst.name + ".json")
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _write_json(path: Path, obj: dict):
+    tmp = _tmp(path)
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _publish(tmp: Path, dst: Path, record: dict):
+    """Move a finished array into place with its record. Order matters for a kill at any point: the old
+    array goes first (never beside a new record), the record next, the array last; so a dst that exists
+    always has its own record beside it, and a record without its array only means "not done"."""
+    record["bytes"] = tmp.stat().st_size
+    dst.unlink(missing_ok=True)
+    _write_json(record_path(dst), record)
+    os.replace(tmp, dst)
+
+
+def _source_stamp(src: Path) -> dict:
+    st = src.stat()
+    return {"path": str(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def output_status(src: Path, dst: Path, settings: dict) -> tuple[str, str]:
+    """("new" | "ok" | "stale" | "conflict", why) for an input and its output path under these settings."""
+    if not dst.exists():
+        return "new", ""
+    try:
+        rec = json.loads(record_path(dst).read_text())
+        if not isinstance(rec, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError):
+        return "conflict", "no record of what made it (an older extract.py or another tool wrote it)"
+    diffs = [k for k in SETTINGS if rec.get(k) != settings[k]]
+    if diffs:
+        said = [f"another model ({rec.get('ckpt')}, {rec.get('model')})" if k == "model" else
+                f"{k} {rec.get(k)!r} (now {settings[k]!r})" for k in diffs]
+        return "conflict", "made with " + ", ".join(said)
+    try:
+        if rec.get("source", {}).get("size") != src.stat().st_size or \
+                rec.get("source", {}).get("mtime_ns") != src.stat().st_mtime_ns:
+            return "stale", "its input changed since"
+    except OSError:
+        return "stale", "its input cannot be examined"
+    if rec.get("bytes") != dst.stat().st_size:
+        return "stale", "its size is not the recorded one"
+    return "ok", ""
+
+
 class NpyWriter:
     """Writes a [layers, frames, dim] float32 .npy piece by piece (seek + write, so memory stays flat),
-    to a temporary file renamed into place when complete."""
+    to a temporary file published (with its record) when complete."""
 
-    def __init__(self, src: Path, path: Path, shape: tuple):
-        self.src, self.path, self.shape = src, path, shape
-        self.tmp = path.with_name(path.name + ".tmp")
+    def __init__(self, src: Path, path: Path, shape: tuple, record: dict):
+        self.src, self.path, self.shape, self.record = src, path, shape, record
+        self.tmp = _tmp(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(self.tmp, "wb")
         np.lib.format.write_array_header_1_0(self.f, {"descr": "<f4", "fortran_order": False, "shape": shape})
@@ -107,7 +206,7 @@ class NpyWriter:
 
     def close(self):
         self.f.close()
-        os.replace(self.tmp, self.path)
+        _publish(self.tmp, self.path, self.record)
 
     def abort(self):
         self.f.close()
@@ -117,8 +216,8 @@ class NpyWriter:
 class PoolWriter:
     """Accumulates per-layer sums over frames; writes [layers, dim] (mean) or [layers, 2*dim] (mean ++ std)."""
 
-    def __init__(self, src: Path, path: Path, shape: tuple, mode: str):
-        self.src, self.path, self.mode, self.n = src, path, mode, shape[1]
+    def __init__(self, src: Path, path: Path, shape: tuple, record: dict, mode: str):
+        self.src, self.path, self.record, self.mode, self.n = src, path, record, mode, shape[1]
         self.s1 = np.zeros((shape[0], shape[2]), np.float64)
         self.s2 = np.zeros_like(self.s1) if mode == "meanstd" else None
 
@@ -135,23 +234,25 @@ class PoolWriter:
             std = np.sqrt(np.maximum(self.s2 / self.n - np.square(mean), 0.0))
             out = np.concatenate([mean, std], axis=1)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp.npy")
-        np.save(tmp, out.astype(np.float32))
-        os.replace(tmp, self.path)
+        tmp = _tmp(self.path)  # song.npy.tmp: never a name that looks like an output
+        with open(tmp, "wb") as f:
+            np.save(f, out.astype(np.float32))
+        _publish(tmp, self.path, self.record)
 
     def abort(self):
-        pass
+        _tmp(self.path).unlink(missing_ok=True)
 
 
-def resolve_jobs(inputs: list[str], out_dir: str | None) -> list[tuple[Path, Path]]:
+def resolve_jobs(inputs: list[str], out_dir: str | None, skipped: list | None = None) -> list[tuple[Path, Path]]:
     """(audio file, output .npy) pairs: a file maps to <out or its folder>/<stem>.npy, a folder's files
-    to <out or the folder>/<relative path>.npy. Raises audio.AudioError for a path that does not exist."""
+    to <out or the folder>/<relative path>.npy. Raises audio.AudioError for a path that does not exist.
+    `skipped` (a list) receives (path, reason) for files in folders that soundfile cannot decode."""
     jobs = []
     for arg in inputs:
         p = Path(arg)
         if p.is_dir():
             base = Path(out_dir) if out_dir else p
-            for f in audio.find_audio([p], recursive=True):
+            for f in audio.find_audio([p], recursive=True, skipped=skipped):
                 jobs.append((f, base / f.relative_to(p).with_suffix(".npy")))
         elif p.exists():
             jobs.append((p, (Path(out_dir) if out_dir else p.parent) / (p.stem + ".npy")))
@@ -161,96 +262,175 @@ def resolve_jobs(inputs: list[str], out_dir: str | None) -> list[tuple[Path, Pat
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda, then mps, then cpu."""
+    """'auto' -> cuda, then mps, then cpu; a named device that this torch cannot use is a ValueError."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {name}: CUDA is not available ({why}, torch {torch.__version__}); "
+                             f"use --device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {name}: MPS (Apple GPU) is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {name}: unsupported device type {dev.type!r}; use auto, cpu, cuda or mps")
+    return dev
+
+
+def normalize_wav(x: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance over the whole clip: transformers' Wav2Vec2FeatureExtractor(do_normalize=True),
+    (x - mean) / sqrt(var + 1e-7), which MARBLE's MERT-v1-95M config applies (`processor_normalize: true`)."""
+    x64 = x.astype(np.float64)
+    return ((x64 - x64.mean()) / np.sqrt(x64.var() + 1e-7)).astype(np.float32)
 
 
 def extract_files(model: MERT, jobs: list[tuple[Path, Path]], layers: list[int], pool: str = "none",
                   chunk_s: float = 30.0, overlap_s: float = 5.0, batch: int = 1, overwrite: bool = False,
-                  progress: bool = True) -> tuple[int, int, list[str]]:
+                  progress: bool = True, normalize: bool = False, chunk_stats: str = "file",
+                  model_id: str | None = None, ckpt_name: str | None = None) -> tuple[int, int, list[str]]:
     """Write features of each (audio file, .npy) pair with a loaded model; returns (written, skipped, errors).
 
-    A file that cannot be read or run is named in the errors and on stderr, and the others go on."""
+    A file that cannot be read or run is named in the errors and on stderr, and the others go on. Outputs
+    made the same way from the same input are skipped; outputs made another way raise OutputConflict before
+    any work unless `overwrite`. `model_id` names the model in the records (default: model_fingerprint)."""
     cfg = model.config
     hop, rf = cfg.hop, cfg.receptive_field
     device = next(model.parameters()).device
     chunk = int(round(chunk_s * cfg.sample_rate / hop))
     overlap = int(round(overlap_s * cfg.sample_rate / hop))
+    if chunk_s and chunk < 1:
+        raise ValueError(f"--chunk {chunk_s}: shorter than one frame ({hop / cfg.sample_rate * 1000:.1f} ms)")
     if chunk and overlap >= chunk:
         raise ValueError("--overlap must be shorter than --chunk")
+    if chunk_stats not in ("file", "chunk"):
+        raise ValueError(f"chunk_stats must be 'file' or 'chunk', not {chunk_stats!r}")
+    settings = {"version": EXTRACT_VERSION, "model": model_id or model_fingerprint(model), "layers": list(layers),
+                "pool": pool, "chunk": float(chunk_s), "overlap": float(overlap_s), "chunk_stats": chunk_stats,
+                "normalize": bool(normalize), "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
 
-    seen, todo, skipped, failed = {}, [], 0, []
+    def say(kind, msg):
+        tqdm.write(f"{kind}: {msg}", file=sys.stderr)
+
+    seen, todo, skipped, failed, conflicts = {}, [], 0, [], []
 
     def fail(msg):
         failed.append(msg)
-        tqdm.write(f"error: {msg}", file=sys.stderr)
+        say("error", msg)
     for src, dst in jobs:
         if dst in seen:
             fail(f"{src}: its output {dst} collides with that of {seen[dst]}")
             continue
         seen[dst] = src
-        if dst.exists() and not overwrite:
+        state, why = output_status(src, dst, settings)
+        if state == "ok" and not overwrite:
             skipped += 1
+        elif state == "conflict" and not overwrite:
+            conflicts.append(f"{dst}: {why}")
         else:
+            if state == "stale" and not overwrite:
+                say("note", f"{dst}: recomputing, {why}")
             todo.append((src, dst))
+    if conflicts:
+        more = f" (and {len(conflicts) - 1} more output(s) like it)" if len(conflicts) > 1 else ""
+        raise OutputConflict(f"{conflicts[0]}{more}; pass --overwrite to replace them, or write to another -o")
+    for _, dst in jobs:  # leftovers of an interrupted run: never outputs, never read
+        _tmp(dst).unlink(missing_ok=True)
+        _tmp(record_path(dst)).unlink(missing_ok=True)
 
-    pending = []  # (writer, wav segment, keep_lo, keep_hi, start) waiting for a batch
+    pending = []  # (writer, wav segment, keep_lo, keep_hi, start, file stats or None) waiting for a batch
     remaining = {}  # writer -> chunks not yet written
     n_done = 0
     bar = tqdm(total=len(todo), unit="file", desc="extract", file=sys.stderr, disable=None if progress else True)
 
+    def drop(w, msg):
+        if w in remaining:
+            fail(msg)
+            w.abort()
+            del remaining[w]
+            bar.update(1)
+
     def run_batch():
         nonlocal n_done
-        lens = [seg.shape[0] for _, seg, _, _, _ in pending]
+        lens = [len(p[1]) for p in pending]
         wav = torch.zeros(len(pending), max(lens))
-        for i, (_, seg, _, _, _) in enumerate(pending):
-            wav[i, :len(seg)] = torch.from_numpy(seg)
+        for i, p in enumerate(pending):
+            wav[i, :lens[i]] = torch.from_numpy(p[1])
         try:
-            feats = model.extract(wav.to(device), lengths=lens if len(set(lens)) > 1 else None, layers=layers)
+            wav = wav.to(device)
+            stats = None
+            if any(p[5] is not None for p in pending):  # rows that run whole take their own statistics
+                own = [p[5] if p[5] is not None else model.norm_stats(wav[i, :lens[i]]) for i, p in enumerate(pending)]
+                stats = tuple(torch.cat([s[j] for s in own]) for j in (0, 1))
+            feats = model.extract(wav, lengths=lens if len(set(lens)) > 1 else None, layers=layers, norm_stats=stats)
             feats = feats.float().cpu().numpy()  # (layers, B, T, dim)
         except RuntimeError as e:  # out of memory and the like: fail these files, keep going
             for w, *_ in pending:
-                if w in remaining:
-                    fail(f"{w.src}: model failed ({type(e).__name__}: {str(e).splitlines()[0]})")
-                    w.abort()
-                    del remaining[w]
+                drop(w, f"{w.src}: model failed ({type(e).__name__}: {str(e).splitlines()[0]})")
             pending.clear()
             return
-        for i, (w, _, lo, hi, start) in enumerate(pending):
+        for i, (w, _, lo, hi, start, _) in enumerate(pending):
             if w not in remaining:
                 continue
-            w.write(lo, feats[:, i, lo - start:hi - start])
-            remaining[w] -= 1
-            if remaining[w] == 0:
-                w.close()
-                del remaining[w]
-                n_done += 1
-                bar.update(1)
+            try:
+                w.write(lo, feats[:, i, lo - start:hi - start])
+                remaining[w] -= 1
+                if remaining[w] == 0:
+                    w.close()
+                    del remaining[w]
+                    n_done += 1
+                    bar.update(1)
+            except OSError as e:
+                drop(w, f"{w.path}: cannot write ({audio._oneline(e)})")
         pending.clear()
 
     for src, dst in todo:
         try:
-            x = audio.load(src, sr=cfg.sample_rate)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", audio.AudioWarning)
+                x = audio.load(src, sr=cfg.sample_rate)
+            for wmsg in caught:
+                say("warning", str(wmsg.message))
             if len(x) < rf:
                 raise audio.AudioError(f"{src}: too short ({len(x)} samples at {cfg.sample_rate} Hz; one frame needs {rf})")
         except audio.AudioError as e:
             fail(str(e))
             bar.update(1)
             continue
+        if normalize:
+            x = normalize_wav(x)
         n_frames = int(model.num_frames(len(x)))
         shape = (len(layers), n_frames, cfg.dim)
-        w = PoolWriter(src, dst, shape, pool) if pool != "none" else NpyWriter(src, dst, shape)
+        record = {**settings, "ckpt": ckpt_name, "source": _source_stamp(src), "shape": list(shape),
+                  "device": str(device), "torch": torch.__version__,
+                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        try:
+            w = PoolWriter(src, dst, shape, record, pool) if pool != "none" else NpyWriter(src, dst, shape, record)
+        except OSError as e:
+            fail(f"{dst}: cannot write ({audio._oneline(e)})")
+            bar.update(1)
+            continue
         plan = plan_chunks(n_frames, chunk, overlap)
+        file_stats = None
+        if len(plan) > 1 and chunk_stats == "file":
+            # conv 0's GroupNorm statistics over the whole file, as one forward would take them
+            file_stats = model.norm_stats(torch.from_numpy(x).to(device))
         remaining[w] = len(plan)
-        for start, length, lo, hi in plan:
-            seg = x[start * hop: start * hop + (length - 1) * hop + rf]
-            pending.append((w, seg, lo, hi, start))
+        for k, (start, length, lo, hi) in enumerate(plan):
+            # the last chunk (or the whole file) runs to the file's end: the samples past the last whole
+            # frame feed the GroupNorm statistics, as they do in the official model
+            end = len(x) if k == len(plan) - 1 else start * hop + (length - 1) * hop + rf
+            pending.append((w, x[start * hop:end], lo, hi, start, file_stats))
             if len(pending) >= batch:
                 run_batch()
     if pending:
@@ -259,23 +439,52 @@ def extract_files(model: MERT, jobs: list[tuple[Path, Path]], layers: list[int],
     return n_done, skipped, failed
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help with the epilog's line breaks kept."""
+
+
+def add_flag(p: argparse.ArgumentParser, name: str, *more, **kw):
+    """An option under its canonical underscore name, also accepted with hyphens (--chunk_stats, --chunk-stats)."""
+    names = [name] + ([name.replace("_", "-")] if "_" in name else []) + list(more)
+    return p.add_argument(*names, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's flags."""
     p = argparse.ArgumentParser(
         description="Extract MERT features (all hidden states, 75 frames/s) from audio files or folders.",
-        epilog="example: python extract.py music/ -o feats/ --ckpt m-a-p/MERT-v1-95M --layers 4-8 --pool mean",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="examples:\n"
+               "  python extract.py song.wav                 # song.npy beside it, the shipped model\n"
+               "  python extract.py music/ -o feats/ --ckpt m-a-p/MERT-v1-95M --layers 4-8 --pool mean\n"
+               "  python extract.py music/ -o marble/ --ckpt m-a-p/MERT-v1-95M --normalize "
+               "--chunk 30 --overlap 0 --chunk_stats chunk   # as MARBLE's MERT-v1-95M configs\n"
+               "flags with an underscore also take hyphens (--chunk-stats).",
+        formatter_class=_Formatter)
     p.add_argument("inputs", nargs="+", help="audio files and/or folders (searched recursively)")
-    p.add_argument("-o", "--out", default=None, help="output folder (default: beside each input)")
-    p.add_argument("--ckpt", default=None, help="model: HF folder, hub id in the local HF cache, fairseq .pt or ours (default: the shipped model)")
-    p.add_argument("--layers", default="all", help="hidden states to keep: all, N, A-B, or a comma list (0 = input of layer 1)")
-    p.add_argument("--pool", default="none", choices=["none", "mean", "meanstd"], help="pool over time: none -> [layers, frames, dim]; mean -> [layers, dim]; meanstd -> [layers, 2*dim]")
-    p.add_argument("--chunk", type=float, default=30.0, help="seconds per chunk for long files (0: whole file at once)")
-    p.add_argument("--overlap", type=float, default=5.0, help="seconds of overlap between chunks")
-    p.add_argument("--batch", type=int, default=1, help="chunks per forward pass (clips of unequal length are padded exactly)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype (outputs are float32)")
-    p.add_argument("--overwrite", action="store_true", help="recompute inputs whose output already exists")
+    add_flag(p, "--out", "-o", default=None, help="output folder (default: beside each input)")
+    add_flag(p, "--ckpt", default=None,
+             help="model: HF folder, hub id in the local HF cache, fairseq .pt or ours (default: the shipped model)")
+    add_flag(p, "--layers", default="all",
+             help="hidden states to keep: all, N, A-B, or a comma list; 0 = input of layer 1 (default: all)")
+    add_flag(p, "--pool", default="none", choices=["none", "mean", "meanstd"],
+             help="pool over time: none -> [layers, frames, dim]; mean -> [layers, dim]; "
+                  "meanstd -> [layers, 2*dim] (default: none)")
+    add_flag(p, "--chunk", type=float, default=30.0,
+             help="seconds per chunk for long files; 0: every file whole (default: 30)")
+    add_flag(p, "--overlap", type=float, default=5.0, help="seconds of overlap between chunks (default: 5)")
+    add_flag(p, "--chunk_stats", default="file", choices=["file", "chunk"],
+             help="statistics of the GroupNorm after conv 0 in a chunked file: the whole file's, as one "
+                  "forward takes them, or each chunk's own, as separate clips (MARBLE) (default: file)")
+    add_flag(p, "--normalize", action="store_true",
+             help="scale each file to zero mean and unit variance first, as MARBLE's MERT-v1-95M configs do "
+                  "(MERT was pretrained without it; default: off)")
+    add_flag(p, "--batch", type=int, default=1,
+             help="chunks per forward pass; clips of unequal length are padded exactly (default: 1)")
+    add_flag(p, "--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps (default: auto)")
+    add_flag(p, "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+             help="compute dtype; outputs are float32 (default: float32)")
+    add_flag(p, "--overwrite", action="store_true",
+             help="recompute every input whose output exists, including outputs made another way")
     return p
 
 
@@ -286,29 +495,45 @@ def main(argv=None) -> int:
     if args.batch < 1 or args.chunk < 0 or args.overlap < 0:
         err("--batch must be >= 1 and --chunk/--overlap >= 0")
         return 2
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        err(f"-o {args.out}: exists and is not a folder")
+        return 2
     ckpt = args.ckpt or DEFAULT_CKPT
     if args.ckpt is None and not DEFAULT_CKPT.exists():
         err(NO_DEFAULT_MSG.format(path=DEFAULT_CKPT))
         return 2
+    skipped_files = []
     try:
-        jobs = resolve_jobs(args.inputs, args.out)
-        model = MERT.from_pretrained(ckpt)
+        jobs = resolve_jobs(args.inputs, args.out, skipped_files)
+        for path, why in skipped_files:
+            print(f"error: {path}: {why}", file=sys.stderr)
+        if not jobs:
+            err(f"no audio input: nothing in {', '.join(args.inputs)} that soundfile can decode "
+                f"({' '.join(sorted(audio.AUDIO_EXTENSIONS))})")
+            return 2
         device, dtype = pick_device(args.device), getattr(torch, args.dtype)
+        model = MERT.from_pretrained(ckpt)
+        model_id = model_fingerprint(model)  # before the cast: the weights as the checkpoint holds them
         model = model.to(device=device, dtype=dtype)
         layers = parse_layers(args.layers, model.num_states)
     except (audio.AudioError, CheckpointError, ValueError, RuntimeError) as e:
-        err(str(e))
+        err(audio._oneline(e))
         return 2
     try:
         t0 = time.time()
-        n_done, skipped, failed = extract_files(model, jobs, layers, args.pool, args.chunk, args.overlap,
-                                                args.batch, args.overwrite)
+        n_done, skipped, failed = extract_files(
+            model, jobs, layers, args.pool, args.chunk, args.overlap, args.batch, args.overwrite,
+            normalize=args.normalize, chunk_stats=args.chunk_stats, model_id=model_id, ckpt_name=str(ckpt))
     except ValueError as e:
         err(str(e))
         return 2
-    print(f"extract.py: {n_done} written, {skipped} already there, {len(failed)} failed "
+    except KeyboardInterrupt:
+        err("interrupted; every output written is complete, and a rerun finishes the rest")
+        return 130
+    n_failed = len(failed) + len(skipped_files)
+    print(f"extract.py: {n_done} written, {skipped} already there, {n_failed} failed "
           f"({time.time() - t0:.1f} s)", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if n_failed else 0
 
 
 if __name__ == "__main__":
