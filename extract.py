@@ -26,6 +26,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -457,11 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
                "  python extract.py song.wav                 # song.npy beside it, the shipped model\n"
                "  python extract.py music/ -o feats/ --ckpt m-a-p/MERT-v1-95M --layers 4-8 --pool mean\n"
                "  python extract.py music/ -o marble/ --ckpt m-a-p/MERT-v1-95M --normalize "
-               "--chunk 30 --overlap 0 --chunk_stats chunk   # as MARBLE's MERT-v1-95M configs\n"
+               "--chunk 30 --overlap 0 --chunk_stats chunk   # near MARBLE's MERT-v1-95M setup\n"
                "flags with an underscore also take hyphens (--chunk-stats).",
         formatter_class=_Formatter)
     p.add_argument("inputs", nargs="+", help="audio files and/or folders (searched recursively)")
-    add_flag(p, "--out", "-o", default=None, help="output folder (default: beside each input)")
+    p.add_argument("-o", "--out", default=None, help="output folder (default: beside each input)")
     add_flag(p, "--ckpt", default=None,
              help="model: HF folder, hub id in the local HF cache, fairseq .pt or ours (default: the shipped model)")
     add_flag(p, "--layers", default="all",
@@ -492,8 +493,8 @@ def main(argv=None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 some inputs failed, 2 usage error)."""
     args = build_parser().parse_args(argv)
     err = lambda msg: print(f"extract.py: {msg}", file=sys.stderr)  # noqa: E731
-    if args.batch < 1 or args.chunk < 0 or args.overlap < 0:
-        err("--batch must be >= 1 and --chunk/--overlap >= 0")
+    if args.batch < 1 or not 0 <= args.chunk < math.inf or not 0 <= args.overlap < math.inf:
+        err("--batch must be >= 1 and --chunk/--overlap finite and >= 0")
         return 2
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         err(f"-o {args.out}: exists and is not a folder")

@@ -303,7 +303,7 @@ def test_help_states_each_default_once_and_takes_hyphen_aliases(capsys):
     assert p.parse_args(["x", "--chunk-stats", "chunk"]).chunk_stats == "chunk"
 
 
-def test_sigkill_mid_folder_then_rerun_completes(micro_ckpt, tmp_path):
+def test_sigkill_mid_folder_then_rerun_completes(micro_ckpt, tmp_path, capsys):
     """Issue 18: a run killed (SIGKILL) after its first output leaves only complete outputs; the rerun
     finishes the folder, equal to an uninterrupted run, with no temporary file left."""
     src = tmp_path / "in"
@@ -328,7 +328,9 @@ def test_sigkill_mid_folder_then_rerun_completes(micro_ckpt, tmp_path):
         np.testing.assert_allclose(np.load(f), np.load(tmp_path / "ref" / f.name), atol=1e-6)
         assert (out / (f.name + ".json")).exists()
     assert all(p.suffix in (".npy", ".json", ".tmp") for p in out.iterdir())
+    capsys.readouterr()
     assert extract.main([str(src), "-o", str(out)] + args) == 0
+    assert f"{n_files - len(done)} written, {len(done)} already there" in capsys.readouterr().err
     for i in range(n_files):
         np.testing.assert_allclose(np.load(out / f"{i:02d}.npy"), np.load(tmp_path / "ref" / f"{i:02d}.npy"), atol=1e-6)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
