@@ -166,13 +166,14 @@ def _ogg_tail(path: Path) -> str | None:
     last_whole, cut = None, False
     p = tail.rfind(b"OggS")
     while p >= 0:
-        if p + 27 <= len(tail) and tail[p + 4] == 0:
-            nseg = tail[p + 26]
+        if tail[p + 4:p + 5] in (b"\x00", b""):  # stream structure version 0 (or cut before it): a page
+            nseg = tail[p + 26] if p + 27 <= len(tail) else 255
             end = p + 27 + nseg + sum(tail[p + 27:p + 27 + nseg])
             if p + 27 + nseg <= len(tail) and end <= len(tail):
                 last_whole = p
+                cut = cut or (end < len(tail) and not tail[p + 5] & 0x04)  # bytes of a next page follow
                 break
-        cut = True  # a page start whose page runs past the end of the file
+            cut = True  # a page that runs past the end of the file
         p = tail.rfind(b"OggS", 0, p)
     if cut:
         return "truncated Ogg: the file ends inside a page"
