@@ -177,7 +177,7 @@ def output_status(src: Path, dst: Path, settings: dict) -> tuple[str, str]:
     try:
         if rec.get("source", {}).get("size") != src.stat().st_size or \
                 rec.get("source", {}).get("mtime_ns") != src.stat().st_mtime_ns:
-            return "stale", "its input changed since"
+            return "stale", "its input has changed since it was made"
     except OSError:
         return "stale", "its input cannot be examined"
     if rec.get("bytes") != dst.stat().st_size:

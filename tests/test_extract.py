@@ -245,7 +245,7 @@ def test_rerun_with_other_settings_is_refused_and_a_changed_input_recomputed(mic
     capsys.readouterr()
     assert extract.main(base + ["--pool", "mean"]) == 0
     err = capsys.readouterr().err
-    assert "recomputing, its input changed" in err and "1 written" in err
+    assert "recomputing, its input has changed" in err and "1 written" in err
     assert json.loads((out / "s.npy.json").read_text())["source"]["size"] == (tmp_path / "s.wav").stat().st_size
 
 
