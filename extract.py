@@ -15,8 +15,8 @@ conv 0 takes the whole file's statistics, as one forward would; attention sees t
       chunk              |~~~~|======keep=======|~~~~|
       chunk                                |~~~~|=========keep====(to the end)=|
 
-song.npy.json beside each output records what made it (model fingerprint, settings, the input's size and
-time): a rerun skips outputs made the same way, recomputes those whose input changed, and refuses (exit 2)
+song.npy.json beside each output records what made it (model fingerprint, settings, the input's size, time,
+hash): a rerun skips outputs made the same way, recomputes those whose input changed, and refuses (exit 2)
 to replace outputs made another way unless --overwrite. Arrays are written to song.npy.tmp and renamed after
 their record, so a killed run leaves no partial song.npy. Bad inputs are named on stderr and skipped: exit 1
 when any failed, 2 on usage errors (no input at all included).
@@ -154,9 +154,18 @@ def _publish(tmp: Path, dst: Path, record: dict):
     os.replace(tmp, dst)
 
 
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
 def _source_stamp(src: Path) -> dict:
+    """What identifies an input: size and time to check quickly, the content hash when the time moved."""
     st = src.stat()
-    return {"path": str(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": str(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _file_hash(src)}
 
 
 def output_status(src: Path, dst: Path, settings: dict) -> tuple[str, str]:
@@ -174,9 +183,12 @@ def output_status(src: Path, dst: Path, settings: dict) -> tuple[str, str]:
         said = [f"another model ({rec.get('ckpt')}, {rec.get('model')})" if k == "model" else
                 f"{k} {rec.get(k)!r} (now {settings[k]!r})" for k in diffs]
         return "conflict", "made with " + ", ".join(said)
+    made = rec.get("source") if isinstance(rec.get("source"), dict) else {}
     try:
-        if rec.get("source", {}).get("size") != src.stat().st_size or \
-                rec.get("source", {}).get("mtime_ns") != src.stat().st_mtime_ns:
+        st = src.stat()
+        # a copy (cp, rsync without -t) moves the time but not the content: then the hash decides
+        if made.get("size") != st.st_size or (made.get("mtime_ns") != st.st_mtime_ns and
+                                              made.get("sha256") != _file_hash(src)):
             return "stale", "its input has changed since it was made"
     except OSError:
         return "stale", "its input cannot be examined"

@@ -241,6 +241,8 @@ def test_rerun_with_other_settings_is_refused_and_a_changed_input_recomputed(mic
     (out / "s.npy.json").unlink()  # an output without a record, as an older extract.py left them
     assert extract.main(base + ["--pool", "mean"]) == 2 and "no record" in capsys.readouterr().err
     assert extract.main(base + ["--pool", "mean", "--overwrite"]) == 0
+    os.utime(tmp_path / "s.wav", ns=(1, 10**18))  # a copy: another time, the same content
+    assert extract.main(base + ["--pool", "mean"]) == 0 and "1 already there" in capsys.readouterr().err
     sf.write(tmp_path / "s.wav", music(40000), 24000)  # the input changes: recomputed, and said
     capsys.readouterr()
     assert extract.main(base + ["--pool", "mean"]) == 0
