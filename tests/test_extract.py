@@ -310,9 +310,9 @@ def test_sigkill_mid_folder_then_rerun_completes(micro_ckpt, tmp_path, capsys):
     finishes the folder, equal to an uninterrupted run, with no temporary file left."""
     src = tmp_path / "in"
     src.mkdir()
-    n_files = 8
+    n_files = 6
     for i in range(n_files):  # each takes ~0.1 s; the kill lands within ~10 ms of the first output
-        sf.write(src / f"{i:02d}.wav", music(24000 * 15, seed=i), 24000, subtype="FLOAT")
+        sf.write(src / f"{i:02d}.wav", music(24000 * 12, seed=i), 24000, subtype="FLOAT")
     args = ["--ckpt", str(micro_ckpt), "--chunk", "10", "--overlap", "2"]
     assert extract.main([str(src), "-o", str(tmp_path / "ref")] + args) == 0
     out = tmp_path / "out"
