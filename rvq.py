@@ -691,28 +691,40 @@ def train(waves: list, out: str | os.PathLike, tc: TrainConfig, resume: bool = F
 
 @torch.no_grad()
 def evaluate(model: RVQVAE, waves: list, n_qs=(1, 2, 4, 8), chunk_seconds: float = 10.0) -> dict:
-    """Per n_q: mean SI-SNR (dB) and mel distance over tracks; per codebook: usage perplexity over all frames."""
+    """Per n_q: mean SI-SNR (dB) and mel distance over tracks; per codebook: usage perplexity over all frames.
+
+    Each track runs in whole chunks of chunk_seconds (a final partial chunk is left out); a track shorter
+    than one chunk runs whole (in whole frames). Tracks too short for the metrics (under 2048 samples)
+    are left out and listed by index in "skipped"."""
     model.eval()
-    chunk = int(chunk_seconds * model.cfg.sample_rate) // model.cfg.hop * model.cfg.hop
+    hop = model.cfg.hop
+    chunk = int(chunk_seconds * model.cfg.sample_rate) // hop * hop
+    shortest = -(-RESOLUTIONS[-1][0] // hop) * hop  # the widest STFT of the mel distance needs this much
     res = {n: {"si_snr": [], "mel": []} for n in n_qs}
-    all_codes = []
-    for w in waves:
+    all_codes, skipped, samples = [], [], 0
+    for i, w in enumerate(waves):
         # chunks of whole frames, batched, so long tracks fit in memory; the tail is dropped
-        n = len(w) // chunk
+        n, size = len(w) // chunk, chunk
         if n == 0:
-            continue
-        x = torch.from_numpy(np.asarray(w[: n * chunk], dtype=np.float32)).view(n, chunk)
-        codes = torch.cat([model.encode(x[i: i + 8], n_q=max(n_qs)) for i in range(0, n, 8)])
-        all_codes.append(codes)
+            n, size = 1, len(w) // hop * hop
+            if size < shortest:
+                skipped.append(i)
+                continue
+        x = torch.from_numpy(np.asarray(w[: n * size], dtype=np.float32)).view(n, size)
+        samples += x.numel()
+        codes = torch.cat([model.encode(x[j: j + 8], n_q=max(n_qs)) for j in range(0, n, 8)])
+        all_codes.append(codes.transpose(0, 1).reshape(codes.shape[1], -1))  # (n_q, chunks x frames)
         for k in n_qs:
-            rec = torch.cat([model.decode(codes[i: i + 8, :k]) for i in range(0, n, 8)])
+            rec = torch.cat([model.decode(codes[j: j + 8, :k]) for j in range(0, n, 8)])
             res[k]["si_snr"].append(si_snr(rec.flatten(), x.flatten()))
             res[k]["mel"].append(mel_distance(rec, x))
-    codes = torch.cat(all_codes)                            # (chunks, n_q, T)
+    if not all_codes:
+        raise ValueError(f"no track long enough to evaluate (each needs {shortest} samples)")
+    codes = torch.cat(all_codes, dim=1)                     # (n_q, all frames)
     return {
-        "tracks": len(all_codes), "seconds": codes.shape[0] * chunk_seconds,
+        "tracks": len(all_codes), "seconds": samples / model.cfg.sample_rate, "skipped": skipped,
         "n_q": {k: {m: float(np.mean(v)) for m, v in d.items()} for k, d in res.items()},
-        "perplexity": [perplexity(codes[:, k], model.cfg.bins) for k in range(codes.shape[1])],
+        "perplexity": [perplexity(codes[k], model.cfg.bins) for k in range(codes.shape[0])],
     }
 
 
@@ -745,6 +757,16 @@ def _read_tracks(paths: list, max_seconds: float | None = None) -> tuple[list, l
     return waves, names, failed
 
 
+def _underscore_flags(argv: list, names) -> list:
+    """--batch-size -> --batch_size (also --batch-size=8): underscores are canonical, hyphens aliases."""
+    canon = {n.replace("_", "-"): n for n in names if "_" in n}
+    out = []
+    for a in argv:
+        flag, eq, value = a.partition("=")
+        out.append(f"--{canon[flag[2:]]}{eq}{value}" if flag.startswith("--") and flag[2:] in canon else a)
+    return out
+
+
 def main(argv: list | None = None) -> int:
     """Command line: train (`--data DIR --out X.pt`) or evaluate (`--eval --ckpt X.pt --data DIR`)."""
     tc0 = TrainConfig()
@@ -754,26 +776,29 @@ def main(argv: list | None = None) -> int:
         epilog="examples:\n"
                "  python rvq.py --data music/ --out teacher.pt --preset small --steps 1800 --threads 1\n"
                "  python rvq.py --data music/ --out teacher.pt --resume            # continue a run\n"
-               "  python rvq.py --eval --ckpt teacher.pt --data heldout/           # quality table\n")
+               "  python rvq.py --eval --ckpt teacher.pt --data heldout/           # quality table\n"
+               "Flags may be spelled with hyphens too (--batch-size); --data takes paths space- or comma-separated.\n")
     ap.add_argument("--data", nargs="+", required=True, help="audio files or folders (searched recursively)")
-    ap.add_argument("--out", help="training: checkpoint to write (atomically, every --ckpt-every steps)")
+    ap.add_argument("--out", help="training: checkpoint to write (atomically, every --ckpt_every steps)")
     ap.add_argument("--resume", action="store_true", help="continue from --out if it exists (exact: model, optimiser, RNG)")
     ap.add_argument("--preset", default=tc0.preset, choices=sorted(PRESETS), help="architecture (default %(default)s)")
     ap.add_argument("--steps", type=int, default=tc0.steps, help="optimiser steps (default %(default)s)")
-    ap.add_argument("--batch-size", type=int, default=tc0.batch_size, help="crops per step (default %(default)s)")
-    ap.add_argument("--crop-seconds", type=float, default=tc0.crop_seconds, help="crop length in seconds (default %(default)s)")
+    ap.add_argument("--batch_size", type=int, default=tc0.batch_size, help="crops per step (default %(default)s)")
+    ap.add_argument("--crop_seconds", type=float, default=tc0.crop_seconds, help="crop length in seconds (default %(default)s)")
     ap.add_argument("--lr", type=float, default=tc0.lr, help="peak Adam learning rate (default %(default)s)")
     ap.add_argument("--warmup", type=int, default=tc0.warmup, help="linear warmup steps (default %(default)s)")
-    ap.add_argument("--grad-clip", type=float, default=tc0.grad_clip, help="gradient-norm clip (default %(default)s)")
-    ap.add_argument("--init-batches", type=int, default=tc0.init_batches, help="batches seeding k-means (default %(default)s)")
-    ap.add_argument("--ckpt-every", type=int, default=tc0.ckpt_every, help="steps between checkpoints (default %(default)s)")
+    ap.add_argument("--grad_clip", type=float, default=tc0.grad_clip, help="gradient-norm clip (default %(default)s)")
+    ap.add_argument("--init_batches", type=int, default=tc0.init_batches, help="batches seeding k-means (default %(default)s)")
+    ap.add_argument("--ckpt_every", type=int, default=tc0.ckpt_every, help="steps between checkpoints (default %(default)s)")
     ap.add_argument("--seed", type=int, default=tc0.seed, help="random seed (default %(default)s)")
     ap.add_argument("--device", default=tc0.device, help="torch device, e.g. cpu or cuda (default %(default)s)")
     ap.add_argument("--threads", type=int, default=tc0.threads, help="CPU threads, 0 = torch default (default %(default)s)")
     ap.add_argument("--eval", action="store_true", help="evaluate --ckpt on --data instead of training")
     ap.add_argument("--ckpt", help="--eval: our checkpoint or an EnCodec 24 kHz state dict")
-    ap.add_argument("--eval-seconds", type=float, default=60.0, help="--eval: centre excerpt per track in seconds (default %(default)s)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--eval_seconds", type=float, default=60.0, help="--eval: centre excerpt per track in seconds (default %(default)s)")
+    names = ("batch_size", "crop_seconds", "grad_clip", "init_batches", "ckpt_every", "eval_seconds")
+    args = ap.parse_args(_underscore_flags(list(sys.argv[1:] if argv is None else argv), names))
+    args.data = [x.strip() for d in args.data for x in d.split(",") if x.strip()]  # "a,b c" -> a, b, c
     if args.eval and not args.ckpt:
         ap.error("--eval needs --ckpt")
     if not args.eval and not args.out:
@@ -788,7 +813,14 @@ def main(argv: list | None = None) -> int:
             print("no readable audio under --data", file=sys.stderr)
             return 1
         print(f"evaluating {args.ckpt} on {len(waves)} tracks: {', '.join(Path(n).name for n in names)}", file=sys.stderr)
-        r = evaluate(model, waves, n_qs=[k for k in (1, 2, 4, 8) if k <= model.cfg.n_q])
+        try:
+            r = evaluate(model, waves, n_qs=[k for k in (1, 2, 4, 8) if k <= model.cfg.n_q])
+        except ValueError as e:
+            print(f"rvq.py --eval: {e}", file=sys.stderr)
+            return 1
+        for i in r["skipped"]:  # named, and the exit code says that not every track was measured
+            print(f"skipping {names[i]}: {len(waves[i]) / SAMPLE_RATE:.2f} s, too short to evaluate", file=sys.stderr)
+        failed += len(r["skipped"])
         print(f"held-out: {r['tracks']} tracks, {r['seconds']:.0f} s")
         print("| codebooks | SI-SNR (dB) ↑ | mel distance ↓ |\n| --- | --- | --- |")
         for k, m in r["n_q"].items():

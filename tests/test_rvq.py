@@ -228,3 +228,26 @@ def test_metrics():
     assert rvq.mel_distance(x, x) == 0
     assert rvq.perplexity(torch.arange(1024), 1024) == pytest.approx(1024)
     assert rvq.perplexity(torch.zeros(50, dtype=torch.long), 1024) == pytest.approx(1)
+
+
+def test_eval_cli_names_what_it_leaves_out_and_takes_both_flag_styles(tmp_path, capsys):
+    """rvq.py --eval: tracks shorter than a 10 s chunk are measured whole, one too short for the metrics is
+    named (exit 1); --eval-seconds is an alias of --eval_seconds and --data takes commas and spaces."""
+    sf = pytest.importorskip("soundfile")
+    torch.manual_seed(0)
+    model = rvq.RVQVAE(TINY).eval()
+    with torch.no_grad():
+        model.quantizer.init_(model.encoder(music_like(4, 6400, seed=9)[:, None]))
+    torch.save({"config": rvq.asdict(TINY), "model": model.state_dict()}, tmp_path / "t.pt")
+    for name, seconds in (("a", 3.0), ("b", 1.0), ("c", 0.05)):
+        sf.write(tmp_path / f"{name}.wav", music_like(1, int(seconds * rvq.SAMPLE_RATE), seed=3)[0].numpy(),
+                 rvq.SAMPLE_RATE)
+    data = [f"{tmp_path / 'a.wav'},{tmp_path / 'b.wav'}", str(tmp_path / "c.wav")]
+    code = rvq.main(["--eval", "--ckpt", str(tmp_path / "t.pt"), "--data", *data, "--eval-seconds", "2"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "held-out: 2 tracks, 3 s" in out                   # a: its 2 s centre excerpt, b: whole (1 s)
+    assert f"skipping {tmp_path / 'c.wav'}: 0.05 s, too short to evaluate" in err
+    code = rvq.main(["--eval", "--ckpt", str(tmp_path / "t.pt"), "--data", str(tmp_path / "a.wav"),
+                     "--eval_seconds", "1"])
+    assert code == 0 and "held-out: 1 tracks, 1 s" in capsys.readouterr().out
