@@ -696,6 +696,23 @@ class CropDataset:
             if shard not in broken:
                 yield refs[shard], off, n
 
+    def table(self) -> dict:
+        """The items ds[i] draws from, as plain lists: saved with a run, so that use_table() can restore them."""
+        return {"sr": self.sr, "kind": self.kind.tolist(), "ref": self.ref.tolist(), "offset": self.offset.tolist(),
+                "length": self.length.tolist(), "file_sr": self.file_sr.tolist(), "frames": self.frames.tolist(),
+                "paths": list(self.paths), "shard_files": list(self.shard_files)}
+
+    def use_table(self, t: dict) -> None:
+        """Draw from a table() saved earlier: the same items whether they read now or not (a file gone
+        bad fails when drawn and is redrawn, as mid-run), so a resumed run reads the same crops."""
+        if t["sr"] != self.sr:
+            raise ValueError(f"table at {t['sr']} Hz, dataset at {self.sr} Hz")
+        self.kind, self.ref = np.asarray(t["kind"], np.int8), np.asarray(t["ref"], np.int64)
+        self.offset, self.length = np.asarray(t["offset"], np.int64), np.asarray(t["length"], np.int64)
+        self.file_sr, self.frames = np.asarray(t["file_sr"], np.int64), np.asarray(t["frames"], np.int64)
+        self.paths, self.shard_files, self._maps = list(t["paths"]), list(t["shard_files"]), {}
+        self._cum = np.cumsum(self.length if self.weight == "duration" else np.ones_like(self.length))
+
     # -- the crops
     def __getstate__(self):  # memmaps stay behind: each worker process opens its own
         return {**self.__dict__, "_maps": {}}
@@ -717,6 +734,16 @@ class CropDataset:
         n = self.crop_samples
         if self.kind[item] == 1:
             path = self.shard_files[self.ref[item]]
+            # A shard cut short after the start (full disk, a copy in progress) must fail here: a slice
+            # past a memmap's end would come back short (read as silence) or kill the process (SIGBUS).
+            need = 2 * int(self.offset[item] + self.length[item])
+            try:
+                size = os.stat(path).st_size
+            except OSError as e:
+                raise AudioError(f"{path}: unreadable shard ({_oneline(e)})") from None
+            if size < need:
+                self._maps.pop(path, None)
+                raise AudioError(f"{path}: missing or truncated shard ({size} of {need} bytes)")
             m = self._maps.get(path)
             if m is None:
                 try:

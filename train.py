@@ -1,6 +1,6 @@
 """MERT pretraining: teachers on the fly, masked prediction, plain torch DDP. One file.
 
-    python train.py --size tiny --data ./music --out runs/tiny --max_steps 200      # a laptop CPU
+    python train.py --size tiny --data ./music --out runs/tiny --max_steps 60 --warmup_steps 10  # a CPU
     torchrun --nproc_per_node=8 train.py --size 330m --data /music --out runs/330m  # a GPU node
 
 Every step: a batch of random crops (audio.py) -> the teachers label the clean audio (RVQ codes, CQT
@@ -16,16 +16,21 @@ Design notes:
   what one process computes on the combined batch (fairseq's equal-masks-per-row rule spans the batch).
 - Checkpoints hold model, optimiser, step and both configs; they are written atomically (temp file,
   then rename) from the unwrapped model and read back with torch.load(weights_only=True).
+- Faults: the same command continues the run in --out (--resume auto), so a torchrun restart or a
+  requeued job resumes by itself; SIGTERM ends the step with a checkpoint (exit 75); the newest
+  --keep_ckpts checkpoints stay, CRC-checked on resume, a damaged one is named and skipped.
 """
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+import zipfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -71,14 +76,14 @@ class TrainConfig:
     eval_interval: int = 500
     eval_clips: int = 64
     ckpt_interval: int = 1000
-    keep_ckpts: bool = False  # also keep each checkpoint as ckpt_<step>.pt
+    keep_ckpts: int = 2  # checkpoints kept as ckpt_<step>.pt, newest first (-1: every one)
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     seed: int = 1337
     num_workers: int = 2
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 elsewhere
     compile: bool = False
-    resume: bool = False
+    resume: str = "auto"  # auto: continue OUT's run if it has one; true: must continue; false: must start fresh
     init: str = ""  # fresh run's starting weights: our checkpoint, a fairseq MERT .pt (with heads) or a Hugging Face folder
 
 
@@ -90,8 +95,10 @@ TRAIN_PRESETS = {
 }
 
 HELP = {
-    "size": "model and training preset", "data": "training audio: folders, a manifest or prepared shards (comma-separated)",
-    "val_data": "held-out audio for the validation loss", "out": "run folder for checkpoints and the JSONL log",
+    "size": "model and training preset",
+    "data": "training audio: folders, files, manifests or prepared shards (space- or comma-separated)",
+    "val_data": "held-out audio for the validation loss (space- or comma-separated)",
+    "out": "run folder for checkpoints and the JSONL log",
     "teachers": "label producers joined by '+': rvq, randproj, mfcc, cqt",
     "acoustic_ckpt": "RVQ teacher checkpoint (ours or EnCodec 24 kHz)", "mfcc_ckpt": "MFCC k-means teacher file",
     "n_q": "codebooks of the rvq/randproj teacher to predict, the first n_q (MERT: 8)",
@@ -105,12 +112,15 @@ HELP = {
     "crop_seconds": "seconds per training crop", "noise_prob": "probability of in-batch noise per clip",
     "noise_min_seconds": "shortest noise segment", "noise_max_seconds": "longest noise segment",
     "eval_interval": "steps between validation losses", "eval_clips": "validation clips per evaluation",
-    "ckpt_interval": "steps between checkpoints",
-    "keep_ckpts": "also keep every checkpoint as OUT/ckpt_<step>.pt (to probe or export a run's history)",
+    "ckpt_interval": "steps between checkpoints (SIGTERM also writes one)",
+    "keep_ckpts": "checkpoints kept as OUT/ckpt_<step>.pt, the newest K (-1: all, to probe or export a run's "
+                  "history); a resume falls back to an older one when the newest is damaged",
     "max_bad_steps": "consecutive non-finite steps that stop the run",
     "seed": "seed of crops, masks, noise and initialisation", "num_workers": "data loader processes per device",
     "device": "auto, cpu, cuda", "dtype": "auto, float32 or bfloat16 (autocast)",
-    "compile": "torch.compile the model", "resume": "continue from OUT/ckpt.pt",
+    "compile": "torch.compile the model",
+    "resume": "auto: continue the run in OUT if there is one, else start it (what a restarted job needs); "
+              "true: continue, error if OUT has no checkpoint; false: start fresh, error if OUT holds a run",
     "init": "start a fresh run (new optimiser and schedule) from these weights: a train.py checkpoint, an official "
             "MERT fairseq .pt with its pretraining heads, or a Hugging Face folder or hub id (encoder only; heads "
             "start fresh). Ignored when the run resumes",
@@ -121,16 +131,65 @@ HELP = {
 # configuration from the command line
 
 
+# Fields that a resumed run may change (the schedule and its bookkeeping): taken from the checkpoint
+# unless given, applied and announced when given. MACHINE_FIELDS always come from the command (where
+# and how this launch runs). Every other field (the model, teachers, seed, crops, batch, noise, ...)
+# defines the run: a resume takes the checkpoint's value and refuses a different one given on the
+# command line, naming it. Fields added later are fixed unless listed here.
+RESUME_MAY_CHANGE = ("max_steps", "warmup_steps", "lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
+                     "eval_interval", "eval_clips", "ckpt_interval", "keep_ckpts", "max_bad_steps", "val_data")
+MACHINE_FIELDS = ("data", "out", "device", "dtype", "compile", "num_workers", "resume")
+HEAD_FIELDS = ("n_codebooks", "codebook_size", "cqt_bins")  # set by the teachers
+LIST_FLAGS = ("data", "val_data")  # path lists: space- or comma-separated
+
+EPILOG = """examples:
+  python train.py --size tiny --data ./music --out runs/tiny --max_steps 60 --warmup_steps 10
+  torchrun --nproc_per_node=8 --max-restarts 3 train.py --size 95m --data /shards --out runs/95m
+
+A rerun of the same command continues the run in --out (--resume auto). SIGTERM finishes the current
+step, writes a checkpoint and exits with code 75; rerun the same command to continue. Exit codes:
+0 done, 1 unusable input (data, checkpoint), 2 usage, 3 non-finite losses, 75 stopped by SIGTERM.
+Flags may be spelled with hyphens too (--max-steps); --data takes paths space- or comma-separated.
+"""
+
+
+def _show(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+
+
+def _default_text(name: str) -> str:
+    """' (default: X)', or per size ' (default: tiny X, 95m Y, 330m Z)', read from the presets at help time."""
+    if name == "size":
+        return " (default: tiny)"
+    if name in HEAD_FIELDS:
+        return " (default: from --teachers)"
+    if name in TrainConfig.__dataclass_fields__:
+        base = TrainConfig.__dataclass_fields__[name].default
+        per = {size: _show(TRAIN_PRESETS.get(size, {}).get(name, base)) or "none" for size in PRESETS}
+    else:
+        base = MERTConfig.__dataclass_fields__[name].default
+        per = {size: _show(PRESETS[size].get(name, base)) for size in PRESETS}
+    if len(set(per.values())) == 1:
+        return f" (default: {next(iter(per.values()))})"
+    return " (default: " + ", ".join(f"{k} {v}" for k, v in per.items()) + ")"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Every TrainConfig and MERTConfig field as --name (bools take true/false)."""
-    p = argparse.ArgumentParser(
-        description="MERT pretraining (single process or torchrun DDP).",
-        epilog="example: python train.py --size tiny --data ./music --out runs/tiny --max_steps 200",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Every TrainConfig and MERTConfig field as --name (bools take true/false); defaults come from the presets."""
+    p = argparse.ArgumentParser(description="MERT pretraining (single process or torchrun DDP).", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def add(f, help_text):
         kind = f.type if isinstance(f.type, type) else type(f.default)
-        if kind is bool:
+        help_text = (help_text + _default_text(f.name)).replace("%", "%%")
+        if f.name == "resume":
+            p.add_argument("--resume", type=_resume_mode, nargs="?", const="true", default=None,
+                           metavar="{auto,true,false}", help=help_text)
+        elif f.name == "keep_ckpts":
+            p.add_argument("--keep_ckpts", type=_keep_count, default=None, metavar="K", help=help_text)
+        elif f.name in LIST_FLAGS:
+            p.add_argument(f"--{f.name}", nargs="+", default=None, metavar="PATH", help=help_text)
+        elif kind is bool:
             p.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, default=None, help=help_text)
         elif kind is tuple:
             p.add_argument(f"--{f.name}", type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
@@ -155,14 +214,60 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
+def _resume_mode(s: str) -> str:
+    """--resume auto|true|false (yes/no/1/0 accepted)."""
+    if s.lower() == "auto":
+        return "auto"
+    try:
+        return "true" if _bool(s) else "false"
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {s!r}") from None
+
+
+def _keep_count(s) -> int:
+    """--keep_ckpts K >= 1, or -1 for all; true/false (the flag's old boolean form) mean all / the newest only."""
+    if isinstance(s, bool) or str(s).lower() in ("true", "false", "yes", "no"):
+        return -1 if (s if isinstance(s, bool) else _bool(str(s))) else 1
+    try:
+        k = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or -1 (all), got {s!r}") from None
+    if k == 0 or k < -1:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or -1 (all), got {s!r}")
+    return k
+
+
+def hyphen_aliases(argv: list, names) -> list:
+    """--max-steps -> --max_steps (also --max-steps=5) for the given flag names: hyphens are aliases."""
+    canon = {n.replace("_", "-"): n for n in names if "_" in n}
+    out = []
+    for a in argv:
+        flag, eq, value = a.partition("=")
+        if flag.startswith("--") and flag[2:] in canon:
+            a = f"--{canon[flag[2:]]}{eq}{value}"
+        out.append(a)
+    return out
+
+
+def parse_given(argv=None) -> dict:
+    """The fields set on the command line (name -> typed value); list flags joined by commas."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = [f.name for f in fields(TrainConfig)] + [f.name for f in fields(MERTConfig)]
+    args = vars(build_parser().parse_args(hyphen_aliases(argv, names)))
+    given = {k: v for k, v in args.items() if v is not None}
+    for k in LIST_FLAGS:
+        if k in given:  # ["a,b", "c"] -> "a,b,c"
+            given[k] = ",".join(x.strip() for v in given[k] for x in v.split(",") if x.strip())
+    return given
+
+
 def resolve_configs(argv=None) -> tuple[TrainConfig, dict]:
     """(TrainConfig, MERTConfig overrides) from presets plus command-line values; validated."""
-    args = vars(build_parser().parse_args(argv))
-    size = args["size"] or "tiny"
+    given = parse_given(argv)
+    size = given.get("size", "tiny")
     if size not in PRESETS:
         raise SystemExit(f"train.py: unknown --size {size!r}; choose from {', '.join(PRESETS)}")
     tnames = {f.name for f in fields(TrainConfig)}
-    given = {k: v for k, v in args.items() if v is not None}
     tc = TrainConfig(**{**TRAIN_PRESETS[size], **{k: v for k, v in given.items() if k in tnames}, "size": size})
     model_over = {k: v for k, v in given.items() if k not in tnames}
     if not tc.data:
@@ -291,16 +396,69 @@ def init_from(path: str, size: str, heads: dict, model_over: dict, teachers: str
     return cfg, state
 
 
-def report_bad_file(rank: int, msg: str):
-    """Name an unreadable audio file once (per loader process) on stderr."""
-    print(f"[rank {rank}] skipping unreadable audio: {msg}", file=sys.stderr, flush=True)
+class BadFileLog:
+    """CropDataset's on_bad: names each unusable file once per launch, across ranks and loader workers.
+
+    Every process appends "<path>\t<problem>" to OUT/skipped_files.txt under an exclusive lock and
+    prints only what was not there yet (a file that vanishes mid-run fails in every loader process).
+    A module-level class, not a closure, because loader workers pickle it.
+    """
+
+    def __init__(self, path, rank: int):
+        self.path, self.rank = str(path), rank
+
+    def __call__(self, msg: str):
+        key = msg.split(": ", 1)[0]  # "<path>: <problem>" -> the path
+        try:
+            import fcntl
+            with open(self.path, "a+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                f.seek(0)
+                if any(line.split("\t", 1)[0] == key for line in f):
+                    return
+                f.write(f"{key}\t{msg}\n")
+                f.flush()
+        except (OSError, ImportError):  # no lock on this system or file system: name it here anyway
+            pass
+        print(f"[rank {self.rank}] skipping unreadable audio: {msg}", file=sys.stderr, flush=True)
+
+
+def _oneline(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _fsync_dir(d: Path):
+    """Make a rename in d durable (a crash right after must not bring the old name back)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # no directory handles on this system
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(path: Path, obj: dict):
-    """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
+    """torch.save to a temp file, fsync, then rename: a crash or a full disk never leaves a half-written
+    checkpoint and never touches the previous one; the temp file is removed on failure."""
+    _save_atomic(path, obj)
+
+
+def _save_atomic(path: Path, obj):
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the name points at it (network file systems)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def keep_copy(src: Path, dst: Path):
@@ -309,10 +467,330 @@ def keep_copy(src: Path, dst: Path):
     tmp = dst.with_name(dst.name + ".tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+TRAIN_KEYS = ("config", "train_config", "model", "optimizer", "step")
+
+
+def read_checkpoint(path, keys=TRAIN_KEYS) -> dict:
+    """A checkpoint loaded with weights_only=True after checking every stored CRC (torch.load alone
+    takes flipped bits silently); CheckpointError naming the file if it is missing, truncated, corrupt
+    or lacks one of `keys`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    try:
+        with open(path, "rb") as f:
+            zip_magic = f.read(2) == b"PK"
+        with zipfile.ZipFile(path) as z:  # torch.save writes a zip archive with a CRC-32 per record
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as e:
+        what = "truncated or damaged checkpoint" if zip_magic else "not a checkpoint written by torch.save"
+        raise CheckpointError(f"{path}: {what} ({_oneline(e)})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint (CRC mismatch in {bad})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, unpickler and zip-record errors alike
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {_oneline(e)})") from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a train.py checkpoint (no {', '.join(map(repr, missing))})")
+    return state
+
+
+def checkpoint_candidates(out: Path) -> list[Path]:
+    """OUT's checkpoints, newest first: ckpt.pt (always written first), then ckpt_<step>.pt by step;
+    files that are the same inode (hard links) listed once."""
+    kept = sorted((int(q.stem[5:]), q) for q in out.glob("ckpt_*.pt") if q.stem[5:].isdigit())
+    files = [q for _, q in reversed(kept)]
+    main = out / "ckpt.pt"
+    if main.is_file():
+        files = [main] + [q for q in files if not _same_file(main, q)]
+    return files
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
     except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        return False
+
+
+def write_checkpoint(out: Path, obj: dict, keep: int) -> Path:
+    """OUT/ckpt.pt (atomic), kept also as OUT/ckpt_<step>.pt; then only the newest `keep` of those stay.
+
+    ckpt.pt is written first, so it is always the newest complete checkpoint; a failed write (full
+    disk) raises OSError and leaves every earlier file as it was.
+    """
+    main = out / "ckpt.pt"
+    save_checkpoint(main, obj)
+    try:
+        keep_copy(main, out / f"ckpt_{obj['step']}.pt")
+    except OSError as e:  # ckpt.pt itself is complete: only the extra name is missing
+        print(f"train.py: could not keep {main} also as ckpt_{obj['step']}.pt ({_oneline(e)})", file=sys.stderr,
+              flush=True)
+    if keep > 0:
+        kept = sorted((int(q.stem[5:]), q) for q in out.glob("ckpt_*.pt") if q.stem[5:].isdigit())
+        for _, q in kept[:-keep]:
+            q.unlink(missing_ok=True)
+    return main
+
+
+def read_log(path: Path) -> list[dict]:
+    """log.jsonl's records; a torn last line (a kill mid-write) and other unparsable lines are dropped."""
+    recs = []
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return recs
+    for line in text.splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict):
+            recs.append(r)
+    return recs
+
+
+def rewrite_log(path: Path, records: list[dict]):
+    """Replace the log atomically (temp file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _norm(v):
+    """A config value as JSON sees it (tuples and lists alike), for comparisons."""
+    return json.loads(json.dumps(v))
+
+
+def _diff(old: dict, new: dict, names) -> list[str]:
+    return [f"--{k} {_show(old[k])} -> {_show(new[k])}" for k in names
+            if k in old and k in new and _norm(old[k]) != _norm(new[k])]
+
+
+def _expected_model(size: str, model_over: dict) -> dict:
+    """The model config a fresh run of this command builds, without the teacher-set head fields."""
+    base = {f.name: f.default for f in fields(MERTConfig)}
+    d = {**base, **PRESETS[size], **model_over}
+    return {k: v for k, v in d.items() if k not in HEAD_FIELDS}
+
+
+class Refusal(Exception):
+    """The run cannot start as asked: one line saying why and what to do, and the exit code."""
+
+    def __init__(self, msg: str, code: int = 2):
+        super().__init__(msg)
+        self.code = code
+
+
+def plan_run(tc: TrainConfig, model_over: dict, given: dict) -> dict:
+    """Rank 0, before anything is built: start fresh or continue which checkpoint, with what config.
+
+    Returns {"resume": path or None, "_state": the loaded checkpoint or None, "train_config": dict,
+    "run_id": str, "notes": [lines to print], "_log": the log records to keep}; raises Refusal when it must not
+    go on (a run it would overwrite, another run's log, no valid checkpoint, a fixed field changed).
+    """
+    out = Path(tc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in list(out.glob("ckpt*.pt.tmp")) + [out / "log.jsonl.tmp"]:  # left by a kill mid-write
+        tmp.unlink(missing_ok=True)
+    (out / "skipped_files.txt").unlink(missing_ok=True)  # BadFileLog names each file once per launch
+    log_path = out / "log.jsonl"
+    log = read_log(log_path)
+    events = [r for r in log if r.get("event") in ("start", "resume") and "run_id" in r]
+    log_run = events[-1]["run_id"] if events else None
+    cands = checkpoint_candidates(out) if out.is_dir() else []
+    notes = []
+    if tc.resume == "false" and cands:
+        raise Refusal(f"train.py: {out} already holds a run ({cands[0].name}); continue it with --resume auto "
+                      f"(the default) or choose another --out (--resume false never overwrites a run)")
+    state, chosen, problems = None, None, []
+    for path in cands if tc.resume != "false" else []:
+        try:
+            st = read_checkpoint(path)
+            if path.stem[5:].isdigit() and int(path.stem[5:]) != st["step"]:
+                raise CheckpointError(f"{path}: holds step {st['step']}, not {path.stem[5:]}")
+            if log_run and st.get("run_id") and st["run_id"] != log_run:
+                raise CheckpointError(f"{path}: written by another run (run_id {st['run_id']}; "
+                                      f"{log_path.name} is run {log_run})")
+        except CheckpointError as e:
+            problems.append((path, str(e)))
+            continue
+        state, chosen = st, path
+        break
+    if cands and state is None:
+        raise Refusal(f"train.py: no valid checkpoint in {out}: {'; '.join(m for _, m in problems)}. Restore a "
+                      f"good copy, or move them away to start over (nothing was changed)", code=1)
+    if state is None and tc.resume == "true":
+        raise Refusal(f"train.py: --resume true but {out} holds no checkpoint (use --resume auto to start "
+                      f"the run when there is none)")
+    for path, msg in problems:  # damaged or foreign files (and their hard links) are moved aside, never deleted
+        twins = [q for q in out.glob("ckpt_*.pt") if q != path and _same_file(q, path)]
+        for q in [path] + twins:
+            q.replace(q.with_name(q.name + ".bad"))
+        notes.append(f"skipping {msg}; moved to {', '.join(q.name + '.bad' for q in [path] + twins)}")
+
+    if state is None:  # a fresh start; a log without a checkpoint must be this very run's, restarted early
+        if log:
+            last = events[-1] if events else None
+            if last is None or "train_config" not in last or "model_config" not in last:
+                raise Refusal(f"train.py: {log_path} is another run's log and {out} has no checkpoint; choose "
+                              f"another --out or delete {log_path} to start over here")
+            fixed = [k for k in asdict(tc) if k not in RESUME_MAY_CHANGE + MACHINE_FIELDS]
+            changed = _diff(last["train_config"], asdict(tc), fixed) + \
+                _diff(last["model_config"], _expected_model(tc.size, model_over), _expected_model(tc.size, {}))
+            if changed:
+                raise Refusal(f"train.py: {log_path} is another run's log ({', '.join(changed)}) and {out} has no "
+                              f"checkpoint; choose another --out or delete {log_path} to start over here")
+            notes.append(f"{out}: the run stopped before its first checkpoint; starting it again from step 0")
+        import uuid
+        return {"resume": None, "_state": None, "train_config": asdict(tc), "run_id": uuid.uuid4().hex[:12],
+                "notes": notes, "_log": []}
+
+    # resume: the checkpoint's configuration, with what the command line may change applied
+    old = state["train_config"]
+    known = {f.name for f in fields(TrainConfig)}
+    merged = {**asdict(tc), **{k: v for k, v in old.items() if k in known and k not in MACHINE_FIELDS}}
+    if "keep_ckpts" in old:  # an older run's boolean --keep_ckpts
+        merged["keep_ckpts"] = _keep_count(old["keep_ckpts"])
+    refused = _diff(merged, given, [k for k in given if k in known and k not in RESUME_MAY_CHANGE + MACHINE_FIELDS])
+    refused += _diff(state["config"], given, [k for k in given if k not in known])
+    if refused:
+        raise Refusal(f"train.py: cannot change {', '.join(refused)} when continuing the run in {chosen} (step "
+                      f"{state['step']}); drop the flag, or start a new run in another --out")
+    applied = _diff(merged, given, [k for k in given if k in RESUME_MAY_CHANGE])
+    merged.update({k: given[k] for k in given if k in RESUME_MAY_CHANGE})
+    merged["size"] = old.get("size", merged["size"])
+    notes.append(f"resuming {chosen} at step {state['step']}"
+                 + (f", applying {', '.join(applied)}" if applied else ""))
+    keep = [r for r in log if r.get("step", 0) < state["step"] or
+            (r.get("event") and r.get("step", 0) <= state["step"])]
+    return {"resume": str(chosen), "_state": state, "train_config": merged, "notes": notes,
+            "run_id": state.get("run_id") or log_run or "unknown", "_log": keep, "applied": applied}
+
+
+def decide_on_rank0(ddp: bool, master: bool, fn):
+    """fn() on rank 0, its result (or its Refusal) sent to every rank; keys starting with '_' stay on rank 0."""
+    result = None
+    if master:
+        try:
+            result = fn()
+        except Refusal as e:
+            result = {"refusal": (str(e), e.code)}
+    if ddp:
+        box = [None if result is None else {k: v for k, v in result.items() if not k.startswith("_")}]
+        dist.broadcast_object_list(box, src=0)
+        result = result if master else box[0]
+    if "refusal" in result:
+        msg, code = result["refusal"]
+        if master:
+            print(msg, file=sys.stderr, flush=True)
+        if ddp:
+            dist.destroy_process_group()
+        raise SystemExit(code)
+    return result
+
+
+def _table_rows(t: dict) -> set:
+    """A CropDataset.table() as a set of items, each named by its file (or shard) and extent."""
+    return {(t["paths"][r], -1, n) if k == 0 else (t["shard_files"][r], o, n)
+            for k, r, o, n in zip(t["kind"], t["ref"], t["offset"], t["length"])}
+
+
+def keep_data_table(ddp: bool, master: bool, ds, out: Path, plan: dict) -> bool:
+    """Fresh run: save the items it draws crops from (OUT/data.pt). Resume: if some of them are gone or
+    unreadable now, draw from the saved items anyway (the bad ones fail when drawn and are redrawn,
+    exactly as in the run that saw them go bad), so the resumed run reads the same crops. True if restored."""
+    path = out / "data.pt"
+    if not plan["resume"]:
+        if master:
+            _save_atomic(path, ds.table())
+        return False
+
+    def decide():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            old, now = _table_rows(saved), _table_rows(ds.table())
+        except Exception as e:  # missing (a run from before data.pt) or damaged: the scan of now stands
+            return {"restore": False, "note": f"cannot read {path} ({_oneline(e)}); the crops come from "
+                                               f"today's scan of --data"}
+        if now == old:
+            return {"restore": False, "note": ""}
+        if now < old:
+            return {"restore": True, "note": f"{len(old - now)} of the run's {len(old)} files are missing or "
+                                             f"unreadable now; they stay in the draw and are skipped when drawn, "
+                                             f"as in the run itself"}
+        return {"restore": False, "note": f"--data has {len(now - old)} files the run did not start with; the "
+                                          f"crops come from today's files"}
+
+    d = decide_on_rank0(ddp, master, decide)
+    if d["note"] and master:
+        print(f"train.py: {d['note']}", flush=True)
+    if d["restore"]:
+        ds.use_table(torch.load(path, map_location="cpu", weights_only=True))
+    return d["restore"]
+
+
+class StopFlag:
+    """SIGTERM handler: ask the loop to finish its step, write a checkpoint and exit with EXIT_PREEMPTED."""
+
+    def __init__(self):
+        self.requested, self.pid = False, os.getpid()
+
+    def __call__(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked loader worker that inherited the handler: nothing to do
+            return
+        if not self.requested:
+            print(f"train.py: SIGTERM: finishing this step, then a checkpoint and exit {EXIT_PREEMPTED}",
+                  file=sys.stderr, flush=True)
+        self.requested = True
+
+
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; run the command again
+
+
+def _loader_worker_init(worker_id: int):
+    """Loader workers ignore SIGTERM (Slurm and torchrun signal the whole process group): the training
+    process decides when to stop and shuts its workers down itself."""
+    audio.worker_init(worker_id)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def init_distributed(backend: str):
+    """init_process_group from torchrun's environment, with this attempt's keys apart from earlier ones'.
+
+    After `torchrun --max-restarts` restarts the workers, the launcher's store still holds the previous
+    attempt's addresses under the same keys, and a new rank can read a dead rank's address and fail or
+    hang connecting (seen with gloo on torch 2.13). A prefix per attempt (TORCHELASTIC_RESTART_COUNT)
+    keeps every attempt's rendezvous apart.
+    """
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"mert/attempt{attempt}/", store), rank=rank,
+                            world_size=world)
+
+
+def any_rank(ddp: bool, device, *flags: bool) -> list[bool]:
+    """Each flag true if it is true on any rank (one all-reduce for all of them)."""
+    if not ddp:
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 # -----------------------------------------------------------------------------
@@ -320,14 +798,38 @@ def keep_copy(src: Path, dst: Path):
 
 
 def main(argv=None):
+    """Train as the command line says (see --help); SIGTERM stops it with a checkpoint and exit code 75."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if on_main_thread else None
+    loaders = []
+    try:
+        return _train(argv, loaders)
+    finally:
+        for dl in loaders:
+            close_loader(dl)
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def close_loader(dl):
+    """Stop a DataLoader's worker processes now (they exit when told). Needed on the way out with an
+    exception (SIGTERM's exit 75, a crash): the traceback keeps the loader alive until interpreter exit,
+    where multiprocessing would SIGTERM the workers, which ignore it (_loader_worker_init), and wait."""
+    it = getattr(dl, "_iterator", None)  # a persistent-workers DataLoader keeps its iterator here
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+
+
+def _train(argv=None, loaders=None):
     tc, model_over = resolve_configs(argv)
+    given = parse_given(argv)
 
     # -- distributed set-up: torchrun sets RANK; plain `python train.py` runs one process
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         use_cuda = torch.cuda.is_available() and tc.device in ("auto", "cuda")
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        init_distributed("nccl" if use_cuda else "gloo")
         device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(device)
@@ -341,6 +843,12 @@ def main(argv=None):
         if master:
             print(*a, **k, flush=True)
 
+    # -- fresh start or resume (rank 0 decides, every rank follows): see plan_run
+    plan = decide_on_rank0(ddp, master, lambda: plan_run(tc, model_over, given))
+    tc = TrainConfig(**plan["train_config"])
+    for note in plan["notes"]:
+        print0(f"train.py: {note}")
+
     total = tc.total_batch_size or tc.batch_size * world
     if total % (tc.batch_size * world):
         raise SystemExit(f"train.py: --total_batch_size {total} is not a multiple of batch_size x world "
@@ -349,16 +857,21 @@ def main(argv=None):
     use_bf16 = (tc.dtype == "bfloat16") or (tc.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     out = Path(tc.out)
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
 
     # -- data
     crop = int(round(tc.crop_seconds * 24000))
-    on_bad = functools.partial(report_bad_file, rank)  # a partial, not a closure: loader workers pickle it
-    train_ds = audio.CropDataset(tc.data.split(","), crop_samples=crop, seed=tc.seed, on_bad=on_bad)
+    on_bad = BadFileLog(out / "skipped_files.txt", rank)
+    try:
+        train_ds = audio.CropDataset(tc.data.split(","), crop_samples=crop, seed=tc.seed, on_bad=on_bad)
+        val_ds = audio.CropDataset(tc.val_data.split(","), crop_samples=crop, seed=tc.seed + 1, on_bad=on_bad) \
+            if tc.val_data else None
+    except audio.AudioError as e:  # a missing --data path, or nothing usable in it
+        if ddp:
+            dist.destroy_process_group()
+        raise SystemExit(f"train.py: {e}") from None
     data_id = {"n_files": train_ds.n_files, "seconds": round(float(train_ds.seconds), 3)}
-    val_ds = audio.CropDataset(tc.val_data.split(","), crop_samples=crop, seed=tc.seed + 1, on_bad=on_bad) \
-        if tc.val_data else None
+    if keep_data_table(ddp, master, train_ds, out, plan):
+        data_id = None  # the run's own items: the checkpoint's data id still holds
 
     # -- teachers and model
     teach = teachers_lib.build_teachers(tc.teachers.replace("+", ","), acoustic_ckpt=tc.acoustic_ckpt or None,
@@ -369,13 +882,15 @@ def main(argv=None):
                  cqt_bins=teach.cqt_bins)
     ckpt_path = out / "ckpt.pt"
     state = init_state = None
-    if tc.resume:
-        if not ckpt_path.exists():
-            raise SystemExit(f"train.py: --resume but no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if plan["resume"]:
+        try:  # rank 0 has it already; the others read the file it chose (OUT must be shared by all nodes)
+            state = plan["_state"] if master else read_checkpoint(plan["resume"])
+        except CheckpointError as e:
+            raise SystemExit(f"train.py: rank {rank} cannot read {e} (is --out on a file system every node "
+                             f"sees?)") from None
         cfg = MERTConfig.from_dict(state["config"])
         if tc.init:
-            print0(f"resuming {ckpt_path}: --init {tc.init} is ignored (it seeds fresh runs only)")
+            print0(f"train.py: resuming {plan['resume']}: --init {tc.init} is ignored (it seeds fresh runs only)")
     elif tc.init:
         cfg, init_state = init_from(tc.init, tc.size, heads, model_over, tc.teachers, print0 if master else (lambda *a: None))
     else:
@@ -390,15 +905,28 @@ def main(argv=None):
     step = 0
     if state is not None:
         model.load_state_dict(state["model"])
+        # the optimiser's hyperparameters are this launch's (--lr, --weight_decay, ... may change on resume)
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         try:
             optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:  # the parameter groups differ: the run was started with another --freeze
-            raise SystemExit(f"train.py: {ckpt_path}'s optimiser state does not fit this model's trainable "
+            raise SystemExit(f"train.py: {plan['resume']}'s optimiser state does not fit this model's trainable "
                              f"parameters (was the run started with a different --freeze?): {e}")
+        for g, h in zip(optimizer.param_groups, hyper):
+            g.update(h)
         step = state["step"]
-        if state.get("data") != data_id:
+        if data_id is None:
+            data_id = state.get("data")
+        elif state.get("data") != data_id:
             print0(f"warning: the training data changed since the checkpoint ({state.get('data')} -> {data_id}); "
                    f"the resumed run reads a different stream than the interrupted one would have")
+    start_step = step
+    if step >= tc.max_steps and state is not None:
+        print0(f"train.py: the run in {out} is at step {step}, --max_steps is {tc.max_steps}: nothing to do "
+               f"(raise --max_steps to train on)")
+        if ddp:
+            dist.destroy_process_group()
+        return 0
     print0(f"train config: {json.dumps(asdict(tc))}")
     print0(f"model config: {json.dumps(asdict(cfg))}")
     print0(f"{n_params / 1e6:.2f}M parameters | world {world} | micro-batch {tc.batch_size} | accumulation {accum} "
@@ -412,14 +940,53 @@ def main(argv=None):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=cfg.layerdrop > 0)
 
+    # SIGTERM (Slurm, Kubernetes, torchrun passing one on) finishes the step: see StopFlag. Installed
+    # before the loader starts its workers, which ignore it (_loader_worker_init).
+    stop = StopFlag()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
     # micro-step k = step * accum + m of rank r reads global samples [(k*W + r)*b, (k*W + r + 1)*b)
-    loader = iter(audio.make_loader(train_ds, tc.batch_size, start=step * accum * world * tc.batch_size, rank=rank,
-                                    world_size=world, num_workers=tc.num_workers, pin_memory=device.type == "cuda"))
+    dl = audio.make_loader(train_ds, tc.batch_size, start=step * accum * world * tc.batch_size, rank=rank,
+                           world_size=world, num_workers=tc.num_workers, pin_memory=device.type == "cuda")
+    if tc.num_workers > 0:
+        dl.worker_init_fn = _loader_worker_init
+        if loaders is not None:
+            loaders.append(dl)
+    loader = iter(dl)
     T = raw_model.num_frames(crop)
     flops_per_step = estimate_flops_per_clip(cfg, crop) * total
     peak = peak_flops(device)
-    log = open(out / "log.jsonl", "a") if master else None
-    bad_in_row = 0
+    log = None
+    if master:  # the log holds each step once: records past the resumed step are dropped, atomically
+        event = {"event": "resume" if state is not None else "start", "step": step, "run_id": plan["run_id"],
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world": world,
+                 "train_config": asdict(tc), "model_config": asdict(cfg)}
+        if state is not None:
+            event.update(checkpoint=Path(plan["resume"]).name, applied=plan.get("applied", []))
+        rewrite_log(out / "log.jsonl", plan["_log"] + [event])
+        log = open(out / "log.jsonl", "a")
+    bad_in_row, save_failed, stopping = 0, None, False
+
+    def checkpoint(step: int) -> bool:
+        """Rank 0 writes OUT/ckpt.pt (and ckpt_<step>.pt); a failed write is named, the run goes on."""
+        nonlocal save_failed
+        if not master:
+            return True
+        ck = {"config": asdict(cfg), "train_config": asdict(tc), "model": raw_model.state_dict(),
+              "optimizer": optimizer.state_dict(), "step": step, "data": data_id, "run_id": plan["run_id"]}
+        try:
+            write_checkpoint(out, ck, tc.keep_ckpts)
+        except OSError as e:  # full disk, quota, I/O error: the previous checkpoints are untouched
+            prev = checkpoint_candidates(out)
+            save_failed = (f"train.py: step {step}: could not write a checkpoint in {out} ({_oneline(e)}); "
+                           f"the newest one left is {prev[0].name if prev else 'none'}")
+            print(save_failed + "; training goes on and tries again at the next checkpoint", file=sys.stderr,
+                  flush=True)
+            return False
+        save_failed = None
+        print(f"step {step} | checkpoint {ckpt_path} (also ckpt_{step}.pt)", flush=True)
+        return True
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -443,18 +1010,26 @@ def main(argv=None):
     model.train()
     while step <= tc.max_steps:
         last = step == tc.max_steps
+        if stopping and not last:  # every rank agreed (any_rank below): checkpoint this step and leave
+            saved = checkpoint(step) if step > start_step else True
+            if ddp:
+                dist.barrier()  # nobody exits before rank 0 has written
+                dist.destroy_process_group()
+            print0(f"train.py: stopped by SIGTERM at step {step}; " +
+                   (f"checkpoint {ckpt_path} written" if saved and step > start_step else
+                    "no new checkpoint" if saved else "its checkpoint could not be written") +
+                   f"; run the same command to continue (exit {EXIT_PREEMPTED})")
+            if log is not None:
+                log.close()
+            raise SystemExit(EXIT_PREEMPTED)
         if val_ds is not None and (step % tc.eval_interval == 0 or last) and step > 0:
             v = evaluate()
             print0(f"step {step} | val loss {v:.4f}")
             if master:
                 log.write(json.dumps({"step": step, "val_loss": v}) + "\n")
                 log.flush()
-        if master and step > 0 and (step % tc.ckpt_interval == 0 or last):
-            ck = {"config": asdict(cfg), "train_config": asdict(tc), "model": raw_model.state_dict(),
-                  "optimizer": optimizer.state_dict(), "step": step, "data": data_id}
-            save_checkpoint(ckpt_path, ck)
-            if tc.keep_ckpts:
-                keep_copy(ckpt_path, out / f"ckpt_{step}.pt")
+        if step > start_step and (step % tc.ckpt_interval == 0 or last):
+            checkpoint(step)
         if last:
             break
 
@@ -483,12 +1058,10 @@ def main(argv=None):
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v.detach().float() / accum
         gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        finite = torch.isfinite(loss_sum) & torch.isfinite(gnorm)
-        if ddp:
-            flag = finite.float().to(device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = flag.bool()
-        if bool(finite):
+        # one all-reduce: a non-finite step on any rank is skipped by all; a SIGTERM on any rank stops all
+        nonfinite, stopping = any_rank(ddp, device, not bool(torch.isfinite(loss_sum) & torch.isfinite(gnorm)),
+                                       stop.requested)
+        if not nonfinite:
             optimizer.step()
             bad_in_row = 0
         else:
@@ -500,6 +1073,8 @@ def main(argv=None):
                        f"or resume from {ckpt_path}")
                 if ddp:
                     dist.destroy_process_group()
+                if log is not None:
+                    log.close()
                 raise SystemExit(3)
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -522,6 +1097,11 @@ def main(argv=None):
         log.close()
     if ddp:
         dist.destroy_process_group()
+    if save_failed:  # the last checkpoint is missing: the run did not end where it was asked to
+        print(save_failed, file=sys.stderr, flush=True)
+        return 1
+    print0(f"train.py: done at step {step}; final checkpoint {ckpt_path}")
+    return 0
 
 
 def export(argv=None) -> int:
@@ -578,4 +1158,4 @@ def export(argv=None) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["export"]:
         sys.exit(export(sys.argv[2:]))
-    main()
+    sys.exit(main())

@@ -37,7 +37,7 @@ def music(tmp_path_factory):
 
 
 def run(args):
-    train.main(args)
+    return train.main(args)
 
 
 def states(path):
@@ -77,7 +77,7 @@ def test_resume_is_exact(music, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_freeze_keep_ckpts_and_resume_check(music, tmp_path):
+def test_freeze_keep_ckpts_and_resume_check(music, tmp_path, capsys):
     base = MICRO + ["--data", str(music), "--max_steps", "3", "--batch_size", "2", "--ckpt_interval", "2",
                     "--cqt_log", "true", "--out", str(tmp_path / "f")]
     run(base + ["--freeze", "encoder.pos_conv_embed, feature_extractor.conv_layers.0", "--keep_ckpts", "true"])
@@ -92,10 +92,12 @@ def test_freeze_keep_ckpts_and_resume_check(music, tmp_path):
     assert len(frozen) >= 4 and all(torch.equal(ck["model"][k], init[k]) for k in frozen)
     assert not torch.equal(ck["model"]["feature_projection.projection.weight"],
                            init["feature_projection.projection.weight"])
-    with pytest.raises(SystemExit, match="different --freeze"):  # resuming must not silently unfreeze
-        run(base + ["--resume", "--max_steps", "4"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # resuming must not silently unfreeze (or freeze other parameters)
+        run(base + ["--resume", "--max_steps", "4", "--freeze", "encoder.pos_conv_embed"])
+    assert e.value.code == 2 and "cannot change --freeze" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="matches no parameter"):
-        run(base + ["--freeze", "encoder.pos_conv"])
+        run(base[:-1] + [str(tmp_path / "g"), "--freeze", "encoder.pos_conv"])
 
 
 def test_n_q_sets_the_code_streams_predicted(music, tmp_path):
@@ -185,3 +187,51 @@ def test_non_finite_losses_stop_the_run(music, tmp_path, monkeypatch, capsys):
     assert e.value.code == 3
     out = capsys.readouterr().out
     assert "step skipped" in out and "2 non-finite steps in a row" in out
+
+
+def test_help_shows_the_real_defaults_per_preset(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "(default: None)" not in text
+    text = text.split("options:", 1)[1]
+    for name in ("batch_size", "warmup_steps", "ckpt_interval", "lr"):
+        values = {size: train.TRAIN_PRESETS[size].get(name, getattr(train.TrainConfig, name)) for size in train.PRESETS}
+        shown = [f"{v}" for v in values.values()] if len(set(values.values())) == 1 else \
+            [f"{size} {v}" for size, v in values.items()]
+        flag_help = text.split(f"--{name} ", 1)[1].split(" --", 1)[0]
+        assert all(s in flag_help for s in shown), (name, flag_help)
+    assert "(default: rvq+cqt)" in text and "--resume [{auto,true,false}]" in text and "exit" in text
+
+
+def test_flag_aliases_and_list_separators(music, tmp_path):
+    given = train.parse_given(["--data", "a,b", "c", "--max-steps", "5", "--n-layers=3", "--val-data", "v"])
+    assert given["data"] == "a,b,c" and given["max_steps"] == 5 and given["n_layers"] == 3 and given["val_data"] == "v"
+    out = tmp_path / "hy"
+    files = [str(music / f"track{i}.flac") for i in range(3)]
+    hyphens = [a.replace("_", "-") if a.startswith("--") else a for a in MICRO]
+    assert run(hyphens + ["--data", f"{files[0]},{files[1]}", files[2], "--out", str(out), "--max-steps", "1",
+                          "--batch-size", "2"]) == 0
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 1 and ck["data"]["n_files"] == 3 and ck["train_config"]["batch_size"] == 2
+    assert ck["config"]["n_layers"] == 2 and ck["train_config"]["data"] == ",".join(files)
+
+
+def test_bad_data_and_export_inputs_are_one_line_errors(music, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for data, problem in ((tmp_path / "missing", "no such file or folder"), (empty, "no usable audio")):
+        with pytest.raises(SystemExit) as e:
+            run(MICRO + ["--data", str(data), "--out", str(tmp_path / "r")])
+        assert str(e.value).startswith(f"train.py: {data}: {problem}") and "\n" not in str(e.value)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    for path, problem in ((tmp_path / "gone.pt", "no such file"), (text, "not a checkpoint written by torch.save"),
+                          (tmp_path / "other.pt", "not a train.py checkpoint (no 'config', 'model')")):
+        capsys.readouterr()
+        assert train.export([str(path), str(tmp_path / "enc.pt")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"train.py export: {path}: {problem}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "enc.pt").exists()
