@@ -748,13 +748,13 @@ def keep_data_table(ddp: bool, master: bool, ds, out: Path, plan: dict) -> bool:
 class StopFlag:
     """SIGTERM handler: ask the loop to finish its step, write a checkpoint and exit with EXIT_PREEMPTED."""
 
-    def __init__(self):
-        self.requested, self.pid = False, os.getpid()
+    def __init__(self, verbose: bool = True):
+        self.requested, self.pid, self.verbose = False, os.getpid(), verbose
 
     def __call__(self, signum, frame):
         if os.getpid() != self.pid:  # a forked loader worker that inherited the handler: nothing to do
             return
-        if not self.requested:
+        if not self.requested and self.verbose:
             print(f"train.py: SIGTERM: finishing this step, then a checkpoint and exit {EXIT_PREEMPTED}",
                   file=sys.stderr, flush=True)
         self.requested = True
@@ -829,10 +829,10 @@ def _train(argv=None, loaders=None):
     if ddp:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         use_cuda = torch.cuda.is_available() and tc.device in ("auto", "cuda")
-        init_distributed("nccl" if use_cuda else "gloo")
         device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
         if use_cuda:
-            torch.cuda.set_device(device)
+            torch.cuda.set_device(device)  # before the first collective (decide_on_rank0's broadcast)
+        init_distributed("nccl" if use_cuda else "gloo")
     else:
         rank, world = 0, 1
         device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available() else
@@ -942,7 +942,7 @@ def _train(argv=None, loaders=None):
 
     # SIGTERM (Slurm, Kubernetes, torchrun passing one on) finishes the step: see StopFlag. Installed
     # before the loader starts its workers, which ignore it (_loader_worker_init).
-    stop = StopFlag()
+    stop = StopFlag(verbose=master)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
 
