@@ -139,6 +139,7 @@ HELP = {
 RESUME_MAY_CHANGE = ("max_steps", "warmup_steps", "lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
                      "eval_interval", "eval_clips", "ckpt_interval", "keep_ckpts", "max_bad_steps", "val_data")
 MACHINE_FIELDS = ("data", "out", "device", "dtype", "compile", "num_workers", "resume")
+IGNORED_ON_RESUME = ("init",)  # the run's own value stays (where it started); a given one is ignored, with a note
 HEAD_FIELDS = ("n_codebooks", "codebook_size", "cqt_bins")  # set by the teachers
 LIST_FLAGS = ("data", "val_data")  # path lists: space- or comma-separated
 
@@ -650,7 +651,7 @@ def plan_run(tc: TrainConfig, model_over: dict, given: dict) -> dict:
             if last is None or "train_config" not in last or "model_config" not in last:
                 raise Refusal(f"train.py: {log_path} is another run's log and {out} has no checkpoint; choose "
                               f"another --out or delete {log_path} to start over here")
-            fixed = [k for k in asdict(tc) if k not in RESUME_MAY_CHANGE + MACHINE_FIELDS]
+            fixed = [k for k in asdict(tc) if k not in RESUME_MAY_CHANGE + MACHINE_FIELDS + IGNORED_ON_RESUME]
             changed = _diff(last["train_config"], asdict(tc), fixed) + \
                 _diff(last["model_config"], _expected_model(tc.size, model_over), _expected_model(tc.size, {}))
             if changed:
@@ -667,7 +668,8 @@ def plan_run(tc: TrainConfig, model_over: dict, given: dict) -> dict:
     merged = {**asdict(tc), **{k: v for k, v in old.items() if k in known and k not in MACHINE_FIELDS}}
     if "keep_ckpts" in old:  # an older run's boolean --keep_ckpts
         merged["keep_ckpts"] = _keep_count(old["keep_ckpts"])
-    refused = _diff(merged, given, [k for k in given if k in known and k not in RESUME_MAY_CHANGE + MACHINE_FIELDS])
+    refused = _diff(merged, given, [k for k in given if k in known and
+                                    k not in RESUME_MAY_CHANGE + MACHINE_FIELDS + IGNORED_ON_RESUME])
     refused += _diff(state["config"], given, [k for k in given if k not in known])
     if refused:
         raise Refusal(f"train.py: cannot change {', '.join(refused)} when continuing the run in {chosen} (step "
@@ -889,8 +891,8 @@ def _train(argv=None, loaders=None):
             raise SystemExit(f"train.py: rank {rank} cannot read {e} (is --out on a file system every node "
                              f"sees?)") from None
         cfg = MERTConfig.from_dict(state["config"])
-        if tc.init:
-            print0(f"train.py: resuming {plan['resume']}: --init {tc.init} is ignored (it seeds fresh runs only)")
+        if given.get("init"):
+            print0(f"train.py: resuming {plan['resume']}: --init {given['init']} is ignored (it seeds fresh runs only)")
     elif tc.init:
         cfg, init_state = init_from(tc.init, tc.size, heads, model_over, tc.teachers, print0 if master else (lambda *a: None))
     else:
