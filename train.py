@@ -83,7 +83,9 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 elsewhere
     compile: bool = False
-    resume: str = "auto"  # auto: continue OUT's run if it has one; true: must continue; false: must start fresh
+    # auto: continue OUT's run if it has one (fairseq likewise restores save_dir/checkpoint_last.pt by default,
+    # checkpoint.restore_file in fairseq/dataclass/configs.py); true: must continue; false: must start fresh
+    resume: str = "auto"
     init: str = ""  # fresh run's starting weights: our checkpoint, a fairseq MERT .pt (with heads) or a Hugging Face folder
 
 
