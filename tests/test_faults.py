@@ -24,6 +24,16 @@ from test_train import MICRO, ROOT
 BASE = MICRO + ["--max_steps", "8", "--batch_size", "2", "--ckpt_interval", "2"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The micro model's ops are too small for two threads; one keeps these runs quick on a busy machine
+    (every in-process run of this module uses it, so their bits compare)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tracks(tmp_path_factory):
     """Six readable 4-second tracks (no bad files: these tests break files themselves)."""
