@@ -1,0 +1,102 @@
+"""MERT's official pretraining recipe, point by point (issue 15): each test names the official source it holds us to.
+
+Sources: yizhilll/MERT mert_fairseq/models/mert/mert_model.py, mert_fairseq/data/mert_dataset.py,
+mert_fairseq/config/pretrain/MERT_RVQ-VAE_CQT_{95M,330M}.yaml, scripts/run_training.sh; fairseq
+fairseq/data/data_utils.py (compute_mask_indices), data_utils_fast.pyx (batch_by_size),
+fairseq/optim/adam.py, fairseq/criterions/hubert_criterion.py, fairseq/models/wav2vec/wav2vec2.py.
+"""
+import numpy as np
+import torch
+
+from mert import MERT, MERTConfig, compute_mask_indices, mix_noise
+
+SMALL = dict(dim=32, n_layers=2, n_heads=2, ffn_dim=64, conv_dim=(16,) * 7, pos_conv_groups=4,
+             n_codebooks=2, codebook_size=16, final_dim=8, cqt_bins=12)
+
+
+# -- 8. layerdrop never skips the final LayerNorm of a pre-LN model (wav2vec2.py TransformerEncoder.forward)
+
+def test_layerdrop_keeps_the_final_layer_norm():
+    torch.manual_seed(0)
+    cfg = MERTConfig(**{**SMALL, "n_codebooks": 0, "cqt_bins": 0}, pre_ln=True, dropout=0.0, attn_dropout=0.0,
+                     layerdrop=1.0)  # every layer dropped
+    m = MERT(cfg).train()
+    with torch.no_grad():
+        m.encoder.layer_norm.weight.fill_(2.0)
+        m.encoder.layer_norm.bias.fill_(0.5)
+        wav = torch.randn(2, 8000)
+        x, _, _ = m(wav)
+        feats, _ = m._embed(wav, None)
+        h = m.feature_projection(feats)
+        ref = m.encoder.layer_norm(h + m.encoder.pos_conv_embed(h))  # nothing but the final LayerNorm is left
+    assert torch.allclose(x, ref, atol=1e-5)
+    m.config.layerdrop = 0.5  # some forwards drop the last layer: all must end in the final LayerNorm
+    for s in range(8):
+        torch.manual_seed(s)
+        with torch.no_grad():
+            x, _, _ = m(wav)
+        assert torch.allclose(x.mean(-1), torch.full_like(x[..., 0], 0.5), atol=1e-4)
+        assert torch.allclose(x.std(-1, unbiased=False), torch.full_like(x[..., 0], 2.0), atol=1e-2)
+
+
+# -- 4. padding is never masked, labelled, scored, a noise source or part of a statistic
+
+def test_adding_padding_leaves_the_loss_unchanged():
+    torch.manual_seed(0)
+    m = MERT(MERTConfig(**SMALL, dropout=0.0, attn_dropout=0.0, layerdrop=0.0)).train()
+    lens = [24000, 15000]
+    g = torch.Generator().manual_seed(1)
+    wav = torch.randn(2, 24000, generator=g) * 0.3
+    wav[1, lens[1]:] = 0
+    T = m.num_frames(24000)
+    targets = {"codes": torch.randint(0, 16, (2, 2, T), generator=g), "cqt": torch.rand(2, T, 12, generator=g)}
+    mask = compute_mask_indices(2, T, 0.8, 5, 2, lengths=m.num_frames(torch.tensor(lens)).tolist(),
+                                rng=np.random.default_rng(0))
+    _, loss, parts = m(wav, lengths=lens, targets=targets, mask=mask)
+    # the same clips in a longer batch: 1 s more zeros after each, labels of the padding are garbage
+    wav2 = torch.cat([wav, torch.zeros(2, 24000)], 1)
+    T2 = m.num_frames(48000)
+    targets2 = {"codes": torch.cat([targets["codes"], torch.randint(0, 16, (2, 2, T2 - T), generator=g)], 2),
+                "cqt": torch.cat([targets["cqt"], 100 * torch.rand(2, T2 - T, 12, generator=g)], 1)}
+    mask2 = np.concatenate([mask, np.ones((2, T2 - T), bool)], 1)  # even a mask over the padding is ignored
+    _, loss2, parts2 = m(wav2, lengths=lens, targets=targets2, mask=mask2)
+    for k in ("features_pen", "ce", "cqt", "mask_frac", "n_masked"):
+        assert torch.allclose(parts[k].float(), parts2[k].float(), rtol=1e-5, atol=1e-6), k
+    assert torch.allclose(loss, loss2, rtol=1e-5)
+
+
+# -- 7. in-batch noise (mert_model.py MERTModel.forward and inbatch_noise_augment)
+
+def test_noise_segments_come_from_the_pooled_batch():
+    """Segments are cut from the other clips laid end to end (so one may straddle two), never from padding."""
+    B, L, sr = 4, 1000, 1000
+    wav = torch.stack([torch.full((L,), float(10 ** j)) for j in range(B)])  # clip j is the constant 10^j
+    lengths = [L, L, L, 700]
+    wav[3, 700:] = 1e9  # padding: must never show up anywhere
+    straddles, n_noised, draws = 0, 0, 400
+    for s in range(draws):
+        out = mix_noise(wav, np.random.default_rng(s), prob=0.5, n_segments=(1, 1), seconds=(0.5, 0.9), sr=sr,
+                        lengths=lengths)
+        assert torch.equal(out[3, 700:], wav[3, 700:])  # nothing is added to padding either
+        for i in range(B):
+            added = (out[i, :lengths[i]] - wav[i, :lengths[i]])
+            if not added.any():
+                continue
+            n_noised += 1
+            vals = set(added[added != 0].tolist())
+            assert float(10 ** i) not in vals and max(vals) < 1e4  # never itself, never padding
+            assert 500 <= int((added != 0).sum()) <= 900  # one segment of 0.5-0.9 s, both ends reachable
+            straddles += len(vals) > 1  # one segment holding two clips' samples
+    assert abs(n_noised / (B * draws) - 0.5) < 0.05  # noise iff rand > mixture_prob = 1 - prob
+    assert straddles > 0.2 * n_noised
+
+
+def test_noise_segment_counts_include_both_ends():
+    wav = torch.randn(3, 24000)
+    runs = set()
+    for s in range(200):
+        added = (mix_noise(wav, np.random.default_rng(s), prob=1.0, seconds=(0.0005, 0.001)) - wav) != 0  # 12-24 samples
+        for row in added:
+            runs.add(int((row[1:] & ~row[:-1]).sum() + row[0]))  # separate segments (overlaps are rare here)
+    assert {1, 2, 3} <= runs and max(runs) == 3
+    assert torch.equal(mix_noise(wav[:1], np.random.default_rng(0), prob=1.0), wav[:1])  # a lone clip has no pool
