@@ -28,11 +28,18 @@ Training data (the second half of this file):
     loader = make_loader(ds, batch_size=8, start=0, rank=0, world_size=1, num_workers=4)
     python audio.py prepare music/ --out shards/ --workers 4    # once: 24 kHz int16 shards
 
-- `ds[i]` seeds `np.random.default_rng([seed, i])` and draws (file, offset) from it: file with
-  probability proportional to its duration (every audio-second equally likely; `weight="file"`
-  picks files uniformly), offset uniform over the crop starts inside the file. No state is carried
-  from one index to the next, so any worker, rank or resumed run computes the same crop for the
-  same global index. Files between `min_seconds` and the crop length are zero-padded at the end.
+- Two samplings. `sampling="epoch"` (MERT's, mert_dataset.py + fairseq batch_by_size): every epoch
+  each file gives one crop; files are ordered longest first (ties in a random order per epoch) and
+  cut into batches of `batch_size`, so files shorter than the crop are batched together, and every
+  batch is cut to its shortest clip (no padding, as MERT's pad_audio=False); the batch order is
+  shuffled per epoch. `sampling="duration"`: `ds[i]` seeds `np.random.default_rng([seed, i])` and
+  draws (file, offset): file with probability proportional to its duration (`weight="file"`:
+  uniformly), with replacement; files between `min_seconds` and the crop length are zero-padded at
+  the end and their valid length travels with them. Either way a crop is a pure function of the
+  seed and its position in the stream, so any worker, rank or resumed run reads the same crop.
+- Crop starts lie on a grid of `hop` samples (train.py: 320, the label frame), so the labels of
+  a crop are the whole file's labels from frame start / 320 on; `context` reads that much audio
+  before (and after) the crop too, for a teacher whose codes depend on it (teachers.py).
 - Unreadable files are named once (the `on_bad` callback, stderr by default) and kept in
   `ds.bad_files`. Header failures at construction drop the file. A crop read that fails redraws
   from the same generator; the file is *not* dropped for later draws, because ds[i] must not depend
@@ -63,7 +70,8 @@ import numpy as np
 import soundfile as sf
 
 __all__ = ["AudioError", "AudioWarning", "AUDIO_EXTENSIONS", "load", "info", "resample", "find_audio", "load_crop",
-           "read_manifest", "CropDataset", "RankBatches", "make_loader", "worker_init", "prepare", "SHARD_FORMAT"]
+           "read_manifest", "CropDataset", "RankBatches", "EpochBatches", "make_loader", "worker_init", "prepare",
+           "SHARD_FORMAT"]
 
 
 class AudioError(Exception):
@@ -591,25 +599,36 @@ class CropDataset:
     crop_samples: crop length at `sr` (120000 = 5 s for 95M, 122880 = 5.12 s for 330M at 24 kHz).
     min_seconds: shorter files are skipped (counted in `skipped_short`); those between min_seconds
         and the crop length are zero-padded at the end.
-    weight: "duration" (file drawn with probability proportional to its length) or "file" (uniform).
+    weight: "duration" (file drawn with probability proportional to its length) or "file" (uniform);
+        for ds[i] and sampling="duration" only (epoch sampling reads every file once an epoch).
+    hop: crop starts are multiples of hop (320: the label frame, so labels align with the file's).
+    context: (left, right) samples read around each crop by `example` (multiples of hop), for a
+        teacher whose labels depend on audio outside the crop.
     on_bad: called once per unreadable file with "<path>: <problem>"; default prints it on stderr.
         Each DataLoader worker holds its own copy, so a file failing only at crop time may be named
         once per worker. Under a "spawn"/"forkserver" start method it must be picklable.
     progress: tqdm bar on stderr for the header scan (None: only for >= 500 files on a terminal).
 
     ds[i] (any int i >= 0; the index space is unbounded and there is no __len__) -> float32 tensor
-    [crop_samples]. ds.crop(i) -> (numpy array, item, start) for inspection.
+    [crop_samples]. ds.crop(i) -> (numpy array, item, start) for inspection. ds.example(key) -> the
+    dict a training batch is made of (see there); make_loader(..., sampling=...) batches them.
     """
 
     def __init__(self, sources, crop_samples: int, seed: int = 0, min_seconds: float = 3.0,
                  sr: int = 24000, weight: str = "duration", on_bad=None, progress=None,
-                 max_attempts: int = 1000):
+                 max_attempts: int = 1000, hop: int = 1, context: tuple = (0, 0)):
         if isinstance(crop_samples, bool) or not isinstance(crop_samples, (int, np.integer)) or crop_samples <= 0:
             raise ValueError(f"crop_samples must be a positive int, got {crop_samples!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         if weight not in ("duration", "file"):
             raise ValueError(f"weight must be 'duration' or 'file', got {weight!r}")
+        if isinstance(hop, bool) or not isinstance(hop, (int, np.integer)) or hop < 1:
+            raise ValueError(f"hop must be an int >= 1, got {hop!r}")
+        context = tuple(int(c) for c in context)
+        if len(context) != 2 or any(c < 0 or c % hop for c in context):
+            raise ValueError(f"context must be (left, right) samples >= 0, multiples of hop {hop}; got {context}")
+        self.hop, self.context = int(hop), context
         self.crop_samples, self.seed, self.sr = int(crop_samples), int(seed), _check_rate("sr", sr)
         self.min_seconds, self.weight, self.max_attempts = float(min_seconds), weight, int(max_attempts)
         self.on_bad = on_bad
@@ -713,8 +732,9 @@ class CropDataset:
                 f"at {self.sr} Hz, seed {self.seed}; skipped {self.skipped_short} short, "
                 f"{len(self.bad_files)} unreadable)")
 
-    def _read(self, item: int, start: int) -> np.ndarray:
-        n = self.crop_samples
+    def _read(self, item: int, start: int, n: int | None = None) -> np.ndarray:
+        """Samples [start, start + n) of an item (n: the crop length), shorter at the item's end."""
+        n = self.crop_samples if n is None else n
         if self.kind[item] == 1:
             path = self.shard_files[self.ref[item]]
             m = self._maps.get(path)
@@ -732,6 +752,14 @@ class CropDataset:
 
     def crop(self, i: int):
         """(crop float32 [crop_samples], item, start) of global index i."""
+        region, item, start, a = self._draw(i, (0, 0))
+        C = self.crop_samples
+        if len(region) < C:  # file shorter than the crop: zeros at the end
+            region = np.concatenate([region, np.zeros(C - len(region), np.float32)])
+        return region, item, start
+
+    def _draw(self, i: int, context: tuple) -> tuple:
+        """(samples [a, b) of the item, item, start, a) for index i: the crop plus what exists of context."""
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
             raise IndexError(f"CropDataset index must be an int >= 0, got {i!r}")
         rng = np.random.default_rng([self.seed, int(i)])
@@ -742,22 +770,63 @@ class CropDataset:
             u_item, u_start = rng.random(2)
             item = min(int(np.searchsorted(self._cum, u_item * total, side="right")), len(self._cum) - 1)
             n = int(self.length[item])
-            start = int(u_start * (n - C + 1)) if n > C else 0
+            start = int(u_start * ((n - C) // self.hop + 1)) * self.hop if n > C else 0  # on the hop grid
+            a, b = max(0, start - context[0]), min(n, start + C + context[1])
             try:
-                x = self._read(item, start)
+                return self._read(item, a, b - a), item, start, a
             except AudioError as e:
-                key = self.shard_files[self.ref[item]] if self.kind[item] == 1 else self.paths[self.ref[item]]
-                self._bad(key, str(e))
-                continue
-            if len(x) < C:  # file shorter than the crop: zeros at the end
-                x = np.concatenate([x, np.zeros(C - len(x), np.float32)])
-            return x, item, start
+                self._bad(self._source(item), str(e))
         raise AudioError(f"index {i}: {self.max_attempts} crop reads failed in a row "
                          f"({len(self.bad_files)} unreadable files); is the data readable?")
 
     def __getitem__(self, i):
         import torch
         return torch.from_numpy(self.crop(i)[0])
+
+    def example(self, key) -> dict:
+        """One training example, with self.context = (left, right) samples of context around the crop.
+
+        key: an int i (the crop of ds.crop(i); a file shorter than the crop is zero-padded) or
+        (epoch, item, L) from EpochBatches (a crop of L samples of that item, its start drawn on the
+        hop grid from (seed, epoch, item)). Returns {"audio": float32 tensor [left + L + right], the
+        crop at [left, left + L) and its context around it, zeros where the file has none; "length":
+        valid crop samples; "left", "right": valid context samples (fewer near the file's ends)}.
+        """
+        import torch
+        if isinstance(key, (int, np.integer)):
+            region, item, start, a = self._draw(int(key), self.context)
+            L = self.crop_samples
+        else:
+            region, item, start, a, L = self._draw_epoch(*(int(v) for v in key))
+        left, right = self.context
+        valid = min(L, len(region) - (start - a))
+        out = np.zeros(left + L + right, np.float32)
+        out[left - (start - a): left - (start - a) + len(region)] = region
+        return {"audio": torch.from_numpy(out), "length": valid, "left": start - a,
+                "right": len(region) - (start - a) - valid}
+
+    def _draw_epoch(self, epoch: int, item: int, L: int) -> tuple:
+        """(region, item, start, a, L) of an epoch's crop: start on the hop grid, drawn from (seed, epoch, item).
+
+        An unreadable item is named and replaced by another item at least L long, drawn from the same
+        generator (MERT's dataset also moves on to a random other file)."""
+        rng = np.random.default_rng([self.seed, epoch, item, 1])
+        left, right = self.context
+        for _ in range(self.max_attempts):
+            n = int(self.length[item])
+            start = int(rng.integers(0, (n - L) // self.hop + 1)) * self.hop
+            a, b = max(0, start - left), min(n, start + L + right)
+            try:
+                return self._read(item, a, b - a), item, start, a, L
+            except AudioError as e:
+                self._bad(self._source(item), str(e))
+            fits = np.flatnonzero(self.length >= L)
+            item = int(fits[rng.integers(0, len(fits))])
+        raise AudioError(f"epoch {epoch}: {self.max_attempts} crop reads failed in a row "
+                         f"({len(self.bad_files)} unreadable files); is the data readable?")
+
+    def _source(self, item: int) -> str:
+        return self.shard_files[self.ref[item]] if self.kind[item] == 1 else self.paths[self.ref[item]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -794,6 +863,68 @@ class RankBatches:
         return self.num_batches
 
 
+class EpochBatches:
+    """Batch sampler with MERT's epoch semantics: every epoch each file gives one crop.
+
+    Epoch e orders the files longest first, clipped at the crop length (so all full-length files tie),
+    ties broken in a random order drawn from (seed, e); cuts that order into batches of b files; cuts
+    every batch to its shortest file (MERT's collater with pad_audio=False: no padding); and shuffles
+    the batches (fairseq's ordered_indices + batch_by_size + epoch shuffle). The last batch of an epoch
+    may hold fewer files. Global batch g = e * batches_per_epoch + j; rank r of W takes batches
+    g = start_batch + k*W + r (k = 0, 1, ...), as RankBatches does, and yields the keys
+    [(e, item, L), ...] that CropDataset.example reads. `start` counts in units of b (global batch
+    index x b) like RankBatches', so a resumed run passes the same number.
+    """
+
+    def __init__(self, dataset: CropDataset, batch_size: int, rank: int = 0, world_size: int = 1, start: int = 0,
+                 num_batches: int | None = None):
+        if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or start < 0 or start % batch_size:
+            raise ValueError(f"bad EpochBatches(batch_size={batch_size}, rank={rank}, world_size={world_size}, "
+                             f"start={start}): start must be a multiple of batch_size")
+        self.ds, self.b, self.rank, self.world = dataset, batch_size, rank, world_size
+        self.start, self.num_batches = start // batch_size, num_batches
+        self.sizes = np.minimum(dataset.length, dataset.crop_samples)   # what a file can give a batch
+        self.per_epoch = -(-len(self.sizes) // batch_size)
+        self._plan = (None, None)
+
+    def plan(self, epoch: int) -> list:
+        """The batches of an epoch, in the order they are read: [(items int64 [<= b], crop length L), ...]."""
+        if self._plan[0] != epoch:
+            tie = np.random.default_rng([self.ds.seed, epoch, 2]).random(len(self.sizes))
+            order = np.lexsort((tie, -self.sizes))                         # longest first, random among equals
+            batches = [order[i:i + self.b] for i in range(0, len(order), self.b)]
+            perm = np.random.default_rng([self.ds.seed, epoch, 3]).permutation(len(batches))
+            self._plan = (epoch, [(batches[j], int(self.sizes[batches[j]].min())) for j in perm])
+        return self._plan[1]
+
+    def keys(self, g: int) -> list:
+        """Keys of global batch g: [(epoch, item, L), ...]."""
+        epoch, j = divmod(g, self.per_epoch)
+        items, L = self.plan(epoch)[j]
+        return [(epoch, int(it), L) for it in items]
+
+    def __iter__(self):
+        k = 0
+        while self.num_batches is None or k < self.num_batches:
+            yield self.keys(self.start + k * self.world + self.rank)
+            k += 1
+
+    def __len__(self):
+        if self.num_batches is None:
+            raise TypeError("an endless EpochBatches has no length")
+        return self.num_batches
+
+
+class _Examples:
+    """Map-style view of a CropDataset whose items are `example(key)` dicts (what the training loader batches)."""
+
+    def __init__(self, dataset: CropDataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key):
+        return self.dataset.example(key)
+
+
 def _limit_blas_threads(n: int) -> None:
     """Set the BLAS thread count of this process (already-loaded OpenBLAS/MKL), best effort."""
     try:
@@ -826,11 +957,21 @@ def worker_init(worker_id: int = 0) -> None:
 
 
 def make_loader(dataset, batch_size: int, start: int = 0, rank: int = 0, world_size: int = 1,
-                num_workers: int = 0, num_batches: int | None = None, pin_memory: bool = False):
-    """DataLoader over RankBatches: yields float32 [batch_size, crop_samples] from global index `start`."""
+                num_workers: int = 0, num_batches: int | None = None, pin_memory: bool = False,
+                sampling: str | None = None):
+    """DataLoader from global position `start` (batches x batch_size).
+
+    sampling None: RankBatches of ds[i], float32 [batch_size, crop_samples]. "duration" (RankBatches)
+    or "epoch" (EpochBatches): batches of CropDataset.example dicts, {"audio": [B, left + L + right],
+    "length", "left", "right": [B]}.
+    """
     import torch
+    if sampling not in (None, "duration", "epoch"):
+        raise ValueError(f"sampling must be None, 'duration' or 'epoch', got {sampling!r}")
+    sampler = EpochBatches(dataset, batch_size, rank, world_size, start, num_batches) if sampling == "epoch" \
+        else RankBatches(batch_size, rank, world_size, start, num_batches)
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=RankBatches(batch_size, rank, world_size, start, num_batches),
+        dataset if sampling is None else _Examples(dataset), batch_sampler=sampler,
         num_workers=num_workers, worker_init_fn=worker_init if num_workers > 0 else None,
         pin_memory=pin_memory, persistent_workers=num_workers > 0)
 

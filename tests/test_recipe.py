@@ -100,3 +100,82 @@ def test_noise_segment_counts_include_both_ends():
             runs.add(int((row[1:] & ~row[:-1]).sum() + row[0]))  # separate segments (overlaps are rare here)
     assert {1, 2, 3} <= runs and max(runs) == 3
     assert torch.equal(mix_noise(wav[:1], np.random.default_rng(0), prob=1.0), wav[:1])  # a lone clip has no pool
+
+
+# -- 5. sampling: one crop per file per epoch, length-grouped batches cut to their shortest clip
+
+import pytest  # noqa: E402
+import soundfile as sf  # noqa: E402
+
+import audio  # noqa: E402
+
+SR = 24000
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Nine files: six of 4 s and three shorter than the 2 s crop (1.9, 1.5 and 1.2 s)."""
+    d = tmp_path_factory.mktemp("epoch")
+    rng = np.random.default_rng(0)
+    for i, sec in enumerate([4, 4, 4, 4, 4, 4, 1.9, 1.5, 1.2]):
+        sf.write(d / f"f{i}.wav", (0.1 * rng.standard_normal(int(sec * SR))).astype(np.float32), SR, subtype="FLOAT")
+    return d
+
+
+def test_epoch_batches_read_every_file_once_grouped_by_length(files):
+    ds = audio.CropDataset([files], 2 * SR, seed=3, min_seconds=1.0, hop=320)
+    eb = audio.EpochBatches(ds, batch_size=4)
+    assert eb.per_epoch == 3
+    for epoch in range(3):
+        keys = [eb.keys(epoch * 3 + j) for j in range(3)]
+        items = sorted(it for batch in keys for _, it, _ in batch)
+        assert items == list(range(9))  # every file exactly once an epoch
+        for batch in keys:
+            L = batch[0][2]
+            assert all(k[0] == epoch and k[2] == L for k in batch)
+            assert L == min(min(ds.length[it], 2 * SR) for _, it, _ in batch)  # cut to the shortest clip
+        # longest first: [4 s x 4], [4 s, 4 s, 1.9 s, 1.5 s], [1.2 s]: short files are batched together
+        groups = sorted(sorted(it for _, it, _ in batch) for batch in keys)
+        assert [8] in groups and any(g[-2:] == [6, 7] for g in groups)
+    assert [eb.keys(g) for g in range(3)] != [eb.keys(g) for g in range(3, 6)]  # new order each epoch
+    # ranks tile the stream; a resumed sampler continues it
+    two = [list(audio.EpochBatches(ds, 2, r, 2, num_batches=3)) for r in range(2)]
+    one = list(audio.EpochBatches(ds, 2, num_batches=6))
+    assert [two[k % 2][k // 2] for k in range(6)] == one
+    assert list(audio.EpochBatches(ds, 2, start=4 * 2, num_batches=2)) == one[4:]
+
+
+def test_epoch_examples_have_no_padding_and_start_on_the_frame_grid(files):
+    ds = audio.CropDataset([files], 2 * SR, seed=3, min_seconds=1.0, hop=320)
+    for batch in audio.make_loader(ds, 4, num_batches=3, sampling="epoch"):
+        B, L = batch["audio"].shape
+        assert (batch["length"] == L).all() and (batch["left"] == 0).all()  # cut, never padded
+        for row in batch["audio"]:
+            assert row[-320:].abs().sum() > 0
+    ex = [ds.example((0, it, 38400)) for it in range(6)]
+    starts = []
+    for it, e in enumerate(ex):
+        full = audio.load(ds.paths[it])
+        hits = [s for s in range(0, len(full) - 38400 + 1, 320) if np.allclose(full[s:s + 38400], e["audio"].numpy())]
+        assert len(hits) == 1  # the crop is the file's samples from a multiple of 320 on
+        starts.append(hits[0])
+    assert len(set(starts)) > 1
+
+
+def test_examples_carry_their_context(files):
+    ds = audio.CropDataset([files], 2 * SR, seed=3, min_seconds=1.0, hop=320, context=(SR, 640))
+    seen_short_left = False
+    for i in range(40):
+        e = ds.example(i)
+        _, item, start = ds.crop(i)
+        full = audio.load(ds.paths[item])
+        left, L = e["left"], e["length"]
+        assert left == min(SR, start) and L == min(2 * SR, len(full) - start)
+        assert e["right"] == min(640, len(full) - start - L)
+        np.testing.assert_allclose(e["audio"][SR - left: SR + L + e["right"]].numpy(),
+                                   full[start - left: start + L + e["right"]], atol=1e-6)
+        assert not e["audio"][:SR - left].any() and not e["audio"][SR + L + e["right"]:].any()
+        seen_short_left |= left < SR
+    assert seen_short_left  # crops near a file's start get what context exists
+    e = ds.example((1, 2, 30000))
+    assert e["audio"].shape == (SR + 30000 + 640,) and e["length"] == 30000
