@@ -790,20 +790,34 @@ class CropDataset:
         (epoch, item, L) from EpochBatches (a crop of L samples of that item, its start drawn on the
         hop grid from (seed, epoch, item)). Returns {"audio": float32 tensor [left + L + right], the
         crop at [left, left + L) and its context around it, zeros where the file has none; "length":
-        valid crop samples; "left", "right": valid context samples (fewer near the file's ends)}.
+        valid crop samples; "left", "right": valid context samples (fewer near the file's ends); "item",
+        "start": where the crop comes from (the file is ds.paths[ds.ref[item]] for raw files)}.
         """
-        import torch
         if isinstance(key, (int, np.integer)):
             region, item, start, a = self._draw(int(key), self.context)
             L = self.crop_samples
         else:
             region, item, start, a, L = self._draw_epoch(*(int(v) for v in key))
+        return self._pack(region, start, a, L, item)
+
+    def example_at(self, item: int, start: int, length: int | None = None) -> dict:
+        """The example dict of the crop of `length` samples (default: the crop length) of an item at `start`,
+        with its context, as a training batch would hold it (`python teachers.py labels` reads it)."""
+        L = self.crop_samples if length is None else int(length)
+        n = int(self.length[item])
+        if not 0 <= start < n:
+            raise ValueError(f"start {start} is outside the item's {n} samples")
+        a, b = max(0, start - self.context[0]), min(n, start + L + self.context[1])
+        return self._pack(self._read(item, a, b - a), start, a, L, item)
+
+    def _pack(self, region: np.ndarray, start: int, a: int, L: int, item: int) -> dict:
+        import torch
         left, right = self.context
         valid = min(L, len(region) - (start - a))
         out = np.zeros(left + L + right, np.float32)
         out[left - (start - a): left - (start - a) + len(region)] = region
         return {"audio": torch.from_numpy(out), "length": valid, "left": start - a,
-                "right": len(region) - (start - a) - valid}
+                "right": len(region) - (start - a) - valid, "item": int(item), "start": int(start)}
 
     def _draw_epoch(self, epoch: int, item: int, L: int) -> tuple:
         """(region, item, start, a, L) of an epoch's crop: start on the hop grid, drawn from (seed, epoch, item).

@@ -94,6 +94,7 @@ import rvq
 
 SAMPLE_RATE = 24_000
 HOP = 320                                   # samples per label frame: 75 Hz at 24 kHz
+ACOUSTIC_CONTEXT_SECONDS = 10.0             # audio before a crop an LSTM acoustic teacher encodes first (docs/recipe.md)
 TEACHER_NAMES = ("acoustic", "cqt", "mfcc", "randproj")
 _ALIASES = {"rvq": "acoustic", "encodec": "acoustic", "musical": "cqt", "random": "randproj",
             "bestrq": "randproj", "best-rq": "randproj"}
@@ -120,12 +121,29 @@ class Teacher(nn.Module):
     def _labels(self, wav: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, wav: torch.Tensor, n_frames: int) -> dict:
-        """wav [B, L] float at 24 kHz -> {key: labels cut to n_frames frames}."""
+    def context(self, seconds: float = 0.0) -> tuple[int, int]:
+        """(left, right) samples of audio around a crop that this teacher's labels of the crop depend on
+        (0, 0 for the framewise teachers, whose labels are, as MERT's CQT, those of the crop alone)."""
+        return 0, 0
+
+    def _labels_in_context(self, audio: torch.Tensor, offset: int, left, right, length: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, wav: torch.Tensor, n_frames: int, context=None) -> dict:
+        """wav [B, L] float at 24 kHz -> {key: labels cut to n_frames frames}.
+
+        context: None, or (audio [B, offset + L + r], offset, left [B], right [B]) holding each crop at
+        audio[:, offset:offset + L] with left[b] / right[b] valid samples of the file around it (what
+        CropDataset.example reads); a teacher whose `context()` is not (0, 0) labels the crop from it.
+        """
         if wav.dim() != 2:
             raise ValueError(f"{type(self).__name__} expects wav of shape [B, samples], got {list(wav.shape)}")
         with torch.no_grad(), torch.autocast(wav.device.type, enabled=False):
-            y = self._labels(wav.detach().float())
+            if context is not None and self.context() != (0, 0):
+                audio, offset, left, right = context
+                y = self._labels_in_context(audio.detach().float(), int(offset), left, right, wav.shape[-1])
+            else:
+                y = self._labels(wav.detach().float())
         have = y.shape[self.frame_dim]
         if have < n_frames:
             raise ValueError(f"{type(self).__name__} gives {have} frames for {wav.shape[-1]} samples, "
@@ -195,6 +213,47 @@ class AcousticTeacher(Teacher):
 
     def _labels(self, wav: torch.Tensor) -> torch.Tensor:
         return self.model.encode(wav, n_q=self.n_q)         # (B, n_q, ceil(L / 320)) int64
+
+    def reach(self) -> tuple[int, int]:
+        """(left, right) samples of input that the encoder's convolutions let one code frame see
+        beyond its own 320 (exact; the LSTM, if any, sees the whole past on top)."""
+        lo, hi = 0, 0                                       # input range of code frame 0, walked back to samples
+        for layer in reversed(self.model.encoder.layers):
+            conv = layer.conv1 if isinstance(layer, rvq.ResBlock) else layer
+            if not isinstance(conv, rvq.Conv):
+                continue
+            k_eff = (conv.kernel - 1) * conv.dilation + 1
+            pad = k_eff - conv.stride
+            pad_left = pad if conv.causal else pad - pad // 2
+            lo, hi = lo * conv.stride - pad_left, hi * conv.stride - pad_left + k_eff - 1
+        return -lo, max(0, hi - (HOP - 1))
+
+    def context(self, seconds: float = 0.0) -> tuple[int, int]:
+        """Audio around a crop needed for its codes to equal the whole file's codes at every frame.
+
+        The convolutions reach a fixed span (reach(), rounded up to frames): exact. The LSTM of an
+        EnCodec-like encoder carries state from the file's start; `seconds` of left context (rounded up
+        to frames) give it time to converge, which is exact in practice but not by construction
+        (docs/recipe.md measures it). Without an LSTM `seconds` is not needed and not used."""
+        left, right = self.reach()
+        if self.model.cfg.lstm:
+            left = max(left, int(math.ceil(seconds * SAMPLE_RATE)))
+        return -(-left // HOP) * HOP, -(-right // HOP) * HOP
+
+    def _labels_in_context(self, audio, offset, left, right, length):
+        """Codes of audio[b, offset:offset + length] encoded with left[b] / right[b] samples around it, the
+        context frames dropped: clips with the same context run as one batch (most have it all)."""
+        left, right = (torch.as_tensor(v).reshape(-1).tolist() for v in (left, right))
+        n = -(-length // HOP)
+        out = torch.empty(audio.shape[0], self.n_q, n, dtype=torch.long, device=audio.device)
+        for lr in sorted(set(zip(left, right))):
+            if lr[0] % HOP:
+                raise ValueError(f"left context {lr[0]} is not a multiple of {HOP} samples: codes would not "
+                                 f"sit on the file's frame grid")
+            rows = [b for b, v in enumerate(zip(left, right)) if v == lr]
+            x = audio[rows, offset - lr[0]: offset + length + lr[1]]
+            out[rows] = self.model.encode(x, n_q=self.n_q)[:, :, lr[0] // HOP: lr[0] // HOP + n]
+        return out
 
 
 # ----------------------------------------------------------------------------- musical teacher
@@ -499,11 +558,18 @@ class Teachers(nn.Module):
         """Width of the "cqt" target (0: no CQT teacher): the model's cqt_bins."""
         return self.teachers[self._owner["cqt"]].n_bins if "cqt" in self._owner else 0
 
-    def forward(self, wav: torch.Tensor, n_frames: int) -> dict:
-        """wav [B, L] at 24 kHz -> {"codes": LongTensor [B, K, n_frames]} and/or {"cqt": FloatTensor [B, n_frames, 336]}."""
+    def context(self, seconds: float = 0.0) -> tuple[int, int]:
+        """(left, right) samples around a crop that the teachers need (the widest of them); see Teacher.context."""
+        spans = [t.context(seconds) for t in self.teachers.values()]
+        return max(a for a, _ in spans), max(b for _, b in spans)
+
+    def forward(self, wav: torch.Tensor, n_frames: int, context=None) -> dict:
+        """wav [B, L] at 24 kHz -> {"codes": LongTensor [B, K, n_frames]} and/or {"cqt": FloatTensor [B, n_frames, 336]}.
+
+        context: (audio, offset, left, right) as in Teacher.forward, for the teachers that use it."""
         out = {}
         for t in self.teachers.values():
-            out.update(t(wav, n_frames))
+            out.update(t(wav, n_frames, context))
         return out
 
 
@@ -611,8 +677,67 @@ def _fit_command(args) -> int:
     return 1 if failed else 0
 
 
+def _labels_command(args) -> int:
+    import audio  # the project's reader: only the command needs it
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = int(round(args.start * SAMPLE_RATE))
+    if start % HOP:
+        print(f"{args.file}: training crops start on the {HOP}-sample frame grid; start {args.start:g} s -> "
+              f"{start // HOP * HOP / SAMPLE_RATE:g} s", file=sys.stderr)
+        start = start // HOP * HOP
+    teach = build_teachers(args.teachers.replace("+", ","), acoustic_ckpt=args.acoustic_ckpt,
+                           mfcc_ckpt=args.mfcc_ckpt, seed=args.seed, n_q=args.n_q, cqt_log=args.cqt_log).eval()
+    context = teach.context(args.context)
+    crop = int(round(args.seconds * SAMPLE_RATE))
+    try:  # read exactly as train.py's CropDataset does: hop grid, context around the crop
+        ds = audio.CropDataset([args.file], crop, min_seconds=0, hop=HOP, context=context,
+                               on_bad=lambda m: print(m, file=sys.stderr))
+        n = int(ds.length[0])
+        if start >= n:
+            print(f"{args.file}: --start {start / SAMPLE_RATE:g} s is past the end ({n / SAMPLE_RATE:.2f} s)", file=sys.stderr)
+            return 1
+        if start + crop > n:
+            print(f"{args.file}: only {(n - start) / SAMPLE_RATE:.2f} s after --start; labelling that (a training "
+                  f"crop of a file this short is cut to it too)", file=sys.stderr)
+            crop = n - start
+        ex = ds.example_at(0, start, crop)
+    except audio.AudioError as e:
+        print(e, file=sys.stderr)
+        return 1
+    T = (crop - 400) // HOP + 1        # the model's frames (MERT's conv stack: 400-sample receptive field, hop 320)
+    if T < 1:
+        print(f"{args.file}: a crop of {crop} samples is shorter than one model frame (400)", file=sys.stderr)
+        return 1
+    left = context[0]
+    ctx = (ex["audio"][None], left, torch.tensor([ex["left"]]), torch.tensor([ex["right"]]))
+    y = teach(ex["audio"][None, left:left + crop], T, context=ctx)
+    t0 = start / SAMPLE_RATE
+    print(f"{args.file}: crop at {t0:g} s (sample {start}, frame {start // HOP}), {crop / SAMPLE_RATE:g} s, {T} frames; "
+          f"teachers {'+'.join(teach.names)}; context {ex['left'] / SAMPLE_RATE:g} s before, "
+          f"{ex['right'] / SAMPLE_RATE:g} s after")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, start=start, frames=T, **{k: v[0].numpy() for k, v in y.items()})
+        print(f"wrote {out}: " + ", ".join(f"{k} {tuple(v[0].shape)}" for k, v in y.items()))
+    elif "codes" in y:
+        for t, row in enumerate(y["codes"][0].t().tolist()):
+            print(f"{start // HOP + t:7d} {t0 + t * HOP / SAMPLE_RATE:9.3f}s  " + " ".join(f"{c:4d}" for c in row))
+    if "codes" in y:
+        for k, row in enumerate(y["codes"][0]):
+            vals, counts = torch.unique(row, return_counts=True)
+            top = int(counts.argmax())
+            print(f"codebook {k}: {len(vals)} distinct codes in {T} frames; most common {int(vals[top])} "
+                  f"({100 * counts[top].item() / T:.0f}%)")
+    if "cqt" in y:
+        c = y["cqt"][0]
+        print(f"cqt: {tuple(c.shape)}, mean {c.mean().item():.4g}, max {c.max().item():.4g}")
+    return 0
+
+
 def main(argv: list | None = None) -> int:
-    """Command line: `fit-mfcc` fits the MFCC k-means teacher on a folder of audio."""
+    """Command line: `fit-mfcc` fits the MFCC k-means teacher; `labels` prints a training crop's labels."""
     ap = argparse.ArgumentParser(
         description="MERT teachers: label producers at 75 Hz. Subcommand fit-mfcc fits the MFCC k-means teacher.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -635,7 +760,38 @@ def main(argv: list | None = None) -> int:
     fp.add_argument("--device", default="cpu", help="torch device for features and k-means, e.g. cuda (default %(default)s)")
     fp.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = torch default (default %(default)s)")
     fp.add_argument("--verbose", action="store_true", help="print each k-means iteration to stderr")
+    lp = sub.add_parser(
+        "labels", help="print or save the exact labels train.py gives a training crop of FILE at --start",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python teachers.py labels song.flac --start 30 --teachers rvq+cqt "
+               "--acoustic_ckpt encodec_24khz-d7cc33bc.th\n"
+               "prints one line per model frame (frame, time, codes) and how many distinct codes each codebook used\n")
+    lp.add_argument("file", help="an audio file")
+    lp.add_argument("--start", type=float, required=True,
+                    help="crop start in seconds (training crops start on the 320-sample frame grid; snapped down to it)")
+    lp.add_argument("--seconds", type=float, default=5.0, help="crop length, as train.py --crop_seconds (default %(default)s)")
+    lp.add_argument("--teachers", default="rvq+cqt", help="as train.py --teachers (default %(default)s)")
+    lp.add_argument("--acoustic_ckpt", "--acoustic-ckpt", default=None,
+                    help="as train.py --acoustic_ckpt (none: the random-projection teacher stands in)")
+    lp.add_argument("--mfcc_ckpt", "--mfcc-ckpt", default=None, help="as train.py --mfcc_ckpt")
+    lp.add_argument("--n_q", "--n-q", type=int, default=8, help="as train.py --n_q (default %(default)s)")
+    lp.add_argument("--context", type=float, default=ACOUSTIC_CONTEXT_SECONDS,
+                    help="as train.py --acoustic_context: seconds of audio before the crop that an LSTM acoustic "
+                         "teacher encodes first (default %(default)s)")
+    lp.add_argument("--cqt_log", "--cqt-log", action="store_true", help="as train.py --cqt_log true")
+    lp.add_argument("--seed", type=int, default=1337, help="as train.py --seed: seeds the random-projection teacher "
+                                                          "(default %(default)s)")
+    lp.add_argument("--out", help="save the labels to this .npz (codes [n_q, T], cqt [T, 336]) instead of printing codes")
+    lp.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = torch default (default %(default)s)")
     args = ap.parse_args(argv)
+    if args.command == "labels":
+        if args.seconds <= 0.02 or args.start < 0:
+            ap.error("--seconds must be > 0.02 and --start >= 0")
+        try:
+            return _labels_command(args)
+        except (ValueError, OSError, KeyError) as e:   # a bad teacher checkpoint: one line
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     if args.k < 2:
         ap.error("--k must be at least 2")
     if args.hours < 0 or args.max_frames < 1 or args.iters < 1:
