@@ -250,6 +250,18 @@ def configure_optimizer(model: torch.nn.Module, tc: TrainConfig, fused: bool) ->
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, fused=fused or None)
 
 
+def set_fairseq_eps(optimizer: torch.optim.Optimizer, tc: TrainConfig) -> None:
+    """Before each step: the eps that makes torch's AdamW step fairseq's Adam step exactly.
+
+    fairseq adds eps to sqrt(v) and folds the bias corrections into the step size; torch adds it to
+    sqrt(v / (1 - beta2^t)). Equal when torch's eps is eps / sqrt(1 - beta2^t) (they differ in the first
+    few hundred steps, and where gradients are as small as eps)."""
+    for group in optimizer.param_groups:
+        st = next((optimizer.state[p] for p in group["params"] if optimizer.state.get(p)), {})
+        t = int(st.get("step", 0)) + 1
+        group["eps"] = tc.eps / math.sqrt(1.0 - tc.beta2 ** t)
+
+
 def resolve_batch(tc: TrainConfig, world: int) -> tuple[int, int]:
     """(clips per optimiser step, gradient accumulation steps) for `world` devices: the same global batch on any
     number of devices whose micro-batches tile it."""
@@ -605,6 +617,7 @@ def main(argv=None):
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             finite = flag.bool()
         if bool(finite):
+            set_fairseq_eps(optimizer, tc)
             optimizer.step()
             bad_in_row = 0
         else:

@@ -179,3 +179,174 @@ def test_examples_carry_their_context(files):
     assert seen_short_left  # crops near a file's start get what context exists
     e = ds.example((1, 2, 30000))
     assert e["audio"].shape == (SR + 30000 + 640,) and e["length"] == 30000
+
+
+# -- 1. the official global batch, with the accumulation that reaches it on any number of devices
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_print_config_shows_the_official_global_batch(capsys, monkeypatch):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--size", "330m", "--print_config"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    c = json.loads(r.stdout)
+    # MERT_RVQ-VAE_CQT_330M.yaml + run_training.sh: 7 clips of 5.12 s per GPU x 64 GPUs x update_freq 8
+    assert c["global_batch"]["clips"] == 3584 and c["micro_batch"] == 7 and c["world_size"] == 1
+    assert c["accumulation"] == 512  # one device reaches the same global batch
+    assert (c["train"]["lr"], c["train"]["grad_clip"], c["train"]["crop_seconds"]) == (1.5e-3, 1.0, 5.12)
+    assert (c["model"]["dim"], c["model"]["n_layers"], c["model"]["final_dim"]) == (1024, 24, 128)
+    for world, accum in ((8, 64), (64, 8)):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        assert train.main(["--size", "330m", "--print_config"]) == 0
+        c = json.loads(capsys.readouterr().out)
+        assert (c["accumulation"], c["global_batch"]["clips"]) == (accum, 3584)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert train.main(["--size", "95m", "--print-config"]) == 0  # 8 clips of 5 s x 8 GPUs (run_training.sh)
+    c = json.loads(capsys.readouterr().out)
+    assert (c["global_batch"]["clips"], c["accumulation"], c["train"]["crop_seconds"]) == (64, 8, 5.0)
+    assert train.main(["--size", "95m", "--print_config", "--total_batch_size", "16", "--batch_size", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["accumulation"] == 4  # --total_batch_size still overrides
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit, match="not a multiple"):
+        train.main(["--size", "330m", "--print_config"])
+
+
+# -- 6. weight decay: fairseq's Adam (decoupled, AdamW-like) on every parameter
+
+def fairseq_adam_step(p, grad, state, lr, betas, eps, wd):
+    """One step of fairseq/optim/adam.py Adam.step, transcribed for a single fp32 tensor."""
+    state["step"] = state.get("step", 0) + 1
+    m = state.setdefault("exp_avg", torch.zeros_like(p)).mul_(betas[0]).add_(grad, alpha=1 - betas[0])
+    v = state.setdefault("exp_avg_sq", torch.zeros_like(p)).mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+    denom = v.sqrt().add_(eps)
+    step_size = lr * (1 - betas[1] ** state["step"]) ** 0.5 / (1 - betas[0] ** state["step"])
+    p.add_(p, alpha=-wd * lr)
+    p.addcdiv_(m, denom, value=-step_size)
+
+
+def test_weight_decay_reaches_every_parameter_as_fairseq_adam():
+    torch.manual_seed(0)
+    m = MERT(MERTConfig(**SMALL))
+    tc = train.TrainConfig(lr=1e-2, weight_decay=0.01)
+    opt = train.configure_optimizer(m, tc, fused=False)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.01 for p in g["params"]}
+    assert decayed == {id(p) for p in m.parameters()}  # biases, norms, label and mask embeddings too
+    ref = {n: p.detach().clone() for n, p in m.named_parameters()}
+    states = {n: {} for n in ref}
+    for _ in range(3):
+        for p in m.parameters():
+            p.grad = torch.randn_like(p) * 10.0 ** torch.randint(-8, 0, p.shape)  # down to eps
+        for n, p in m.named_parameters():
+            fairseq_adam_step(ref[n], p.grad, states[n], 1e-2, (tc.beta1, tc.beta2), tc.eps, 0.01)
+        train.set_fairseq_eps(opt, tc)
+        opt.step()
+    for n, p in m.named_parameters():
+        assert torch.allclose(p, ref[n], atol=1e-6), n
+    ours = train.configure_optimizer(m, train.TrainConfig(decay_matrices_only=True), fused=False)
+    no_decay = {id(p) for g in ours.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(m.label_embs) in no_decay and id(m.encoder.layer_norm.weight) in no_decay
+
+
+# -- 7. validation batches are mixed too; 4. per-clip lengths reach the model, the masks and the noise
+
+from test_train import MICRO  # noqa: E402
+
+
+def test_validation_batches_are_mixed(files, tmp_path, monkeypatch):
+    calls = []
+    real = train.mix_noise
+
+    def spy(wav, rng, prob, *a, **k):
+        out = real(wav, rng, prob, *a, **k)
+        calls.append((torch.is_grad_enabled(), prob, not torch.equal(out, wav)))
+        return out
+
+    monkeypatch.setattr(train, "mix_noise", spy)
+    train.main(MICRO + ["--data", str(files), "--val_data", str(files), "--out", str(tmp_path / "v"), "--max_steps", "2",
+                        "--batch_size", "4", "--eval_interval", "2", "--eval_clips", "8", "--noise_prob", "0.5"])
+    val = [c for c in calls if not c[0]]  # evaluate() runs under no_grad
+    assert len(val) == 2 and all(p == 0.5 for _, p, _ in val) and any(changed for *_, changed in calls)
+
+
+def test_duration_sampling_pads_and_passes_lengths(files, tmp_path, monkeypatch):
+    seen = []
+    real_forward, real_mix = train.MERT.forward, train.mix_noise
+
+    def forward(self, wav, lengths=None, targets=None, mask=None):
+        seen.append(("model", wav.shape[1], None if lengths is None else list(lengths), np.asarray(mask)))
+        return real_forward(self, wav, lengths=lengths, targets=targets, mask=mask)
+
+    def mix(wav, rng, prob, *a, lengths=None, **k):
+        seen.append(("noise", list(lengths)))
+        return real_mix(wav, rng, prob, *a, lengths=lengths, **k)
+
+    monkeypatch.setattr(train.MERT, "forward", forward)
+    monkeypatch.setattr(train, "mix_noise", mix)
+    args = MICRO + ["--data", str(files), "--max_steps", "2", "--batch_size", "4", "--crop_seconds", "4.5"]
+    train.main(args + ["--out", str(tmp_path / "d"), "--sampling", "duration"])
+    padded = [s for s in seen if s[0] == "model" and s[2] is not None]
+    assert padded  # the files (4 s) are shorter than the crop; those under 3 s are not used at all
+    for _, L, lengths, mask in padded:
+        for b, n in enumerate(lengths):
+            assert not mask[b, (n - 400) // 320 + 1:].any()  # padding is never masked
+    assert [s[1] for s in seen if s[0] == "noise"] == [s[2] or [s[1]] * 4 for s in seen if s[0] == "model"]
+    seen.clear()
+    train.main(args + ["--out", str(tmp_path / "e")])  # epoch sampling: batches cut to their shortest clip, no padding
+    model_calls = [s for s in seen if s[0] == "model"]
+    assert all(s[2] is None and s[1] == 4 * SR for s in model_calls)
+
+
+# -- 3. the codes a crop trains on are the whole file's; `teachers.py labels` prints exactly them
+
+import dataclasses  # noqa: E402
+
+import rvq  # noqa: E402
+import teachers  # noqa: E402
+
+
+def test_labels_command_prints_what_training_trains_on(files, tmp_path, monkeypatch):
+    torch.manual_seed(0)  # an EnCodec-shaped teacher (causal SEANet + LSTM), narrow and random, seeded codebooks
+    cfg = dataclasses.replace(rvq.PRESETS["encodec24k"], n_filters=4, n_q=8, bins=64, kmeans_iters=3)
+    m = rvq.RVQVAE(cfg).eval()
+    with torch.no_grad():
+        m.quantizer.init_(m.encoder(torch.from_numpy(audio.load(files / "f0.wav"))[None, None]))
+    rvq.save_atomic({"config": dataclasses.asdict(cfg), "model": m.state_dict()}, tmp_path / "rvq.pt")
+    seen = {}
+    real_prepare, real_teach = train.prepare_batch, teachers.Teachers.forward
+
+    def prepare(batch, context, device):
+        seen.setdefault("batches", []).append({k: batch[k].tolist() for k in ("item", "start", "left")})
+        seen["context"] = context
+        return real_prepare(batch, context, device)
+
+    def teach(self, wav, n_frames, context=None):
+        out = real_teach(self, wav, n_frames, context)
+        seen.setdefault("codes", []).append(out["codes"])
+        return out
+
+    monkeypatch.setattr(train, "prepare_batch", prepare)
+    monkeypatch.setattr(teachers.Teachers, "forward", teach)
+    # one clip per micro-batch: a batched encode rounds differently and may flip a near-tie (docs/recipe.md)
+    train.main(MICRO + ["--data", str(files), "--out", str(tmp_path / "r"), "--max_steps", "2", "--batch_size", "1",
+                        "--teachers", "rvq+cqt", "--acoustic_ckpt", str(tmp_path / "rvq.pt"), "--acoustic_context", "1.5"])
+    assert seen["context"] == (36160, 0)  # 1.5 s before each crop in whole frames (113), none after (causal)
+    ds = audio.CropDataset([files], SR, min_seconds=1.0)
+    assert len(seen["batches"]) == 2
+    for b, (batch, codes) in enumerate(zip(seen["batches"], seen["codes"])):
+        item, start = batch["item"][0], batch["start"][0]
+        assert start % 320 == 0 and batch["left"][0] == min(36160, start)
+        out = tmp_path / f"labels{b}.npz"
+        rc = teachers.main(["labels", ds.paths[item], "--start", str(start / SR), "--seconds", "1.0",
+                            "--teachers", "rvq+cqt", "--acoustic_ckpt", str(tmp_path / "rvq.pt"), "--context", "1.5",
+                            "--out", str(out)])
+        assert rc == 0
+        assert np.array_equal(np.load(out)["codes"], codes[0].numpy())

@@ -254,10 +254,13 @@ def test_crop_codes_equal_whole_file_codes_at_every_frame():
     ctx = teacher.context(3.0)
     assert ctx == (3 * SR, 0)                                          # causal: nothing after the crop matters
     assert teacher.context(0.0)[0] == -(-teacher.reach()[0] // 320) * 320 > 0
-    for start in (0, 1 * SR + 320 * 7, 5 * SR + 320 * 3):  # no, partial and full context
-        c = _crop_with_context(song, start, crop, ctx)
-        got = teacher(c[0][:, ctx[0]:ctx[0] + crop], T, context=c)["codes"][0]
-        assert torch.equal(got, whole[:, start // 320: start // 320 + T]), start
+    starts = (5 * SR + 320 * 3, 0, 1 * SR + 320 * 7, 4 * SR)  # full, no, partial and full context, in one batch
+    cs = [_crop_with_context(song, start, crop, ctx) for start in starts]
+    audio = torch.cat([c[0] for c in cs])
+    got = teacher(audio[:, ctx[0]:ctx[0] + crop], T, context=(audio, ctx[0], torch.cat([c[2] for c in cs]),
+                                                               torch.cat([c[3] for c in cs])))["codes"]
+    for b, start in enumerate(starts):
+        assert torch.equal(got[b], whole[:, start // 320: start // 320 + T]), start
     alone = teacher(song[None, 5 * SR + 960: 5 * SR + 960 + crop], T)["codes"][0]
     assert (alone[:, :25] != whole[:, 5 * 75 + 3: 5 * 75 + 28]).float().mean() > 0.05  # why: cold start
 
