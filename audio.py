@@ -29,7 +29,7 @@ Training data (the second half of this file):
     python audio.py prepare music/ --out shards/ --workers 4    # once: 24 kHz int16 shards
 
 - Two samplings. `sampling="epoch"` (MERT's, mert_dataset.py + fairseq batch_by_size): every epoch
-  each file gives one crop; files are ordered longest first (ties in a random order per epoch) and
+  each file gives one crop; files are ordered longest first (ties in a seeded random order) and
   cut into batches of `batch_size`, so files shorter than the crop are batched together, and every
   batch is cut to its shortest clip (no padding, as MERT's pad_audio=False); the batch order is
   shuffled per epoch. `sampling="duration"`: `ds[i]` seeds `np.random.default_rng([seed, i])` and
@@ -880,11 +880,12 @@ class RankBatches:
 class EpochBatches:
     """Batch sampler with MERT's epoch semantics: every epoch each file gives one crop.
 
-    Epoch e orders the files longest first, clipped at the crop length (so all full-length files tie),
-    ties broken in a random order drawn from (seed, e); cuts that order into batches of b files; cuts
-    every batch to its shortest file (MERT's collater with pad_audio=False: no padding); and shuffles
-    the batches (fairseq's ordered_indices + batch_by_size + epoch shuffle). The last batch of an epoch
-    may hold fewer files. Global batch g = e * batches_per_epoch + j; rank r of W takes batches
+    The files are ordered longest first, clipped at the crop length (so all full-length files tie),
+    ties broken in a random order drawn from the seed, and that order is cut into batches of b files,
+    each cut to its shortest file (MERT's collater with pad_audio=False: no padding). As in fairseq
+    (fairseq_task.get_batch_iterator seeds ordered_indices with the run's seed, not the epoch) the
+    groups are the same every epoch; epoch e shuffles their order (seed, e) and draws new crops. The
+    last batch may hold fewer files. Global batch g = e * batches_per_epoch + j; rank r of W takes batches
     g = start_batch + k*W + r (k = 0, 1, ...), as RankBatches does, and yields the keys
     [(e, item, L), ...] that CropDataset.example reads. `start` counts in units of b (global batch
     index x b) like RankBatches', so a resumed run passes the same number.
@@ -899,16 +900,17 @@ class EpochBatches:
         self.start, self.num_batches = start // batch_size, num_batches
         self.sizes = np.minimum(dataset.length, dataset.crop_samples)   # what a file can give a batch
         self.per_epoch = -(-len(self.sizes) // batch_size)
+        tie = np.random.default_rng([dataset.seed, 2]).random(len(self.sizes))
+        order = np.lexsort((tie, -self.sizes))                             # longest first, random among equals
+        self.batches = [(order[i:i + batch_size], int(self.sizes[order[i:i + batch_size]].min()))
+                        for i in range(0, len(order), batch_size)]         # (items, crop length L)
         self._plan = (None, None)
 
     def plan(self, epoch: int) -> list:
         """The batches of an epoch, in the order they are read: [(items int64 [<= b], crop length L), ...]."""
         if self._plan[0] != epoch:
-            tie = np.random.default_rng([self.ds.seed, epoch, 2]).random(len(self.sizes))
-            order = np.lexsort((tie, -self.sizes))                         # longest first, random among equals
-            batches = [order[i:i + self.b] for i in range(0, len(order), self.b)]
-            perm = np.random.default_rng([self.ds.seed, epoch, 3]).permutation(len(batches))
-            self._plan = (epoch, [(batches[j], int(self.sizes[batches[j]].min())) for j in perm])
+            perm = np.random.default_rng([self.ds.seed, epoch, 3]).permutation(len(self.batches))
+            self._plan = (epoch, [self.batches[j] for j in perm])
         return self._plan[1]
 
     def keys(self, g: int) -> list:

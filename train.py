@@ -287,6 +287,14 @@ def draw_masks(cfg: MERTConfig, seed: int, g: int, n_frames: list, T: int) -> np
                                 rng=np.random.default_rng([seed, g, 1]))
 
 
+def data_position(g: int, tc: TrainConfig, ds: audio.CropDataset) -> dict:
+    """Where the data stream stands before global micro-batch g (what a resumed run recomputes from the step)."""
+    pos = {"sampling": tc.sampling, "global_batch": g, "batch_size": tc.batch_size}
+    if tc.sampling == "epoch":
+        pos["epoch"], pos["batch_in_epoch"] = divmod(g, -(-ds.n_files // tc.batch_size))
+    return pos
+
+
 def prepare_batch(batch: dict, context: tuple, device: torch.device) -> tuple:
     """A loader batch (CropDataset.example dicts) -> (wav [B, L] clean crops, lengths [B] list, the teachers' context
     (audio, offset, left, right) or None)."""
@@ -578,7 +586,8 @@ def main(argv=None):
                 log.flush()
         if master and step > 0 and (step % tc.ckpt_interval == 0 or last):
             ck = {"config": asdict(cfg), "train_config": asdict(tc), "model": raw_model.state_dict(),
-                  "optimizer": optimizer.state_dict(), "step": step, "data": data_id}
+                  "optimizer": optimizer.state_dict(), "step": step, "data": data_id,
+                  "position": data_position(step * accum * world, tc, train_ds)}
             save_checkpoint(ckpt_path, ck)
             if tc.keep_ckpts:
                 keep_copy(ckpt_path, out / f"ckpt_{step}.pt")

@@ -137,7 +137,10 @@ def test_epoch_batches_read_every_file_once_grouped_by_length(files):
         # longest first: [4 s x 4], [4 s, 4 s, 1.9 s, 1.5 s], [1.2 s]: short files are batched together
         groups = sorted(sorted(it for _, it, _ in batch) for batch in keys)
         assert [8] in groups and any(g[-2:] == [6, 7] for g in groups)
-    assert [eb.keys(g) for g in range(3)] != [eb.keys(g) for g in range(3, 6)]  # new order each epoch
+    e0, e1 = ([eb.keys(g) for g in range(e * 3, e * 3 + 3)] for e in range(2))
+    assert sorted(sorted(k[1] for k in b) for b in e0) == sorted(sorted(k[1] for k in b) for b in e1)  # fairseq:
+    assert [[k[1] for k in b] for b in e0] != [[k[1] for k in b] for b in e1]  # same groups, new order
+    assert [ds.example(k)["start"] for b in e0 for k in b] != [ds.example(k)["start"] for b in e1 for k in b]
     # ranks tile the stream; a resumed sampler continues it
     two = [list(audio.EpochBatches(ds, 2, r, 2, num_batches=3)) for r in range(2)]
     one = list(audio.EpochBatches(ds, 2, num_batches=6))
@@ -303,6 +306,8 @@ def test_duration_sampling_pads_and_passes_lengths(files, tmp_path, monkeypatch)
     train.main(args + ["--out", str(tmp_path / "e")])  # epoch sampling: batches cut to their shortest clip, no padding
     model_calls = [s for s in seen if s[0] == "model"]
     assert all(s[2] is None and s[1] == 4 * SR for s in model_calls)
+    ck = torch.load(tmp_path / "e" / "ckpt.pt", weights_only=True)  # 6 usable files in batches of 4: 2 an epoch
+    assert ck["position"] == {"sampling": "epoch", "global_batch": 2, "batch_size": 4, "epoch": 1, "batch_in_epoch": 0}
 
 
 # -- 3. the codes a crop trains on are the whole file's; `teachers.py labels` prints exactly them
