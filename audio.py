@@ -30,9 +30,9 @@ Training data (the second half of this file):
 
 - Two samplings. `sampling="epoch"` (MERT's, mert_dataset.py + fairseq batch_by_size): every epoch
   each file gives one crop; files are ordered longest first (ties in a seeded random order) and
-  cut into batches of `batch_size`, so files shorter than the crop are batched together, and every
-  batch is cut to its shortest clip (no padding, as MERT's pad_audio=False); the batch order is
-  shuffled per epoch. `sampling="duration"`: `ds[i]` seeds `np.random.default_rng([seed, i])` and
+  cut into batches of `batch_size`, so files of similar length share a batch, and every batch is
+  cut to its shortest clip (no padding, as MERT's pad_audio=False); the batch order is shuffled
+  per epoch. `sampling="duration"`: `ds[i]` seeds `np.random.default_rng([seed, i])` and
   draws (file, offset): file with probability proportional to its duration (`weight="file"`:
   uniformly), with replacement; files between `min_seconds` and the crop length are zero-padded at
   the end and their valid length travels with them. Either way a crop is a pure function of the
@@ -880,12 +880,12 @@ class RankBatches:
 class EpochBatches:
     """Batch sampler with MERT's epoch semantics: every epoch each file gives one crop.
 
-    The files are ordered longest first, clipped at the crop length (so all full-length files tie),
-    ties broken in a random order drawn from the seed, and that order is cut into batches of b files,
-    each cut to its shortest file (MERT's collater with pad_audio=False: no padding). As in fairseq
-    (fairseq_task.get_batch_iterator seeds ordered_indices with the run's seed, not the epoch) the
-    groups are the same every epoch; epoch e shuffles their order (seed, e) and draws new crops. The
-    last batch may hold fewer files. Global batch g = e * batches_per_epoch + j; rank r of W takes batches
+    The files are ordered by their whole length, longest first, ties in a random order drawn from the
+    seed (MERT's ordered_indices), and that order is cut into batches of b files, each cut to its
+    shortest clip (MERT's collater with pad_audio=False: no padding), so files shorter than the crop
+    share batches. As in fairseq (get_batch_iterator seeds ordered_indices with the run's seed, not the
+    epoch) the groups are the same every epoch; epoch e shuffles their order (seed, e) and draws new
+    crops. The last batch may hold fewer files. Global batch g = e * batches_per_epoch + j; rank r of W takes batches
     g = start_batch + k*W + r (k = 0, 1, ...), as RankBatches does, and yields the keys
     [(e, item, L), ...] that CropDataset.example reads. `start` counts in units of b (global batch
     index x b) like RankBatches', so a resumed run passes the same number.
@@ -901,7 +901,7 @@ class EpochBatches:
         self.sizes = np.minimum(dataset.length, dataset.crop_samples)   # what a file can give a batch
         self.per_epoch = -(-len(self.sizes) // batch_size)
         tie = np.random.default_rng([dataset.seed, 2]).random(len(self.sizes))
-        order = np.lexsort((tie, -self.sizes))                             # longest first, random among equals
+        order = np.lexsort((tie, -dataset.length))                         # longest first, random among equals
         self.batches = [(order[i:i + batch_size], int(self.sizes[order[i:i + batch_size]].min()))
                         for i in range(0, len(order), batch_size)]         # (items, crop length L)
         self._plan = (None, None)

@@ -148,6 +148,16 @@ def test_epoch_batches_read_every_file_once_grouped_by_length(files):
     assert list(audio.EpochBatches(ds, 2, start=4 * 2, num_batches=2)) == one[4:]
 
 
+def test_epoch_batches_group_files_by_their_whole_length(tmp_path):
+    """MERT's ordered_indices sorts by the files' whole lengths, not the crop they give: neighbours share a batch."""
+    secs = [3.4, 4.0, 3.1, 3.8, 3.2, 3.6]
+    for i, sec in enumerate(secs):
+        sf.write(tmp_path / f"g{i}.wav", np.full(int(sec * SR), 0.1, np.float32), SR)
+    ds = audio.CropDataset([tmp_path], 2 * SR)  # every file is longer than the crop
+    groups = sorted(sorted(secs[k[1]] for k in audio.EpochBatches(ds, 2).keys(g)) for g in range(3))
+    assert groups == [[3.1, 3.2], [3.4, 3.6], [3.8, 4.0]]
+
+
 def test_epoch_examples_have_no_padding_and_start_on_the_frame_grid(files):
     ds = audio.CropDataset([files], 2 * SR, seed=3, min_seconds=1.0, hop=320)
     for batch in audio.make_loader(ds, 4, num_batches=3, sampling="epoch"):
