@@ -11,6 +11,7 @@ Every teacher is a frozen `nn.Module` that runs on the training device:
     teachers = build_teachers("acoustic,cqt", acoustic_ckpt="encodec_24khz-d7cc33bc.th", device="cuda")
     targets = teachers(wav, n_frames=T)           # {"codes": [B, 8, T], "cqt": [B, T, 336]}
     teachers.n_codebooks, teachers.codebook_size, teachers.cqt_bins    # to size the model's heads
+    teachers(wav, T, context=(audio, offset, left, right))  # a crop's codes as the whole file's (Teacher.forward)
 
 Framing. The model's conv stack gives T = floor((L - 400) / 320) + 1 frames (374 for 5 s). The
 teachers frame the audio their own way and are cut to the first T frames:
@@ -73,7 +74,7 @@ References
 - Davis & Mermelstein 1980 (MFCC); Young et al., The HTK Book (mel scale, delta formula).
 
 Only torch, numpy, the standard library, `cqt` and `rvq` are imported at the top; `audio` (the
-project's reader) and tqdm are imported by the `fit-mfcc` command only.
+project's reader) and tqdm are imported by the `fit-mfcc` and `labels` commands only.
 """
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ class TrainConfig:
     acoustic_ckpt: str = ""  # rvq.py or EnCodec checkpoint; empty: the random-projection teacher stands in
     mfcc_ckpt: str = ""  # k-means fitted by `python teachers.py fit-mfcc`
     n_q: int = 8  # code streams taken from the acoustic (or random-projection) teacher (MERT: 8)
-    acoustic_context: float = 10.0  # seconds before a crop an LSTM acoustic teacher encodes first (MERT: the whole file)
+    acoustic_context: float = teachers_lib.ACOUSTIC_CONTEXT_SECONDS  # audio before a crop an LSTM teacher encodes first (s)
     cqt_log: bool = False  # log10(|CQT| + 1e-3) + 1.5 as the CQT target (MERT: linear magnitude)
     freeze: str = ""  # comma-separated parameter-name prefixes kept at their initial values (MERT: none)
     max_steps: int = 400_000
