@@ -885,10 +885,12 @@ class EpochBatches:
     shortest clip (MERT's collater with pad_audio=False: no padding), so files shorter than the crop
     share batches. As in fairseq (get_batch_iterator seeds ordered_indices with the run's seed, not the
     epoch) the groups are the same every epoch; epoch e shuffles their order (seed, e) and draws new
-    crops. The last batch may hold fewer files. Global batch g = e * batches_per_epoch + j; rank r of W takes batches
-    g = start_batch + k*W + r (k = 0, 1, ...), as RankBatches does, and yields the keys
-    [(e, item, L), ...] that CropDataset.example reads. `start` counts in units of b (global batch
-    index x b) like RankBatches', so a resumed run passes the same number.
+    crops. The last batch may hold fewer files.
+
+    Global batch g = e * per_epoch + j; rank r of W takes batches g = start / b + k*W + r (k = 0, 1,
+    ...), as RankBatches does, and yields the keys [(e, item, L), ...] that CropDataset.example reads.
+    `start` counts in units of b (global batch index x b) as RankBatches' does, so train.py passes the
+    same number for either sampling.
     """
 
     def __init__(self, dataset: CropDataset, batch_size: int, rank: int = 0, world_size: int = 1, start: int = 0,

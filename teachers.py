@@ -696,7 +696,8 @@ def _labels_command(args) -> int:
                                on_bad=lambda m: print(m, file=sys.stderr))
         n = int(ds.length[0])
         if start >= n:
-            print(f"{args.file}: --start {start / SAMPLE_RATE:g} s is past the end ({n / SAMPLE_RATE:.2f} s)", file=sys.stderr)
+            print(f"{args.file}: --start {start / SAMPLE_RATE:g} s is past the end ({n / SAMPLE_RATE:.2f} s)",
+                  file=sys.stderr)
             return 1
         if start + crop > n:
             print(f"{args.file}: only {(n - start) / SAMPLE_RATE:.2f} s after --start; labelling that (a training "
@@ -770,7 +771,8 @@ def main(argv: list | None = None) -> int:
     lp.add_argument("file", help="an audio file")
     lp.add_argument("--start", type=float, required=True,
                     help="crop start in seconds (training crops start on the 320-sample frame grid; snapped down to it)")
-    lp.add_argument("--seconds", type=float, default=5.0, help="crop length, as train.py --crop_seconds (default %(default)s)")
+    lp.add_argument("--seconds", type=float, default=5.0,
+                    help="crop length, as train.py --crop_seconds (default %(default)s)")
     lp.add_argument("--teachers", default="rvq+cqt", help="as train.py --teachers (default %(default)s)")
     lp.add_argument("--acoustic_ckpt", "--acoustic-ckpt", default=None,
                     help="as train.py --acoustic_ckpt (none: the random-projection teacher stands in)")
@@ -782,7 +784,8 @@ def main(argv: list | None = None) -> int:
     lp.add_argument("--cqt_log", "--cqt-log", action="store_true", help="as train.py --cqt_log true")
     lp.add_argument("--seed", type=int, default=1337, help="as train.py --seed: seeds the random-projection teacher "
                                                           "(default %(default)s)")
-    lp.add_argument("--out", help="save the labels to this .npz (codes [n_q, T], cqt [T, 336]) instead of printing codes")
+    lp.add_argument("--out", help="save the labels to this .npz (codes [n_q, T], cqt [T, 336]) instead of printing "
+                                  "the codes")
     lp.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = torch default (default %(default)s)")
     args = ap.parse_args(argv)
     if args.command == "labels":

@@ -58,7 +58,7 @@ class TrainConfig:
     acoustic_ckpt: str = ""  # rvq.py or EnCodec checkpoint; empty: the random-projection teacher stands in
     mfcc_ckpt: str = ""  # k-means fitted by `python teachers.py fit-mfcc`
     n_q: int = 8  # code streams taken from the acoustic (or random-projection) teacher (MERT: 8)
-    acoustic_context: float = teachers_lib.ACOUSTIC_CONTEXT_SECONDS  # audio before a crop an LSTM teacher encodes first (s)
+    acoustic_context: float = teachers_lib.ACOUSTIC_CONTEXT_SECONDS  # s before a crop an LSTM teacher encodes first
     cqt_log: bool = False  # log10(|CQT| + 1e-3) + 1.5 as the CQT target (MERT: linear magnitude)
     freeze: str = ""  # comma-separated parameter-name prefixes kept at their initial values (MERT: none)
     max_steps: int = 400_000
@@ -245,7 +245,8 @@ def configure_optimizer(model: torch.nn.Module, tc: TrainConfig, fused: bool) ->
     else:
         decay, no_decay = [], []
         for name, p in params:
-            (decay if p.dim() >= 2 and "label_embs" not in name and "masked_spec_embed" not in name else no_decay).append(p)
+            matrix = p.dim() >= 2 and "label_embs" not in name and "masked_spec_embed" not in name
+            (decay if matrix else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, fused=fused or None)
 
