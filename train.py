@@ -314,8 +314,11 @@ def print_config(argv=None) -> int:
     teach = teachers_lib.build_teachers(tc.teachers.replace("+", ","), acoustic_ckpt=tc.acoustic_ckpt or None,
                                         mfcc_ckpt=tc.mfcc_ckpt or None, seed=tc.seed, n_q=tc.n_q, cqt_log=tc.cqt_log,
                                         log=lambda m: print(m, file=sys.stderr))
-    cfg = MERTConfig.from_preset(tc.size, **{**dict(n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size,
-                                                    cqt_bins=teach.cqt_bins), **model_over})
+    heads = dict(n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size, cqt_bins=teach.cqt_bins)
+    if tc.init:  # the source fixes the model's shape
+        cfg, _ = init_from(tc.init, tc.size, heads, model_over, tc.teachers, lambda m: print(m, file=sys.stderr))
+    else:
+        cfg = MERTConfig.from_preset(tc.size, **{**heads, **model_over})
     left, right = teach.context(tc.acoustic_context)
     out = {"train": asdict(tc), "model": asdict(cfg), "world_size": world, "micro_batch": tc.batch_size,
            "accumulation": accum, "global_batch": {"clips": total, "seconds_per_clip": tc.crop_seconds,
