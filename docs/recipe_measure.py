@@ -3,6 +3,8 @@ per-crop encodes with whole-file encodes by frame position and left context, and
 
     OMP_NUM_THREADS=1 python docs/recipe_measure.py masks
     OMP_NUM_THREADS=1 python docs/recipe_measure.py codes --files 6 --crops 5 --contexts 0,1,2,5,10
+    OMP_NUM_THREADS=1 python docs/recipe_measure.py codes --float64 --max_seconds 60 --files 3 --crops 4 \
+        --contexts 0,0.5,1,2,5,10
     OMP_NUM_THREADS=1 python docs/recipe_measure.py floor --files 2 --skip 1
     OMP_NUM_THREADS=1 python docs/recipe_measure.py cost --contexts 0,1,2,5,10
 
@@ -71,6 +73,8 @@ def codes(args):
     n_crops = 0
     for f in files:
         x = torch.from_numpy(audio.load(f))
+        if args.max_seconds:  # a causal teacher's codes of a file's first seconds do not depend on the rest
+            x = x[: int(args.max_seconds * SR)]
         x = x.double() if args.float64 else x
         n = len(x) // HOP * HOP
         with torch.no_grad():
@@ -176,6 +180,7 @@ if __name__ == "__main__":
     p.add_argument("--contexts", default="0,0.25,0.5,1,2,3,5,10", help="left contexts in seconds")
     p.add_argument("--repeats", type=int, default=7, help="timing repeats (median)")
     p.add_argument("--float64", action="store_true", help="codes: run the teacher in float64")
+    p.add_argument("--max_seconds", type=float, default=0, help="codes: use only each file's first seconds (0: all)")
     p.add_argument("--skip", type=int, default=0, help="codes: skip this many files of the sorted folder first")
     p.add_argument("--json", help="also write the numbers here")
     a = p.parse_args()
