@@ -1,61 +1,24 @@
-"""Audio input for MERT: read any file soundfile reads, mix to mono, resample to 24 kHz.
+"""Audio input for MERT: read any file soundfile reads, mix to mono, resample to 24 kHz; training crops.
 
     x = load("song.mp3")                 # float32 [samples], mono, 24 kHz
-    sr, frames, channels = info("song.flac")
-    y = resample(x, 44100, 24000)        # band-limited, zero delay
-    files = find_audio(["music/"])       # sorted audio files under a folder
-
-Design choices:
-- Decoding is soundfile (libsndfile): WAV/FLAC/OGG/Opus/MP3/AIFF/... without ffmpeg. Every failure
-  (missing, corrupt, empty, NaN/inf samples) becomes one `AudioError("<path>: <problem>")`, so a
-  caller that walks a folder can name the bad file and go on.
-- Mono is the mean of the channels (MERT was trained on mono mixdowns).
-- The resampler is written here so the package needs no scipy/librosa/soxr: a Kaiser-windowed sinc
-  evaluated at the exact rational phases of new_sr/orig_sr = L/M (reduced by gcd), applied as a
-  polyphase filter that computes only the output samples (one BLAS matmul per block of ~16 MiB).
-  Passband flat to 0.9x the lower Nyquist (ripple < 0.001 dB), stopband from the lower Nyquist on
-  at about -90 dB, so nothing aliases into [0, new Nyquist). A 10-minute 44.1 kHz song resamples
-  to 24 kHz in well under a second on one core. Reference: Kaiser & Schafer (1980) for the window
-  and its design formulas; J. O. Smith, "Digital Audio Resampling" for the bandlimited-interpolation view.
-- Time convention: output sample j sits at time j/new_sr, input sample k at k/orig_sr (no delay);
-  outside the signal the input is taken as zero. The output has ceil(n * new_sr / orig_sr) samples,
-  i.e. every output instant that falls inside the input's span [0, n/orig_sr).
-
-Training data (the second half of this file):
-
     ds = CropDataset(["music/"], crop_samples=120000, seed=0)   # folders, files, manifests, shards
-    wav = ds[i]                          # float32 tensor [120000]: a pure function of (seed, i)
-    loader = make_loader(ds, batch_size=8, start=0, rank=0, world_size=1, num_workers=4)
-    python audio.py prepare music/ --out shards/ --workers 4    # once: 24 kHz int16 shards
+    python audio.py prepare music/ --out shards/ --workers 4    # once: 24 kHz int16 shards for fast loading
 
-- Two samplings. `sampling="epoch"` (MERT's, mert_dataset.py + fairseq batch_by_size): every epoch
-  each file gives one crop; files are ordered longest first (ties in a seeded random order) and
-  cut into batches of `batch_size`, so files of similar length share a batch, and every batch is
-  cut to its shortest clip (no padding, as MERT's pad_audio=False); the batch order is shuffled
-  per epoch. `sampling="duration"`: `ds[i]` seeds `np.random.default_rng([seed, i])` and
-  draws (file, offset): file with probability proportional to its duration (`weight="file"`:
-  uniformly), with replacement; files between `min_seconds` and the crop length are zero-padded at
-  the end and their valid length travels with them. Either way a crop is a pure function of the
-  seed and its position in the stream, so any worker, rank or resumed run reads the same crop.
-- Crop starts lie on a grid of `hop` samples (train.py: 320, the label frame), so the labels of
-  a crop are the whole file's labels from frame start / 320 on; `context` reads that much audio
-  before (and after) the crop too, for a teacher whose codes depend on it (teachers.py).
-- Unreadable files are named once (the `on_bad` callback, stderr by default) and kept in
-  `ds.bad_files`. Header failures at construction drop the file. A crop read that fails redraws
-  from the same generator; the file is *not* dropped for later draws, because ds[i] must not depend
-  on what this process happened to read before (a resumed run has not seen the failure). Each such
-  draw costs one failed read; `prepare` (which decodes everything once) leaves none.
-- A raw crop reads only its source region plus the filter's half-width, starting on the
-  resampler's rational grid, so it equals the same slice of `load()` up to float rounding.
-- Shards: `prepare` writes `shard-NNNNN.bin` (raw little-endian int16, 24 kHz mono, files back to
-  back) with a `shard-NNNNN.json` each, and `index.json` listing [source, shard, offset, length,
-  clipped] per file. int16 = round(clip(x * 32768, -32768, 32767)), read back as int16 / 32768
-  (soundfile's convention, so int16 24 kHz WAVs pass through exactly). Clipping, not rescaling:
-  levels stay those of the raw files; only samples beyond full scale (resampler overshoot on
-  clipped masters, hot float files) are cut, and their count is kept per file.
-- One core delivers ~80k audio-s/s from shards but ~700 from 44.1 kHz FLAC/MP3 (decode + resample;
-  ~1.7k from WAV): `python bench.py data`. Use raw folders for small runs, shards to feed a GPU.
-- torch and tqdm are imported inside the functions that need them, so reading audio needs neither.
+Decisions:
+- Decoding is soundfile (libsndfile), no ffmpeg. Every failure (missing, corrupt, empty, cut short,
+  NaN/inf) is one `AudioError("<path>: <problem>")`, so a caller walking a folder names the bad file
+  and goes on; files in containers soundfile cannot decode (.m4a, .mp4) are named, never passed over.
+- Mono is the mean of the channels. The resampler is our own (no scipy/librosa/soxr): a Kaiser-
+  windowed sinc at the exact rational phases, applied as a polyphase matmul; flat to 0.9 x the lower
+  Nyquist, about -90 dB beyond it, zero delay (output sample j at time j / new_sr).
+- Training crops follow MERT (`sampling="epoch"`: each file gives one crop an epoch, length-grouped
+  batches cut to their shortest clip) or draw by duration (`"duration"`); either way a crop is a pure
+  function of the seed and its position in the stream, so any worker, rank or resumed run reads the
+  same crop. Crop starts lie on the 320-sample label grid.
+- Shards are raw int16 at 24 kHz read by memory map: ~80k audio-s/s per core against ~700 from
+  44.1 kHz FLAC/MP3 (`python bench.py data`).
+
+Details (resampler design, sampling, shard format): docs/audio.md.
 """
 import argparse
 import functools

@@ -1,80 +1,26 @@
 """Teachers: the frame labels MERT learns to predict from masked audio, computed on the fly at 75 Hz.
 
-Every teacher is a frozen `nn.Module` that runs on the training device:
-
-    labels = teacher(wav, n_frames)     wav [B, L] float at 24 kHz, n_frames = the model's T
-        AcousticTeacher          {"codes": LongTensor [B, n_q, T]}   RVQ-VAE codes (rvq.py / EnCodec)
-        MusicalTeacher           {"cqt":   FloatTensor [B, T, 336]}  CQT magnitude (cqt.py)
-        MFCCKMeansTeacher        {"codes": LongTensor [B, 1, T]}     k-means of 39-d MFCC (HuBERT it. 1)
-        RandomProjectionTeacher  {"codes": LongTensor [B, K, T]}     BEST-RQ random-projection quantiser
-
     teachers = build_teachers("acoustic,cqt", acoustic_ckpt="encodec_24khz-d7cc33bc.th", device="cuda")
-    targets = teachers(wav, n_frames=T)           # {"codes": [B, 8, T], "cqt": [B, T, 336]}
-    teachers.n_codebooks, teachers.codebook_size, teachers.cqt_bins    # to size the model's heads
-    teachers(wav, T, context=(audio, offset, left, right))  # a crop's codes as the whole file's (Teacher.forward)
+    targets = teachers(wav, n_frames=T)    # {"codes": [B, 8, T] int64, "cqt": [B, T, 336] float32}
+    python teachers.py labels song.flac --start 12.8     # the labels a training crop at 12.8 s gets
 
-Framing. The model's conv stack gives T = floor((L - 400) / 320) + 1 frames (374 for 5 s). The
-teachers frame the audio their own way and are cut to the first T frames:
+Each teacher is a frozen nn.Module on the training device: AcousticTeacher (RVQ-VAE / EnCodec codes,
+rvq.py), MusicalTeacher (CQT magnitude, cqt.py), MFCCKMeansTeacher (HuBERT iteration-1 style) and
+RandomProjectionTeacher (BEST-RQ, a stand-in for the acoustic teacher that needs no checkpoint).
 
-    sample      0        320       640                       L
-    model       [0, 400)  [320, 720)  ...                        T = (L - 400) // 320 + 1
-    CQT, MFCC,  centred on 0, 320, 640, ... (zero padding)       L // 320 + 1     (376 for 5 s)
-    rand-proj
-    RVQ codes   causal SEANet encoder                            ceil(L / 320)    (375 for 5 s)
+Decisions:
+- Labels are cut to the model's frame count T = (L - 400) // 320 + 1; each teacher's own framing
+  puts every label within half a frame of its model frame (diagram below, at `Teacher`).
+- The acoustic teacher labels a crop in context: it also encodes audio before (and, by its convs'
+  reach, after) the crop and drops those frames, so a crop's codes are the whole file's codes, as
+  MERT's precomputed per-file codes are (`context=` in Teacher.forward; docs/recipe.md).
+- Labels are computed in float32 under no_grad with autocast off, so bf16 and fp32 steps get the
+  same labels; teachers never train, and anything random is drawn from the teacher's own seeded
+  generator into buffers, so every rank and a restored checkpoint hold the same values.
+- `audio` and tqdm are imported only by the `fit-mfcc` and `labels` commands.
 
-so each label sits within about half a frame of its model frame; labels past the model's last
-frame are dropped (design.md: teachers giving more frames than the model are cut to its count).
-
-Design choices
-- Labels are computed under `torch.no_grad()` (not `inference_mode`: the losses save their targets
-  for backward, which inference tensors forbid) with autocast disabled and float32 inputs, so a
-  bf16 training step gets the same labels as an fp32 one.
-- Teachers never train: parameters are frozen and `.train()` keeps them in eval mode. Anything
-  random (the random-projection matrices and codebooks) is drawn from the teacher's own seeded
-  CPU generator and held in persistent buffers: every process and rank draws the same values, and a
-  checkpoint of `Teachers.state_dict()` restores them exactly.
-- MFCC (HuBERT iteration 1, which used Kaldi MFCC: 25 ms windows, 10 ms hop, 13 coefficients +
-  deltas + delta-deltas, 39-d) at 24 kHz and 75 Hz: pre-emphasis 0.97, Hann window of 640 samples
-  (26.7 ms: the multiple of the 320-sample hop nearest Kaldi's 25 ms, 50 % overlap) in a 1024-point
-  FFT, power spectrum, 40 HTK mel bands 20 Hz - 12 kHz (Kaldi uses 23 bands up to 8 kHz at 16 kHz;
-  the wider band at 24 kHz gets more), natural log, orthonormal DCT-II, c0..c12 (c0 kept, as Kaldi
-  with use_energy=False), deltas over +-2 frames (Kaldi / torchaudio `compute_deltas` formula,
-  edges repeated). One deviation from HuBERT: the 39 dimensions are standardised with the fitted
-  data's mean and std before k-means (HuBERT clustered raw features, where c0 and the low
-  coefficients dominate the Euclidean distance); Kaldi's cepstral liftering is left out because
-  that standardisation would undo any per-coefficient scale anyway.
-- k for MFCC k-means: 500 by default (`--k`). HuBERT's first iteration clustered MFCC of speech into
-  100 classes (500 in its second iteration, on HuBERT features). For MERT's k-means variants we
-  could not check the numbers against a primary source here; our recollection is that the MERT
-  paper's k-means teacher clustered log-mel (300) and chroma (200) features rather than MFCC. 500
-  is therefore an assumption: music frames vary more in timbre than speech frames, so we take
-  HuBERT's larger vocabulary. Fit: k-means++ seeding on up to 100k frames, then full-batch Lloyd
-  iterations on a uniform random sample of frames (default 500k, drawn by random priorities so
-  memory stays bounded) from files in a seeded random order (default: the first 10 h of them);
-  clusters that empty are re-seeded on the worst-fitted frames.
-- Random projection (BEST-RQ; MusicFM applied it to music at 24 kHz with 128 mels): log-mel
-  (128 HTK bands 0 - 12 kHz, Hann 2048, hop 320, centred) of each frame and its two neighbours
-  stacked (384-d; context for onsets; edges repeated), normalised per utterance (each example's
-  per-band mean and std over its frames, CMVN), times K frozen Xavier-normal matrices 384 x 16, and
-  the label is the nearest of 1024 unit-norm Gaussian codebook vectors by cosine (= l2 distance
-  of unit vectors). BEST-RQ normalises with global statistics of the training set; we have none at
-  teacher-build time and a running estimate would change the labels during training (and
-  differ between ranks), so per-utterance normalisation keeps labels a pure function of the crop.
-  K = 8, 1024 codes by default, so it stands in for the acoustic teacher's [B, 8, T] codes.
-
-References
-- Hsu et al. 2021, "HuBERT: Self-Supervised Speech Representation Learning by Masked Prediction of
-  Hidden Units", arXiv:2106.07447 (MFCC + k-means targets, 39-d features, k = 100 first iteration).
-- Li et al. 2023, "MERT: Acoustic Music Understanding Model with Large-Scale Self-supervised
-  Training", arXiv:2306.00107 (RVQ-VAE / EnCodec codes and CQT teachers; k-means baselines).
-- Chiu et al. 2022, "Self-supervised Learning with Random-projection Quantizer for Speech
-  Recognition" (BEST-RQ), arXiv:2202.01855.
-- Won et al. 2024, "A Foundation Model for Music Informatics" (MusicFM), arXiv:2311.03318.
-- Arthur & Vassilvitskii 2007, "k-means++: The Advantages of Careful Seeding".
-- Davis & Mermelstein 1980 (MFCC); Young et al., The HTK Book (mel scale, delta formula).
-
-Only torch, numpy, the standard library, `cqt` and `rvq` are imported at the top; `audio` (the
-project's reader) and tqdm are imported by the `fit-mfcc` and `labels` commands only.
+The MFCC and random-projection details, their departures from HuBERT and BEST-RQ, and the
+references: docs/teachers.md.
 """
 from __future__ import annotations
 
@@ -108,7 +54,17 @@ __all__ = ["Teacher", "AcousticTeacher", "MusicalTeacher", "MFCC", "MFCCKMeansTe
 # ----------------------------------------------------------------------------- common machinery
 
 class Teacher(nn.Module):
-    """Base class: a frozen label producer; subclasses set `key` and implement `_labels(wav) -> frames`."""
+    """Base class: a frozen label producer; subclasses set `key` and implement `_labels(wav) -> frames`.
+
+    Framing: the model's conv stack gives T = floor((L - 400) / 320) + 1 frames (374 for 5 s); the
+    teachers frame the audio their own way and are cut to the first T frames:
+
+        sample      0        320       640                       L
+        model       [0, 400)  [320, 720)  ...                        T = (L - 400) // 320 + 1
+        CQT, MFCC,  centred on 0, 320, 640, ... (zero padding)       L // 320 + 1     (376 for 5 s)
+        rand-proj
+        RVQ codes   causal SEANet encoder                            ceil(L / 320)    (375 for 5 s)
+    """
 
     key: str = "codes"          # the targets-dict key it fills: "codes" or "cqt"
     frame_dim: int = -1         # axis of the frames in `_labels`' output
