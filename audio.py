@@ -1,54 +1,24 @@
-"""Audio input for MERT: read any file soundfile reads, mix to mono, resample to 24 kHz.
+"""Audio input for MERT: read any file soundfile reads, mix to mono, resample to 24 kHz; training crops.
 
     x = load("song.mp3")                 # float32 [samples], mono, 24 kHz
-    sr, frames, channels = info("song.flac")
-    y = resample(x, 44100, 24000)        # band-limited, zero delay
-    files = find_audio(["music/"])       # sorted audio files under a folder
-
-Design choices:
-- Decoding is soundfile (libsndfile): WAV/FLAC/OGG/Opus/MP3/AIFF/... without ffmpeg. Every failure
-  (missing, corrupt, empty, NaN/inf samples) becomes one `AudioError("<path>: <problem>")`, so a
-  caller that walks a folder can name the bad file and go on.
-- Mono is the mean of the channels (MERT was trained on mono mixdowns).
-- The resampler is written here so the package needs no scipy/librosa/soxr: a Kaiser-windowed sinc
-  evaluated at the exact rational phases of new_sr/orig_sr = L/M (reduced by gcd), applied as a
-  polyphase filter that computes only the output samples (one BLAS matmul per block of ~16 MiB).
-  Passband flat to 0.9x the lower Nyquist (ripple < 0.001 dB), stopband from the lower Nyquist on
-  at about -90 dB, so nothing aliases into [0, new Nyquist). A 10-minute 44.1 kHz song resamples
-  to 24 kHz in well under a second on one core. Reference: Kaiser & Schafer (1980) for the window
-  and its design formulas; J. O. Smith, "Digital Audio Resampling" for the bandlimited-interpolation view.
-- Time convention: output sample j sits at time j/new_sr, input sample k at k/orig_sr (no delay);
-  outside the signal the input is taken as zero. The output has ceil(n * new_sr / orig_sr) samples,
-  i.e. every output instant that falls inside the input's span [0, n/orig_sr).
-
-Training data (the second half of this file):
-
     ds = CropDataset(["music/"], crop_samples=120000, seed=0)   # folders, files, manifests, shards
-    wav = ds[i]                          # float32 tensor [120000]: a pure function of (seed, i)
-    loader = make_loader(ds, batch_size=8, start=0, rank=0, world_size=1, num_workers=4)
-    python audio.py prepare music/ --out shards/ --workers 4    # once: 24 kHz int16 shards
+    python audio.py prepare music/ --out shards/ --workers 4    # once: 24 kHz int16 shards for fast loading
 
-- `ds[i]` seeds `np.random.default_rng([seed, i])` and draws (file, offset) from it: file with
-  probability proportional to its duration (every audio-second equally likely; `weight="file"`
-  picks files uniformly), offset uniform over the crop starts inside the file. No state is carried
-  from one index to the next, so any worker, rank or resumed run computes the same crop for the
-  same global index. Files between `min_seconds` and the crop length are zero-padded at the end.
-- Unreadable files are named once (the `on_bad` callback, stderr by default) and kept in
-  `ds.bad_files`. Header failures at construction drop the file. A crop read that fails redraws
-  from the same generator; the file is *not* dropped for later draws, because ds[i] must not depend
-  on what this process happened to read before (a resumed run has not seen the failure). Each such
-  draw costs one failed read; `prepare` (which decodes everything once) leaves none.
-- A raw crop reads only its source region plus the filter's half-width, starting on the
-  resampler's rational grid, so it equals the same slice of `load()` up to float rounding.
-- Shards: `prepare` writes `shard-NNNNN.bin` (raw little-endian int16, 24 kHz mono, files back to
-  back) with a `shard-NNNNN.json` each, and `index.json` listing [source, shard, offset, length,
-  clipped] per file. int16 = round(clip(x * 32768, -32768, 32767)), read back as int16 / 32768
-  (soundfile's convention, so int16 24 kHz WAVs pass through exactly). Clipping, not rescaling:
-  levels stay those of the raw files; only samples beyond full scale (resampler overshoot on
-  clipped masters, hot float files) are cut, and their count is kept per file.
-- One core delivers ~80k audio-s/s from shards but ~700 from 44.1 kHz FLAC/MP3 (decode + resample;
-  ~1.7k from WAV): `python bench.py data`. Use raw folders for small runs, shards to feed a GPU.
-- torch and tqdm are imported inside the functions that need them, so reading audio needs neither.
+Decisions:
+- Decoding is soundfile (libsndfile), no ffmpeg. Every failure (missing, corrupt, empty, cut short,
+  NaN/inf) is one `AudioError("<path>: <problem>")`, so a caller walking a folder names the bad file
+  and goes on; files in containers soundfile cannot decode (.m4a, .mp4) are named, never passed over.
+- Mono is the mean of the channels. The resampler is our own (no scipy/librosa/soxr): a Kaiser-
+  windowed sinc at the exact rational phases, applied as a polyphase matmul; flat to 0.9 x the lower
+  Nyquist, about -90 dB beyond it, zero delay (output sample j at time j / new_sr).
+- Training crops follow MERT (`sampling="epoch"`: each file gives one crop an epoch, length-grouped
+  batches cut to their shortest clip) or draw by duration (`"duration"`); either way a crop is a pure
+  function of the seed and its position in the stream, so any worker, rank or resumed run reads the
+  same crop. Crop starts lie on the 320-sample label grid.
+- Shards are raw int16 at 24 kHz read by memory map: ~80k audio-s/s per core against ~700 from
+  44.1 kHz FLAC/MP3 (`python bench.py data`).
+
+Details (resampler design, sampling, shard format): docs/audio.md.
 """
 import argparse
 import functools
@@ -63,7 +33,8 @@ import numpy as np
 import soundfile as sf
 
 __all__ = ["AudioError", "AudioWarning", "AUDIO_EXTENSIONS", "load", "info", "resample", "find_audio", "load_crop",
-           "read_manifest", "CropDataset", "RankBatches", "make_loader", "worker_init", "prepare", "SHARD_FORMAT"]
+           "read_manifest", "CropDataset", "RankBatches", "EpochBatches", "make_loader", "worker_init", "prepare",
+           "SHARD_FORMAT"]
 
 
 class AudioError(Exception):
@@ -591,25 +562,36 @@ class CropDataset:
     crop_samples: crop length at `sr` (120000 = 5 s for 95M, 122880 = 5.12 s for 330M at 24 kHz).
     min_seconds: shorter files are skipped (counted in `skipped_short`); those between min_seconds
         and the crop length are zero-padded at the end.
-    weight: "duration" (file drawn with probability proportional to its length) or "file" (uniform).
+    weight: "duration" (file drawn with probability proportional to its length) or "file" (uniform);
+        for ds[i] and sampling="duration" only (epoch sampling reads every file once an epoch).
+    hop: crop starts are multiples of hop (320: the label frame, so labels align with the file's).
+    context: (left, right) samples read around each crop by `example` (multiples of hop), for a
+        teacher whose labels depend on audio outside the crop.
     on_bad: called once per unreadable file with "<path>: <problem>"; default prints it on stderr.
         Each DataLoader worker holds its own copy, so a file failing only at crop time may be named
         once per worker. Under a "spawn"/"forkserver" start method it must be picklable.
     progress: tqdm bar on stderr for the header scan (None: only for >= 500 files on a terminal).
 
     ds[i] (any int i >= 0; the index space is unbounded and there is no __len__) -> float32 tensor
-    [crop_samples]. ds.crop(i) -> (numpy array, item, start) for inspection.
+    [crop_samples]. ds.crop(i) -> (numpy array, item, start) for inspection. ds.example(key) -> the
+    dict a training batch is made of (see there); make_loader(..., sampling=...) batches them.
     """
 
     def __init__(self, sources, crop_samples: int, seed: int = 0, min_seconds: float = 3.0,
                  sr: int = 24000, weight: str = "duration", on_bad=None, progress=None,
-                 max_attempts: int = 1000):
+                 max_attempts: int = 1000, hop: int = 1, context: tuple = (0, 0)):
         if isinstance(crop_samples, bool) or not isinstance(crop_samples, (int, np.integer)) or crop_samples <= 0:
             raise ValueError(f"crop_samples must be a positive int, got {crop_samples!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         if weight not in ("duration", "file"):
             raise ValueError(f"weight must be 'duration' or 'file', got {weight!r}")
+        if isinstance(hop, bool) or not isinstance(hop, (int, np.integer)) or hop < 1:
+            raise ValueError(f"hop must be an int >= 1, got {hop!r}")
+        context = tuple(int(c) for c in context)
+        if len(context) != 2 or any(c < 0 or c % hop for c in context):
+            raise ValueError(f"context must be (left, right) samples >= 0, multiples of hop {hop}; got {context}")
+        self.hop, self.context = int(hop), context
         self.crop_samples, self.seed, self.sr = int(crop_samples), int(seed), _check_rate("sr", sr)
         self.min_seconds, self.weight, self.max_attempts = float(min_seconds), weight, int(max_attempts)
         self.on_bad = on_bad
@@ -730,8 +712,9 @@ class CropDataset:
                 f"at {self.sr} Hz, seed {self.seed}; skipped {self.skipped_short} short, "
                 f"{len(self.bad_files)} unreadable)")
 
-    def _read(self, item: int, start: int) -> np.ndarray:
-        n = self.crop_samples
+    def _read(self, item: int, start: int, n: int | None = None) -> np.ndarray:
+        """Samples [start, start + n) of an item (n: the crop length), shorter at the item's end."""
+        n = self.crop_samples if n is None else n
         if self.kind[item] == 1:
             path = self.shard_files[self.ref[item]]
             # A shard cut short after the start (full disk, a copy in progress) must fail here: a slice
@@ -759,6 +742,14 @@ class CropDataset:
 
     def crop(self, i: int):
         """(crop float32 [crop_samples], item, start) of global index i."""
+        region, item, start, a = self._draw(i, (0, 0))
+        C = self.crop_samples
+        if len(region) < C:  # file shorter than the crop: zeros at the end
+            region = np.concatenate([region, np.zeros(C - len(region), np.float32)])
+        return region, item, start
+
+    def _draw(self, i: int, context: tuple) -> tuple:
+        """(samples [a, b) of the item, item, start, a) for index i: the crop plus what exists of context."""
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
             raise IndexError(f"CropDataset index must be an int >= 0, got {i!r}")
         rng = np.random.default_rng([self.seed, int(i)])
@@ -769,22 +760,77 @@ class CropDataset:
             u_item, u_start = rng.random(2)
             item = min(int(np.searchsorted(self._cum, u_item * total, side="right")), len(self._cum) - 1)
             n = int(self.length[item])
-            start = int(u_start * (n - C + 1)) if n > C else 0
+            start = int(u_start * ((n - C) // self.hop + 1)) * self.hop if n > C else 0  # on the hop grid
+            a, b = max(0, start - context[0]), min(n, start + C + context[1])
             try:
-                x = self._read(item, start)
+                return self._read(item, a, b - a), item, start, a
             except AudioError as e:
-                key = self.shard_files[self.ref[item]] if self.kind[item] == 1 else self.paths[self.ref[item]]
-                self._bad(key, str(e))
-                continue
-            if len(x) < C:  # file shorter than the crop: zeros at the end
-                x = np.concatenate([x, np.zeros(C - len(x), np.float32)])
-            return x, item, start
+                self._bad(self._source(item), str(e))
         raise AudioError(f"index {i}: {self.max_attempts} crop reads failed in a row "
                          f"({len(self.bad_files)} unreadable files); is the data readable?")
 
     def __getitem__(self, i):
         import torch
         return torch.from_numpy(self.crop(i)[0])
+
+    def example(self, key) -> dict:
+        """One training example, with self.context = (left, right) samples of context around the crop.
+
+        key: an int i (the crop of ds.crop(i); a file shorter than the crop is zero-padded) or
+        (epoch, item, L) from EpochBatches (a crop of L samples of that item, its start drawn on the
+        hop grid from (seed, epoch, item)). Returns {"audio": float32 tensor [left + L + right], the
+        crop at [left, left + L) and its context around it, zeros where the file has none; "length":
+        valid crop samples; "left", "right": valid context samples (fewer near the file's ends); "item",
+        "start": where the crop comes from (the file is ds.paths[ds.ref[item]] for raw files)}.
+        """
+        if isinstance(key, (int, np.integer)):
+            region, item, start, a = self._draw(int(key), self.context)
+            L = self.crop_samples
+        else:
+            region, item, start, a, L = self._draw_epoch(*(int(v) for v in key))
+        return self._pack(region, start, a, L, item)
+
+    def example_at(self, item: int, start: int, length: int | None = None) -> dict:
+        """The example dict of the crop of `length` samples (default: the crop length) of an item at `start`,
+        with its context, as a training batch would hold it (`python teachers.py labels` reads it)."""
+        L = self.crop_samples if length is None else int(length)
+        n = int(self.length[item])
+        if not 0 <= start < n:
+            raise ValueError(f"start {start} is outside the item's {n} samples")
+        a, b = max(0, start - self.context[0]), min(n, start + L + self.context[1])
+        return self._pack(self._read(item, a, b - a), start, a, L, item)
+
+    def _pack(self, region: np.ndarray, start: int, a: int, L: int, item: int) -> dict:
+        import torch
+        left, right = self.context
+        valid = min(L, len(region) - (start - a))
+        out = np.zeros(left + L + right, np.float32)
+        out[left - (start - a): left - (start - a) + len(region)] = region
+        return {"audio": torch.from_numpy(out), "length": valid, "left": start - a,
+                "right": len(region) - (start - a) - valid, "item": int(item), "start": int(start)}
+
+    def _draw_epoch(self, epoch: int, item: int, L: int) -> tuple:
+        """(region, item, start, a, L) of an epoch's crop: start on the hop grid, drawn from (seed, epoch, item).
+
+        An unreadable item is named and replaced by another item at least L long, drawn from the same
+        generator (MERT's dataset also moves on to a random other file)."""
+        rng = np.random.default_rng([self.seed, epoch, item, 1])
+        left, right = self.context
+        for _ in range(self.max_attempts):
+            n = int(self.length[item])
+            start = int(rng.integers(0, (n - L) // self.hop + 1)) * self.hop
+            a, b = max(0, start - left), min(n, start + L + right)
+            try:
+                return self._read(item, a, b - a), item, start, a, L
+            except AudioError as e:
+                self._bad(self._source(item), str(e))
+            fits = np.flatnonzero(self.length >= L)
+            item = int(fits[rng.integers(0, len(fits))])
+        raise AudioError(f"epoch {epoch}: {self.max_attempts} crop reads failed in a row "
+                         f"({len(self.bad_files)} unreadable files); is the data readable?")
+
+    def _source(self, item: int) -> str:
+        return self.shard_files[self.ref[item]] if self.kind[item] == 1 else self.paths[self.ref[item]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -821,6 +867,72 @@ class RankBatches:
         return self.num_batches
 
 
+class EpochBatches:
+    """Batch sampler with MERT's epoch semantics: every epoch each file gives one crop.
+
+    The files are ordered by their whole length, longest first, ties in a random order drawn from the
+    seed (MERT's ordered_indices), and that order is cut into batches of b files, each cut to its
+    shortest clip (MERT's collater with pad_audio=False: no padding), so files shorter than the crop
+    share batches. As in fairseq (get_batch_iterator seeds ordered_indices with the run's seed, not the
+    epoch) the groups are the same every epoch; epoch e shuffles their order (seed, e) and draws new
+    crops. The last batch may hold fewer files.
+
+    Global batch g = e * per_epoch + j; rank r of W takes batches g = start / b + k*W + r (k = 0, 1,
+    ...), as RankBatches does, and yields the keys [(e, item, L), ...] that CropDataset.example reads.
+    `start` counts in units of b (global batch index x b) as RankBatches' does, so train.py passes the
+    same number for either sampling.
+    """
+
+    def __init__(self, dataset: CropDataset, batch_size: int, rank: int = 0, world_size: int = 1, start: int = 0,
+                 num_batches: int | None = None):
+        if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or start < 0 or start % batch_size:
+            raise ValueError(f"bad EpochBatches(batch_size={batch_size}, rank={rank}, world_size={world_size}, "
+                             f"start={start}): start must be a multiple of batch_size")
+        self.ds, self.b, self.rank, self.world = dataset, batch_size, rank, world_size
+        self.start, self.num_batches = start // batch_size, num_batches
+        self.sizes = np.minimum(dataset.length, dataset.crop_samples)   # what a file can give a batch
+        self.per_epoch = -(-len(self.sizes) // batch_size)
+        tie = np.random.default_rng([dataset.seed, 2]).random(len(self.sizes))
+        order = np.lexsort((tie, -dataset.length))                         # longest first, random among equals
+        self.batches = [(order[i:i + batch_size], int(self.sizes[order[i:i + batch_size]].min()))
+                        for i in range(0, len(order), batch_size)]         # (items, crop length L)
+        self._plan = (None, None)
+
+    def plan(self, epoch: int) -> list:
+        """The batches of an epoch, in the order they are read: [(items int64 [<= b], crop length L), ...]."""
+        if self._plan[0] != epoch:
+            perm = np.random.default_rng([self.ds.seed, epoch, 3]).permutation(len(self.batches))
+            self._plan = (epoch, [self.batches[j] for j in perm])
+        return self._plan[1]
+
+    def keys(self, g: int) -> list:
+        """Keys of global batch g: [(epoch, item, L), ...]."""
+        epoch, j = divmod(g, self.per_epoch)
+        items, L = self.plan(epoch)[j]
+        return [(epoch, int(it), L) for it in items]
+
+    def __iter__(self):
+        k = 0
+        while self.num_batches is None or k < self.num_batches:
+            yield self.keys(self.start + k * self.world + self.rank)
+            k += 1
+
+    def __len__(self):
+        if self.num_batches is None:
+            raise TypeError("an endless EpochBatches has no length")
+        return self.num_batches
+
+
+class _Examples:
+    """Map-style view of a CropDataset whose items are `example(key)` dicts (what the training loader batches)."""
+
+    def __init__(self, dataset: CropDataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key):
+        return self.dataset.example(key)
+
+
 def _limit_blas_threads(n: int) -> None:
     """Set the BLAS thread count of this process (already-loaded OpenBLAS/MKL), best effort."""
     try:
@@ -853,11 +965,21 @@ def worker_init(worker_id: int = 0) -> None:
 
 
 def make_loader(dataset, batch_size: int, start: int = 0, rank: int = 0, world_size: int = 1,
-                num_workers: int = 0, num_batches: int | None = None, pin_memory: bool = False):
-    """DataLoader over RankBatches: yields float32 [batch_size, crop_samples] from global index `start`."""
+                num_workers: int = 0, num_batches: int | None = None, pin_memory: bool = False,
+                sampling: str | None = None):
+    """DataLoader from global position `start` (batches x batch_size).
+
+    sampling None: RankBatches of ds[i], float32 [batch_size, crop_samples]. "duration" (RankBatches)
+    or "epoch" (EpochBatches): batches of CropDataset.example dicts, {"audio": [B, left + L + right],
+    "length", "left", "right": [B]}.
+    """
     import torch
+    if sampling not in (None, "duration", "epoch"):
+        raise ValueError(f"sampling must be None, 'duration' or 'epoch', got {sampling!r}")
+    sampler = EpochBatches(dataset, batch_size, rank, world_size, start, num_batches) if sampling == "epoch" \
+        else RankBatches(batch_size, rank, world_size, start, num_batches)
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=RankBatches(batch_size, rank, world_size, start, num_batches),
+        dataset if sampling is None else _Examples(dataset), batch_sampler=sampler,
         num_workers=num_workers, worker_init_fn=worker_init if num_workers > 0 else None,
         pin_memory=pin_memory, persistent_workers=num_workers > 0)
 

@@ -559,9 +559,10 @@ class MERT(nn.Module):
         if out is not None:
             out[0] = x
         for i, layer in enumerate(enc.layers[:upto]):
-            if self.training and cfg.layerdrop > 0 and torch.rand(()) < cfg.layerdrop:
-                continue
-            x = layer(x, attn_mask)
+            # layerdrop skips the layer, never the final LayerNorm after it (fairseq wav2vec2.py
+            # TransformerEncoder.forward applies it after the loop, whichever layers ran)
+            if not (self.training and cfg.layerdrop > 0 and torch.rand(()) < cfg.layerdrop):
+                x = layer(x, attn_mask)
             if cfg.pre_ln and i == cfg.n_layers - 1:
                 x = enc.layer_norm(x)  # the last hidden state of a pre-LN model is the normed one
             if out is not None:
@@ -588,16 +589,28 @@ class MERT(nn.Module):
             n = None if frame_mask is None else frame_mask.sum(1).tolist()
             mask = compute_mask_indices(B, T, cfg.mask_prob, cfg.mask_length, cfg.min_masks, lengths=n)
         mask = torch.as_tensor(mask, device=x.device, dtype=torch.bool)
+        if frame_mask is not None:
+            mask = mask & frame_mask  # padding is never masked, labelled or scored
         x = torch.where(mask[..., None], self.masked_spec_embed.to(x.dtype), x)
         x = self._encode(x, frame_mask)
-        parts = {"features_pen": feats.float().pow(2).mean()}
+        parts = {"features_pen": self._feature_penalty(feats, frame_mask)}
         loss = cfg.feature_penalty * parts["features_pen"] + self._frame_losses(x, mask, targets, parts, "")
         if cfg.unmasked_weight > 0:
             keep = ~mask if frame_mask is None else ~mask & frame_mask  # padding is never a target
             if bool(keep.any()):
                 loss = loss + cfg.unmasked_weight * self._frame_losses(x, keep, targets, parts, "_u")
-        parts["mask_frac"] = mask.float().mean().detach()
+        valid = B * T if frame_mask is None else frame_mask.sum()
+        parts["mask_frac"] = (mask.sum() / valid).float().detach()  # of the valid frames
+        parts["n_masked"] = mask.sum().detach()  # fairseq's sample_size: train.py weights micro-batches by it
         return x, loss, parts
+
+    @staticmethod
+    def _feature_penalty(feats, frame_mask):
+        """mean(conv features^2) over the valid frames only (padding would pull it towards 0)."""
+        if frame_mask is None:
+            return feats.float().pow(2).mean()
+        sq = feats.float().pow(2).sum(-1)  # (B, T)
+        return (sq * frame_mask).sum() / (frame_mask.sum() * feats.shape[-1])
 
     def _frame_losses(self, x, sel, targets, parts, suffix):
         """Summed code cross-entropies + cqt_weight * CQT MSE over the frames sel [B, T] of x; parts gain suffix."""
@@ -711,7 +724,10 @@ def compute_mask_indices(B: int, T: int, mask_prob: float, mask_length: int, min
     Per clip of n valid frames: int(mask_prob * n / mask_length + u) span starts (u ~ U[0, 1)), at least
     min_masks, drawn without replacement from [0, n - mask_length); each masks mask_length frames. Then,
     as fairseq's require_same_masks, every clip keeps a random subset of its masked frames as large as the
-    smallest clip's, so that all rows mask the same number of frames. With 0.8 / 5 about 58% of frames.
+    smallest clip's, so that all B rows mask the same number of frames. fairseq applies this to one
+    device's batch (the model's forward), so pass one device's micro-batch, not the global batch: the
+    cut grows with the rows. At T = 374, 0.8 / 5 masks 58.3% of a lone row, 54.7% of each of 8 rows,
+    52.2% at 64 rows (docs/recipe.md).
     """
     rng = rng if rng is not None else np.random.default_rng()
     lengths = [T] * B if lengths is None else [int(n) for n in lengths]
@@ -735,23 +751,34 @@ def compute_mask_indices(B: int, T: int, mask_prob: float, mask_length: int, min
 
 def mix_noise(wav: torch.Tensor, rng: np.random.Generator, prob: float = 0.5, n_segments=(1, 3),
               seconds=(0.5, 1.0), sr: int = 24000, lengths=None) -> torch.Tensor:
-    """MERT's in-batch noise mixture: with probability prob per clip, add 1-3 segments of 0.5-1 s cut from
-    other clips of the batch, at full volume. Returns a new tensor; the teachers must see the clean input."""
+    """MERT's in-batch noise mixture (mert_model.py MERTModel.forward / inbatch_noise_augment).
+
+    Clip i gets noise when a uniform draw exceeds mixture_prob = 1 - prob (MERT's flag: 0.5, so prob
+    0.5): n ~ U{n_segments} segments (both ends included), each of U{round(seconds * sr)} samples (both
+    ends included), cut at a uniform start in [0, P - longest] of the pool, which is the batch's other
+    clips (their valid samples) laid end to end, so a segment may straddle two clips; each is added at
+    full volume at a uniform position inside clip i's valid samples. A clip whose pool or own length is
+    too short for the draw stays clean (MERT's try/except). Returns a new tensor: the teachers must see
+    the clean input. Padding (past lengths[b]) is never a noise source nor a target.
+    """
     B, L = wav.shape
-    if B < 2:
-        return wav
     lengths = [L] * B if lengths is None else [int(n) for n in lengths]
+    lo, hi = (int(round(s * sr)) for s in seconds)
     out = wav.clone()
     for i in range(B):
-        if rng.random() >= prob:
+        if rng.random() <= 1.0 - prob:  # official: noise iff rand > mixture_prob
             continue
-        for _ in range(int(rng.integers(n_segments[0], n_segments[1] + 1))):
-            j = int(rng.integers(0, B - 1))
-            j += j >= i  # another clip, never itself
-            n = min(int(rng.uniform(*seconds) * sr), lengths[i], lengths[j])
-            src = int(rng.integers(0, lengths[j] - n + 1))
-            dst = int(rng.integers(0, lengths[i] - n + 1))
-            out[i, dst:dst + n] += wav[j, src:src + n]
+        pool = torch.cat([wav[j, :lengths[j]] for j in range(B) if j != i] or [wav.new_zeros(0)])  # (P,)
+        n = int(rng.integers(n_segments[0], n_segments[1] + 1))
+        if len(pool) - hi + 1 <= 0:
+            continue
+        starts = rng.integers(0, len(pool) - hi + 1, size=n)
+        durs = rng.integers(lo, hi + 1, size=n)
+        if int(durs.max()) > lengths[i]:
+            continue
+        for a, d in zip(starts.tolist(), durs.tolist()):
+            dst = int(rng.integers(0, lengths[i] - d + 1))
+            out[i, dst:dst + d] += pool[a:a + d]
     return out
 
 

@@ -1,79 +1,26 @@
 """Teachers: the frame labels MERT learns to predict from masked audio, computed on the fly at 75 Hz.
 
-Every teacher is a frozen `nn.Module` that runs on the training device:
-
-    labels = teacher(wav, n_frames)     wav [B, L] float at 24 kHz, n_frames = the model's T
-        AcousticTeacher          {"codes": LongTensor [B, n_q, T]}   RVQ-VAE codes (rvq.py / EnCodec)
-        MusicalTeacher           {"cqt":   FloatTensor [B, T, 336]}  CQT magnitude (cqt.py)
-        MFCCKMeansTeacher        {"codes": LongTensor [B, 1, T]}     k-means of 39-d MFCC (HuBERT it. 1)
-        RandomProjectionTeacher  {"codes": LongTensor [B, K, T]}     BEST-RQ random-projection quantiser
-
     teachers = build_teachers("acoustic,cqt", acoustic_ckpt="encodec_24khz-d7cc33bc.th", device="cuda")
-    targets = teachers(wav, n_frames=T)           # {"codes": [B, 8, T], "cqt": [B, T, 336]}
-    teachers.n_codebooks, teachers.codebook_size, teachers.cqt_bins    # to size the model's heads
+    targets = teachers(wav, n_frames=T)    # {"codes": [B, 8, T] int64, "cqt": [B, T, 336] float32}
+    python teachers.py labels song.flac --start 12.8     # the labels a training crop at 12.8 s gets
 
-Framing. The model's conv stack gives T = floor((L - 400) / 320) + 1 frames (374 for 5 s). The
-teachers frame the audio their own way and are cut to the first T frames:
+Each teacher is a frozen nn.Module on the training device: AcousticTeacher (RVQ-VAE / EnCodec codes,
+rvq.py), MusicalTeacher (CQT magnitude, cqt.py), MFCCKMeansTeacher (HuBERT iteration-1 style) and
+RandomProjectionTeacher (BEST-RQ, a stand-in for the acoustic teacher that needs no checkpoint).
 
-    sample      0        320       640                       L
-    model       [0, 400)  [320, 720)  ...                        T = (L - 400) // 320 + 1
-    CQT, MFCC,  centred on 0, 320, 640, ... (zero padding)       L // 320 + 1     (376 for 5 s)
-    rand-proj
-    RVQ codes   causal SEANet encoder                            ceil(L / 320)    (375 for 5 s)
+Decisions:
+- Labels are cut to the model's frame count T = (L - 400) // 320 + 1; each teacher's own framing
+  puts every label within half a frame of its model frame (diagram below, at `Teacher`).
+- The acoustic teacher labels a crop in context: it also encodes audio before (and, by its convs'
+  reach, after) the crop and drops those frames, so a crop's codes are the whole file's codes, as
+  MERT's precomputed per-file codes are (`context=` in Teacher.forward; docs/recipe.md).
+- Labels are computed in float32 under no_grad with autocast off, so bf16 and fp32 steps get the
+  same labels; teachers never train, and anything random is drawn from the teacher's own seeded
+  generator into buffers, so every rank and a restored checkpoint hold the same values.
+- `audio` and tqdm are imported only by the `fit-mfcc` and `labels` commands.
 
-so each label sits within about half a frame of its model frame; labels past the model's last
-frame are dropped (design.md: teachers giving more frames than the model are cut to its count).
-
-Design choices
-- Labels are computed under `torch.no_grad()` (not `inference_mode`: the losses save their targets
-  for backward, which inference tensors forbid) with autocast disabled and float32 inputs, so a
-  bf16 training step gets the same labels as an fp32 one.
-- Teachers never train: parameters are frozen and `.train()` keeps them in eval mode. Anything
-  random (the random-projection matrices and codebooks) is drawn from the teacher's own seeded
-  CPU generator and held in persistent buffers: every process and rank draws the same values, and a
-  checkpoint of `Teachers.state_dict()` restores them exactly.
-- MFCC (HuBERT iteration 1, which used Kaldi MFCC: 25 ms windows, 10 ms hop, 13 coefficients +
-  deltas + delta-deltas, 39-d) at 24 kHz and 75 Hz: pre-emphasis 0.97, Hann window of 640 samples
-  (26.7 ms: the multiple of the 320-sample hop nearest Kaldi's 25 ms, 50 % overlap) in a 1024-point
-  FFT, power spectrum, 40 HTK mel bands 20 Hz - 12 kHz (Kaldi uses 23 bands up to 8 kHz at 16 kHz;
-  the wider band at 24 kHz gets more), natural log, orthonormal DCT-II, c0..c12 (c0 kept, as Kaldi
-  with use_energy=False), deltas over +-2 frames (Kaldi / torchaudio `compute_deltas` formula,
-  edges repeated). One deviation from HuBERT: the 39 dimensions are standardised with the fitted
-  data's mean and std before k-means (HuBERT clustered raw features, where c0 and the low
-  coefficients dominate the Euclidean distance); Kaldi's cepstral liftering is left out because
-  that standardisation would undo any per-coefficient scale anyway.
-- k for MFCC k-means: 500 by default (`--k`). HuBERT's first iteration clustered MFCC of speech into
-  100 classes (500 in its second iteration, on HuBERT features). For MERT's k-means variants we
-  could not check the numbers against a primary source here; our recollection is that the MERT
-  paper's k-means teacher clustered log-mel (300) and chroma (200) features rather than MFCC. 500
-  is therefore an assumption: music frames vary more in timbre than speech frames, so we take
-  HuBERT's larger vocabulary. Fit: k-means++ seeding on up to 100k frames, then full-batch Lloyd
-  iterations on a uniform random sample of frames (default 500k, drawn by random priorities so
-  memory stays bounded) from files in a seeded random order (default: the first 10 h of them);
-  clusters that empty are re-seeded on the worst-fitted frames.
-- Random projection (BEST-RQ; MusicFM applied it to music at 24 kHz with 128 mels): log-mel
-  (128 HTK bands 0 - 12 kHz, Hann 2048, hop 320, centred) of each frame and its two neighbours
-  stacked (384-d; context for onsets; edges repeated), normalised per utterance (each example's
-  per-band mean and std over its frames, CMVN), times K frozen Xavier-normal matrices 384 x 16, and
-  the label is the nearest of 1024 unit-norm Gaussian codebook vectors by cosine (= l2 distance
-  of unit vectors). BEST-RQ normalises with global statistics of the training set; we have none at
-  teacher-build time and a running estimate would change the labels during training (and
-  differ between ranks), so per-utterance normalisation keeps labels a pure function of the crop.
-  K = 8, 1024 codes by default, so it stands in for the acoustic teacher's [B, 8, T] codes.
-
-References
-- Hsu et al. 2021, "HuBERT: Self-Supervised Speech Representation Learning by Masked Prediction of
-  Hidden Units", arXiv:2106.07447 (MFCC + k-means targets, 39-d features, k = 100 first iteration).
-- Li et al. 2023, "MERT: Acoustic Music Understanding Model with Large-Scale Self-supervised
-  Training", arXiv:2306.00107 (RVQ-VAE / EnCodec codes and CQT teachers; k-means baselines).
-- Chiu et al. 2022, "Self-supervised Learning with Random-projection Quantizer for Speech
-  Recognition" (BEST-RQ), arXiv:2202.01855.
-- Won et al. 2024, "A Foundation Model for Music Informatics" (MusicFM), arXiv:2311.03318.
-- Arthur & Vassilvitskii 2007, "k-means++: The Advantages of Careful Seeding".
-- Davis & Mermelstein 1980 (MFCC); Young et al., The HTK Book (mel scale, delta formula).
-
-Only torch, numpy, the standard library, `cqt` and `rvq` are imported at the top; `audio` (the
-project's reader) and tqdm are imported by the `fit-mfcc` command only.
+The MFCC and random-projection details, their departures from HuBERT and BEST-RQ, and the
+references: docs/teachers.md.
 """
 from __future__ import annotations
 
@@ -94,6 +41,7 @@ import rvq
 
 SAMPLE_RATE = 24_000
 HOP = 320                                   # samples per label frame: 75 Hz at 24 kHz
+ACOUSTIC_CONTEXT_SECONDS = 10.0             # audio before a crop an LSTM acoustic teacher encodes first (docs/recipe.md)
 TEACHER_NAMES = ("acoustic", "cqt", "mfcc", "randproj")
 _ALIASES = {"rvq": "acoustic", "encodec": "acoustic", "musical": "cqt", "random": "randproj",
             "bestrq": "randproj", "best-rq": "randproj"}
@@ -106,7 +54,17 @@ __all__ = ["Teacher", "AcousticTeacher", "MusicalTeacher", "MFCC", "MFCCKMeansTe
 # ----------------------------------------------------------------------------- common machinery
 
 class Teacher(nn.Module):
-    """Base class: a frozen label producer; subclasses set `key` and implement `_labels(wav) -> frames`."""
+    """Base class: a frozen label producer; subclasses set `key` and implement `_labels(wav) -> frames`.
+
+    Framing: the model's conv stack gives T = floor((L - 400) / 320) + 1 frames (374 for 5 s); the
+    teachers frame the audio their own way and are cut to the first T frames:
+
+        sample      0        320       640                       L
+        model       [0, 400)  [320, 720)  ...                        T = (L - 400) // 320 + 1
+        CQT, MFCC,  centred on 0, 320, 640, ... (zero padding)       L // 320 + 1     (376 for 5 s)
+        rand-proj
+        RVQ codes   causal SEANet encoder                            ceil(L / 320)    (375 for 5 s)
+    """
 
     key: str = "codes"          # the targets-dict key it fills: "codes" or "cqt"
     frame_dim: int = -1         # axis of the frames in `_labels`' output
@@ -120,12 +78,29 @@ class Teacher(nn.Module):
     def _labels(self, wav: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, wav: torch.Tensor, n_frames: int) -> dict:
-        """wav [B, L] float at 24 kHz -> {key: labels cut to n_frames frames}."""
+    def context(self, seconds: float = 0.0) -> tuple[int, int]:
+        """(left, right) samples of audio around a crop that this teacher's labels of the crop depend on
+        (0, 0 for the framewise teachers, whose labels are, as MERT's CQT, those of the crop alone)."""
+        return 0, 0
+
+    def _labels_in_context(self, audio: torch.Tensor, offset: int, left, right, length: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, wav: torch.Tensor, n_frames: int, context=None) -> dict:
+        """wav [B, L] float at 24 kHz -> {key: labels cut to n_frames frames}.
+
+        context: None, or (audio [B, offset + L + r], offset, left [B], right [B]) holding each crop at
+        audio[:, offset:offset + L] with left[b] / right[b] valid samples of the file around it (what
+        CropDataset.example reads); a teacher whose `context()` is not (0, 0) labels the crop from it.
+        """
         if wav.dim() != 2:
             raise ValueError(f"{type(self).__name__} expects wav of shape [B, samples], got {list(wav.shape)}")
         with torch.no_grad(), torch.autocast(wav.device.type, enabled=False):
-            y = self._labels(wav.detach().float())
+            if context is not None and self.context() != (0, 0):
+                audio, offset, left, right = context
+                y = self._labels_in_context(audio.detach().float(), int(offset), left, right, wav.shape[-1])
+            else:
+                y = self._labels(wav.detach().float())
         have = y.shape[self.frame_dim]
         if have < n_frames:
             raise ValueError(f"{type(self).__name__} gives {have} frames for {wav.shape[-1]} samples, "
@@ -195,6 +170,47 @@ class AcousticTeacher(Teacher):
 
     def _labels(self, wav: torch.Tensor) -> torch.Tensor:
         return self.model.encode(wav, n_q=self.n_q)         # (B, n_q, ceil(L / 320)) int64
+
+    def reach(self) -> tuple[int, int]:
+        """(left, right) samples of input that the encoder's convolutions let one code frame see
+        beyond its own 320 (exact; the LSTM, if any, sees the whole past on top)."""
+        lo, hi = 0, 0                                       # input range of code frame 0, walked back to samples
+        for layer in reversed(self.model.encoder.layers):
+            conv = layer.conv1 if isinstance(layer, rvq.ResBlock) else layer
+            if not isinstance(conv, rvq.Conv):
+                continue
+            k_eff = (conv.kernel - 1) * conv.dilation + 1
+            pad = k_eff - conv.stride
+            pad_left = pad if conv.causal else pad - pad // 2
+            lo, hi = lo * conv.stride - pad_left, hi * conv.stride - pad_left + k_eff - 1
+        return -lo, max(0, hi - (HOP - 1))
+
+    def context(self, seconds: float = 0.0) -> tuple[int, int]:
+        """Audio around a crop needed for its codes to equal the whole file's codes at every frame.
+
+        The convolutions reach a fixed span (reach(), rounded up to frames): exact. The LSTM of an
+        EnCodec-like encoder carries state from the file's start; `seconds` of left context (rounded up
+        to frames) give it time to converge, which is exact in practice but not by construction
+        (docs/recipe.md measures it). Without an LSTM `seconds` is not needed and not used."""
+        left, right = self.reach()
+        if self.model.cfg.lstm:
+            left = max(left, int(math.ceil(seconds * SAMPLE_RATE)))
+        return -(-left // HOP) * HOP, -(-right // HOP) * HOP
+
+    def _labels_in_context(self, audio, offset, left, right, length):
+        """Codes of audio[b, offset:offset + length] encoded with left[b] / right[b] samples around it, the
+        context frames dropped: clips with the same context run as one batch (most have it all)."""
+        left, right = (torch.as_tensor(v).reshape(-1).tolist() for v in (left, right))
+        n = -(-length // HOP)
+        out = torch.empty(audio.shape[0], self.n_q, n, dtype=torch.long, device=audio.device)
+        for lr in sorted(set(zip(left, right))):
+            if lr[0] % HOP:
+                raise ValueError(f"left context {lr[0]} is not a multiple of {HOP} samples: codes would not "
+                                 f"sit on the file's frame grid")
+            rows = [b for b, v in enumerate(zip(left, right)) if v == lr]
+            x = audio[rows, offset - lr[0]: offset + length + lr[1]]
+            out[rows] = self.model.encode(x, n_q=self.n_q)[:, :, lr[0] // HOP: lr[0] // HOP + n]
+        return out
 
 
 # ----------------------------------------------------------------------------- musical teacher
@@ -499,11 +515,18 @@ class Teachers(nn.Module):
         """Width of the "cqt" target (0: no CQT teacher): the model's cqt_bins."""
         return self.teachers[self._owner["cqt"]].n_bins if "cqt" in self._owner else 0
 
-    def forward(self, wav: torch.Tensor, n_frames: int) -> dict:
-        """wav [B, L] at 24 kHz -> {"codes": LongTensor [B, K, n_frames]} and/or {"cqt": FloatTensor [B, n_frames, 336]}."""
+    def context(self, seconds: float = 0.0) -> tuple[int, int]:
+        """(left, right) samples around a crop that the teachers need (the widest of them); see Teacher.context."""
+        spans = [t.context(seconds) for t in self.teachers.values()]
+        return max(a for a, _ in spans), max(b for _, b in spans)
+
+    def forward(self, wav: torch.Tensor, n_frames: int, context=None) -> dict:
+        """wav [B, L] at 24 kHz -> {"codes": LongTensor [B, K, n_frames]} and/or {"cqt": FloatTensor [B, n_frames, 336]}.
+
+        context: (audio, offset, left, right) as in Teacher.forward, for the teachers that use it."""
         out = {}
         for t in self.teachers.values():
-            out.update(t(wav, n_frames))
+            out.update(t(wav, n_frames, context))
         return out
 
 
@@ -611,8 +634,68 @@ def _fit_command(args) -> int:
     return 1 if failed else 0
 
 
+def _labels_command(args) -> int:
+    import audio  # the project's reader: only the command needs it
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = int(round(args.start * SAMPLE_RATE))
+    if start % HOP:
+        print(f"{args.file}: training crops start on the {HOP}-sample frame grid; start {args.start:g} s -> "
+              f"{start // HOP * HOP / SAMPLE_RATE:g} s", file=sys.stderr)
+        start = start // HOP * HOP
+    teach = build_teachers(args.teachers.replace("+", ","), acoustic_ckpt=args.acoustic_ckpt,
+                           mfcc_ckpt=args.mfcc_ckpt, seed=args.seed, n_q=args.n_q, cqt_log=args.cqt_log).eval()
+    context = teach.context(args.context)
+    crop = int(round(args.seconds * SAMPLE_RATE))
+    try:  # read exactly as train.py's CropDataset does: hop grid, context around the crop
+        ds = audio.CropDataset([args.file], crop, min_seconds=0, hop=HOP, context=context,
+                               on_bad=lambda m: print(m, file=sys.stderr))
+        n = int(ds.length[0])
+        if start >= n:
+            print(f"{args.file}: --start {start / SAMPLE_RATE:g} s is past the end ({n / SAMPLE_RATE:.2f} s)",
+                  file=sys.stderr)
+            return 1
+        if start + crop > n:
+            print(f"{args.file}: only {(n - start) / SAMPLE_RATE:.2f} s after --start; labelling that (a training "
+                  f"crop of a file this short is cut to it too)", file=sys.stderr)
+            crop = n - start
+        ex = ds.example_at(0, start, crop)
+    except audio.AudioError as e:
+        print(e, file=sys.stderr)
+        return 1
+    T = (crop - 400) // HOP + 1        # the model's frames (MERT's conv stack: 400-sample receptive field, hop 320)
+    if T < 1:
+        print(f"{args.file}: a crop of {crop} samples is shorter than one model frame (400)", file=sys.stderr)
+        return 1
+    left = context[0]
+    ctx = (ex["audio"][None], left, torch.tensor([ex["left"]]), torch.tensor([ex["right"]]))
+    y = teach(ex["audio"][None, left:left + crop], T, context=ctx)
+    t0 = start / SAMPLE_RATE
+    print(f"{args.file}: crop at {t0:g} s (sample {start}, frame {start // HOP}), {crop / SAMPLE_RATE:g} s, {T} frames; "
+          f"teachers {'+'.join(teach.names)}; context {ex['left'] / SAMPLE_RATE:g} s before, "
+          f"{ex['right'] / SAMPLE_RATE:g} s after")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, start=start, frames=T, **{k: v[0].numpy() for k, v in y.items()})
+        print(f"wrote {out}: " + ", ".join(f"{k} {tuple(v[0].shape)}" for k, v in y.items()))
+    elif "codes" in y:
+        for t, row in enumerate(y["codes"][0].t().tolist()):
+            print(f"{start // HOP + t:7d} {t0 + t * HOP / SAMPLE_RATE:9.3f}s  " + " ".join(f"{c:4d}" for c in row))
+    if "codes" in y:
+        for k, row in enumerate(y["codes"][0]):
+            vals, counts = torch.unique(row, return_counts=True)
+            top = int(counts.argmax())
+            print(f"codebook {k}: {len(vals)} distinct codes in {T} frames; most common {int(vals[top])} "
+                  f"({100 * counts[top].item() / T:.0f}%)")
+    if "cqt" in y:
+        c = y["cqt"][0]
+        print(f"cqt: {tuple(c.shape)}, mean {c.mean().item():.4g}, max {c.max().item():.4g}")
+    return 0
+
+
 def main(argv: list | None = None) -> int:
-    """Command line: `fit-mfcc` fits the MFCC k-means teacher on a folder of audio."""
+    """Command line: `fit-mfcc` fits the MFCC k-means teacher; `labels` prints a training crop's labels."""
     ap = argparse.ArgumentParser(
         description="MERT teachers: label producers at 75 Hz. Subcommand fit-mfcc fits the MFCC k-means teacher.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -635,7 +718,40 @@ def main(argv: list | None = None) -> int:
     fp.add_argument("--device", default="cpu", help="torch device for features and k-means, e.g. cuda (default %(default)s)")
     fp.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = torch default (default %(default)s)")
     fp.add_argument("--verbose", action="store_true", help="print each k-means iteration to stderr")
+    lp = sub.add_parser(
+        "labels", help="print or save the exact labels train.py gives a training crop of FILE at --start",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python teachers.py labels song.flac --start 30 --teachers rvq+cqt "
+               "--acoustic_ckpt encodec_24khz-d7cc33bc.th\n"
+               "prints one line per model frame (frame, time, codes) and how many distinct codes each codebook used\n")
+    lp.add_argument("file", help="an audio file")
+    lp.add_argument("--start", type=float, required=True,
+                    help="crop start in seconds (training crops start on the 320-sample frame grid; snapped down to it)")
+    lp.add_argument("--seconds", type=float, default=5.0,
+                    help="crop length, as train.py --crop_seconds (default %(default)s)")
+    lp.add_argument("--teachers", default="rvq+cqt", help="as train.py --teachers (default %(default)s)")
+    lp.add_argument("--acoustic_ckpt", "--acoustic-ckpt", default=None,
+                    help="as train.py --acoustic_ckpt (none: the random-projection teacher stands in)")
+    lp.add_argument("--mfcc_ckpt", "--mfcc-ckpt", default=None, help="as train.py --mfcc_ckpt")
+    lp.add_argument("--n_q", "--n-q", type=int, default=8, help="as train.py --n_q (default %(default)s)")
+    lp.add_argument("--context", type=float, default=ACOUSTIC_CONTEXT_SECONDS,
+                    help="as train.py --acoustic_context: seconds of audio before the crop that an LSTM acoustic "
+                         "teacher encodes first (default %(default)s)")
+    lp.add_argument("--cqt_log", "--cqt-log", action="store_true", help="as train.py --cqt_log true")
+    lp.add_argument("--seed", type=int, default=1337, help="as train.py --seed: seeds the random-projection teacher "
+                                                          "(default %(default)s)")
+    lp.add_argument("--out", help="save the labels to this .npz (codes [n_q, T], cqt [T, 336]) instead of printing "
+                                  "the codes")
+    lp.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = torch default (default %(default)s)")
     args = ap.parse_args(argv)
+    if args.command == "labels":
+        if args.seconds <= 0.02 or args.start < 0:
+            ap.error("--seconds must be > 0.02 and --start >= 0")
+        try:
+            return _labels_command(args)
+        except (ValueError, OSError, KeyError) as e:   # a bad teacher checkpoint: one line
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     if args.k < 2:
         ap.error("--k must be at least 2")
     if args.hours < 0 or args.max_frames < 1 or args.iters < 1:

@@ -10,10 +10,15 @@ MERTConfig can be set on the command line (`--lr 3e-4`, `--n_layers 6`); the res
 printed at the start and saved in every checkpoint.
 
 Design notes:
-- Exact resume: crops are a pure function of (seed, global sample index), and every step reseeds the
-  mask, noise and dropout generators from (seed, step, rank), so a resumed run continues bit for bit.
-- Masks are drawn for the whole global micro-batch on every rank and sliced, so N processes compute
-  what one process computes on the combined batch (fairseq's equal-masks-per-row rule spans the batch).
+- MERT's recipe by default (README's recipe table): the official global batch per preset, with the
+  gradient accumulation that reaches it on any number of devices; one crop per file per epoch in
+  length-grouped batches cut to their shortest clip; the acoustic codes of each crop equal the whole
+  file's (the teacher encodes audio before the crop first); masks with equal counts per device's
+  micro-batch; fairseq's gradient normalisation (each micro-batch weighted by its masked frames).
+- Exact resume: micro-batch g = (step * accum + micro) * world + rank reads global batch g of the
+  data stream (a pure function of the seed and g) and seeds its masks, noise and dropout from
+  (seed, g), so a resumed run continues bit for bit, and one process accumulating the micro-batches
+  of N processes computes what they compute.
 - Checkpoints hold model, optimiser, step and both configs; they are written atomically (temp file,
   then rename) from the unwrapped model and read back with torch.load(weights_only=True).
 - Faults: the same command continues the run in --out (--resume auto), so a torchrun restart or a
@@ -24,6 +29,7 @@ Design notes:
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -57,12 +63,14 @@ class TrainConfig:
     acoustic_ckpt: str = ""  # rvq.py or EnCodec checkpoint; empty: the random-projection teacher stands in
     mfcc_ckpt: str = ""  # k-means fitted by `python teachers.py fit-mfcc`
     n_q: int = 8  # code streams taken from the acoustic (or random-projection) teacher (MERT: 8)
+    acoustic_context: float = teachers_lib.ACOUSTIC_CONTEXT_SECONDS  # s before a crop an LSTM teacher encodes first
     cqt_log: bool = False  # log10(|CQT| + 1e-3) + 1.5 as the CQT target (MERT: linear magnitude)
     freeze: str = ""  # comma-separated parameter-name prefixes kept at their initial values (MERT: none)
     max_steps: int = 400_000
     warmup_steps: int = 32_000
     lr: float = 5e-4
     weight_decay: float = 0.01
+    decay_matrices_only: bool = False  # ours: no decay on biases, norms and embeddings (MERT: decay on all)
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
@@ -70,6 +78,7 @@ class TrainConfig:
     batch_size: int = 8  # clips per device per micro-step
     total_batch_size: int = 0  # clips per optimiser step over all devices (0: batch_size x world)
     crop_seconds: float = 5.0
+    sampling: str = "epoch"  # "epoch": each file once an epoch (MERT); "duration": files by duration, with replacement
     noise_prob: float = 0.5
     noise_min_seconds: float = 0.5
     noise_max_seconds: float = 1.0
@@ -92,8 +101,15 @@ class TrainConfig:
 TRAIN_PRESETS = {
     "tiny": dict(max_steps=2000, warmup_steps=200, lr=5e-4, grad_clip=10.0, batch_size=8, crop_seconds=5.0,
                  eval_interval=200, ckpt_interval=200),
-    "95m": dict(lr=5e-4, grad_clip=10.0, crop_seconds=5.0, noise_max_seconds=1.0),
-    "330m": dict(lr=1.5e-3, grad_clip=1.0, crop_seconds=5.12, noise_max_seconds=1.5),
+    # MERT_RVQ-VAE_CQT_95M.yaml as scripts/run_training.sh runs it: 8 GPUs, max_tokens 1.8M samples ->
+    # 15 clips of 5 s, cut to a multiple of 8 by fairseq's batch_by_size (required_batch_size_multiple)
+    # = 8 per GPU, update_freq 1: 64 clips per update
+    "95m": dict(lr=5e-4, grad_clip=10.0, crop_seconds=5.0, noise_max_seconds=1.0, batch_size=8,
+                total_batch_size=64),
+    # MERT_RVQ-VAE_CQT_330M.yaml: 64 GPUs, max_tokens 920k (run_training.sh) -> 7 clips of 5.12 s per
+    # GPU, update_freq 8: 7 x 64 x 8 = 3,584 clips (5.1 h of audio) per update
+    "330m": dict(lr=1.5e-3, grad_clip=1.0, crop_seconds=5.12, noise_max_seconds=1.5, batch_size=7,
+                 total_batch_size=3584),
 }
 
 HELP = {
@@ -104,14 +120,27 @@ HELP = {
     "teachers": "label producers joined by '+': rvq, randproj, mfcc, cqt",
     "acoustic_ckpt": "RVQ teacher checkpoint (ours or EnCodec 24 kHz)", "mfcc_ckpt": "MFCC k-means teacher file",
     "n_q": "codebooks of the rvq/randproj teacher to predict, the first n_q (MERT: 8)",
+    "acoustic_context": "seconds of audio before each crop that an acoustic teacher with an LSTM encodes first, so "
+                        "the crop's codes equal the whole file's (MERT encodes whole files); the convolutions' own "
+                        "reach is always added exactly",
     "cqt_log": "reconstruct log10(|CQT| + 1e-3) + 1.5 instead of MERT's linear CQT magnitude",
     "freeze": "comma-separated parameter-name prefixes to keep at initialisation, e.g. encoder.pos_conv_embed",
     "max_steps": "optimiser steps", "warmup_steps": "linear warm-up steps, then linear decay to 0 at max_steps",
-    "lr": "peak learning rate", "weight_decay": "decoupled weight decay (matrices only)", "beta1": "Adam beta1",
+    "lr": "peak learning rate",
+    "weight_decay": "decoupled weight decay, AdamW-style, on every parameter as fairseq's Adam (MERT: 0.01)",
+    "decay_matrices_only": "ours, off by default: no weight decay on biases, norms, label and mask embeddings "
+                           "(the GPT/BERT convention)",
+    "beta1": "Adam beta1",
     "beta2": "Adam beta2", "eps": "Adam epsilon", "grad_clip": "clip the global gradient norm to this (0: off)",
     "batch_size": "clips per device per micro-step",
-    "total_batch_size": "clips per optimiser step across devices; sets gradient accumulation (0: no accumulation)",
-    "crop_seconds": "seconds per training crop", "noise_prob": "probability of in-batch noise per clip",
+    "total_batch_size": "clips per optimiser step across devices (the presets: MERT's); gradient accumulation = "
+                        "total / (batch_size x devices) (0: no accumulation)",
+    "crop_seconds": "seconds per training crop",
+    "sampling": "epoch: every file gives one random crop an epoch, batches of similar length cut to their shortest "
+                "clip (MERT); duration: files drawn by duration with replacement, short ones zero-padded (padding "
+                "is never masked, labelled, scored or mixed in)",
+    "noise_prob": "probability that a clip gets in-batch noise (MERT's mixture_prob is the probability it does not: "
+                  "noise iff rand > mixture_prob; 0.5 either way); validation batches are mixed too, as MERT's",
     "noise_min_seconds": "shortest noise segment", "noise_max_seconds": "longest noise segment",
     "eval_interval": "steps between validation losses", "eval_clips": "validation clips per evaluation",
     "ckpt_interval": "steps between checkpoints (SIGTERM also writes one)",
@@ -202,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for f in fields(TrainConfig):
         add(f, HELP[f.name] + (f" (choices: {', '.join(PRESETS)})" if f.name == "size" else ""))
+    p.add_argument("--print_config", "--print-config", action="store_true", default=None,
+                   help="print the resolved training and model configs, the accumulation and the global batch as "
+                        "JSON and exit (for WORLD_SIZE devices, 1 outside torchrun); --data is not needed")
     model_group = {f.name for f in fields(TrainConfig)}
     for f in fields(MERTConfig):
         if f.name not in model_group:
@@ -257,6 +289,7 @@ def parse_given(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     names = [f.name for f in fields(TrainConfig)] + [f.name for f in fields(MERTConfig)]
     args = vars(build_parser().parse_args(hyphen_aliases(argv, names)))
+    args.pop("print_config", None)  # an action, not a field (main dispatches on it)
     given = {k: v for k, v in args.items() if v is not None}
     for k in LIST_FLAGS:
         if k in given:  # ["a,b", "c"] -> "a,b,c"
@@ -264,7 +297,7 @@ def parse_given(argv=None) -> dict:
     return given
 
 
-def resolve_configs(argv=None) -> tuple[TrainConfig, dict]:
+def resolve_configs(argv=None, require_data: bool = True) -> tuple[TrainConfig, dict]:
     """(TrainConfig, MERTConfig overrides) from presets plus command-line values; validated."""
     given = parse_given(argv)
     size = given.get("size", "tiny")
@@ -273,8 +306,12 @@ def resolve_configs(argv=None) -> tuple[TrainConfig, dict]:
     tnames = {f.name for f in fields(TrainConfig)}
     tc = TrainConfig(**{**TRAIN_PRESETS[size], **{k: v for k, v in given.items() if k in tnames}, "size": size})
     model_over = {k: v for k, v in given.items() if k not in tnames}
-    if not tc.data:
+    if not tc.data and require_data:
         raise SystemExit("train.py: --data is required (a folder of audio, a manifest or prepared shards)")
+    if tc.sampling not in ("epoch", "duration"):
+        raise SystemExit(f"train.py: --sampling must be epoch or duration, not {tc.sampling!r}")
+    if tc.acoustic_context < 0:
+        raise SystemExit("train.py: --acoustic_context must be >= 0 seconds")
     if tc.batch_size < 1 or tc.max_steps < 0 or tc.crop_seconds <= 0.02:
         raise SystemExit("train.py: --batch_size must be >= 1, --max_steps >= 0 and --crop_seconds > 0.02")
     return tc, model_over
@@ -307,14 +344,97 @@ def freeze_parameters(model: torch.nn.Module, prefixes: str) -> list[str]:
 
 
 def configure_optimizer(model: torch.nn.Module, tc: TrainConfig, fused: bool) -> torch.optim.Optimizer:
-    """AdamW (decoupled decay) on matrices and conv kernels; no decay on biases, norms and embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "label_embs" not in name and "masked_spec_embed" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW with decoupled decay on every trainable parameter, which is fairseq's Adam (fairseq/optim/adam.py:
+    p -= lr * wd * p, then the Adam step; "corresponds to the AdamW variant"), over all parameters as
+    fairseq's trainer passes them. decay_matrices_only: no decay on biases, norms and embeddings (ours)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not tc.decay_matrices_only:
+        groups = [{"params": [p for _, p in params], "weight_decay": tc.weight_decay}]
+    else:
+        decay, no_decay = [], []
+        for name, p in params:
+            matrix = p.dim() >= 2 and "label_embs" not in name and "masked_spec_embed" not in name
+            (decay if matrix else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, fused=fused or None)
+
+
+def set_fairseq_eps(optimizer: torch.optim.Optimizer, tc: TrainConfig) -> None:
+    """Before each step: the eps that makes torch's AdamW step fairseq's Adam step exactly.
+
+    fairseq adds eps to sqrt(v) and folds the bias corrections into the step size; torch adds it to
+    sqrt(v / (1 - beta2^t)). Equal when torch's eps is eps / sqrt(1 - beta2^t) (they differ in the first
+    few hundred steps, and where gradients are as small as eps)."""
+    for group in optimizer.param_groups:
+        st = next((optimizer.state[p] for p in group["params"] if optimizer.state.get(p)), {})
+        t = int(st.get("step", 0)) + 1
+        group["eps"] = tc.eps / math.sqrt(1.0 - tc.beta2 ** t)
+
+
+def resolve_batch(tc: TrainConfig, world: int) -> tuple[int, int]:
+    """(clips per optimiser step, gradient accumulation steps) for `world` devices: the same global batch on any
+    number of devices whose micro-batches tile it."""
+    total = tc.total_batch_size or tc.batch_size * world
+    if total % (tc.batch_size * world):
+        raise SystemExit(f"train.py: the global batch of {total} clips (--total_batch_size) is not a multiple of "
+                         f"--batch_size x devices = {tc.batch_size} x {world}; change either so that it is")
+    return total, total // (tc.batch_size * world)
+
+
+def micro_index(step: int, micro: int, accum: int, world: int, rank: int) -> int:
+    """Global micro-batch g of (step, micro-step, rank): the batch the loader gives and the seed of its randomness.
+
+    Rank r's micro-step m of step s reads global batch (s * accum + m) * world + r, so one process that
+    accumulates world x accum micro-batches reads, masks and mixes exactly what world processes do."""
+    return (step * accum + micro) * world + rank
+
+
+def draw_masks(cfg: MERTConfig, seed: int, g: int, n_frames: list, T: int) -> np.ndarray:
+    """Masks [B, T] of micro-batch g, one device's rows: fairseq applies require_same_masks to the batch its model
+    sees (per GPU), so the equal-count cut spans these rows only. n_frames: each clip's valid frames."""
+    return compute_mask_indices(len(n_frames), T, cfg.mask_prob, cfg.mask_length, cfg.min_masks, lengths=n_frames,
+                                rng=np.random.default_rng([seed, g, 1]))
+
+
+def data_position(g: int, tc: TrainConfig, ds: audio.CropDataset) -> dict:
+    """Where the data stream stands before global micro-batch g (what a resumed run recomputes from the step)."""
+    pos = {"sampling": tc.sampling, "global_batch": g, "batch_size": tc.batch_size}
+    if tc.sampling == "epoch":
+        pos["epoch"], pos["batch_in_epoch"] = divmod(g, -(-ds.n_files // tc.batch_size))
+    return pos
+
+
+def prepare_batch(batch: dict, context: tuple, device: torch.device) -> tuple:
+    """A loader batch (CropDataset.example dicts) -> (wav [B, L] clean crops, lengths [B] list, the teachers' context
+    (audio, offset, left, right) or None)."""
+    buf = batch["audio"].to(device, non_blocking=True)  # (B, left + L + right)
+    L = buf.shape[1] - context[0] - context[1]
+    wav = buf[:, context[0]:context[0] + L]
+    ctx = (buf, context[0], batch["left"], batch["right"]) if context != (0, 0) else None
+    return wav, batch["length"].tolist(), ctx
+
+
+def print_config(argv=None) -> int:
+    """`--print_config`: the resolved configs, accumulation and global batch as JSON on stdout (no data, no devices)."""
+    tc, model_over = resolve_configs(argv, require_data=False)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    total, accum = resolve_batch(tc, world)
+    teach = teachers_lib.build_teachers(tc.teachers.replace("+", ","), acoustic_ckpt=tc.acoustic_ckpt or None,
+                                        mfcc_ckpt=tc.mfcc_ckpt or None, seed=tc.seed, n_q=tc.n_q, cqt_log=tc.cqt_log,
+                                        log=lambda m: print(m, file=sys.stderr))
+    heads = dict(n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size, cqt_bins=teach.cqt_bins)
+    if tc.init:  # the source fixes the model's shape
+        cfg, _ = init_from(tc.init, tc.size, heads, model_over, tc.teachers, lambda m: print(m, file=sys.stderr))
+    else:
+        cfg = MERTConfig.from_preset(tc.size, **{**heads, **model_over})
+    left, right = teach.context(tc.acoustic_context)
+    out = {"train": asdict(tc), "model": asdict(cfg), "world_size": world, "micro_batch": tc.batch_size,
+           "accumulation": accum, "global_batch": {"clips": total, "seconds_per_clip": tc.crop_seconds,
+                                                   "audio_hours": round(total * tc.crop_seconds / 3600, 3)},
+           "teacher_context_seconds": [left / 24000, right / 24000]}
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(out, indent=1))
+    return 0
 
 
 def estimate_flops_per_clip(cfg: MERTConfig, n_samples: int) -> float:
@@ -803,6 +923,8 @@ def any_rank(ddp: bool, device, *flags: bool) -> list[bool]:
 
 def main(argv=None):
     """Train as the command line says (see --help); SIGTERM stops it with a checkpoint and exit code 75."""
+    if {"--print_config", "--print-config"} & set(sys.argv[1:] if argv is None else argv):
+        return print_config(argv)
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if on_main_thread else None
     loaders = []
@@ -853,22 +975,23 @@ def _train(argv=None, loaders=None):
     for note in plan["notes"]:
         print0(f"train.py: {note}")
 
-    total = tc.total_batch_size or tc.batch_size * world
-    if total % (tc.batch_size * world):
-        raise SystemExit(f"train.py: --total_batch_size {total} is not a multiple of batch_size x world "
-                         f"= {tc.batch_size * world}")
-    accum = total // (tc.batch_size * world)
+    total, accum = resolve_batch(tc, world)
     use_bf16 = (tc.dtype == "bfloat16") or (tc.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     out = Path(tc.out)
 
-    # -- data
+    # -- teachers, then the data (crops on the label frame grid, with the audio around them the teachers need)
+    teach = teachers_lib.build_teachers(tc.teachers.replace("+", ","), acoustic_ckpt=tc.acoustic_ckpt or None,
+                                        mfcc_ckpt=tc.mfcc_ckpt or None, device=device, seed=tc.seed,
+                                        n_q=tc.n_q, cqt_log=tc.cqt_log,
+                                        log=print0 if master else (lambda *a, **k: None)).to(device).eval()
+    context = teach.context(tc.acoustic_context)
     crop = int(round(tc.crop_seconds * 24000))
     on_bad = BadFileLog(out / "skipped_files.txt", rank)
+    data_kw = dict(crop_samples=crop, on_bad=on_bad, hop=teachers_lib.HOP, context=context)
     try:
-        train_ds = audio.CropDataset(tc.data.split(","), crop_samples=crop, seed=tc.seed, on_bad=on_bad)
-        val_ds = audio.CropDataset(tc.val_data.split(","), crop_samples=crop, seed=tc.seed + 1, on_bad=on_bad) \
-            if tc.val_data else None
+        train_ds = audio.CropDataset(tc.data.split(","), seed=tc.seed, **data_kw)
+        val_ds = audio.CropDataset(tc.val_data.split(","), seed=tc.seed + 1, **data_kw) if tc.val_data else None
     except audio.AudioError as e:  # a missing --data path, or nothing usable in it
         if ddp:
             dist.destroy_process_group()
@@ -876,12 +999,6 @@ def _train(argv=None, loaders=None):
     data_id = {"n_files": train_ds.n_files, "seconds": round(float(train_ds.seconds), 3)}
     if keep_data_table(ddp, master, train_ds, out, plan):
         data_id = None  # the run's own items: the checkpoint's data id still holds
-
-    # -- teachers and model
-    teach = teachers_lib.build_teachers(tc.teachers.replace("+", ","), acoustic_ckpt=tc.acoustic_ckpt or None,
-                                        mfcc_ckpt=tc.mfcc_ckpt or None, device=device, seed=tc.seed,
-                                        n_q=tc.n_q, cqt_log=tc.cqt_log,
-                                        log=print0 if master else (lambda *a, **k: None)).to(device).eval()
     heads = dict(n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size,
                  cqt_bins=teach.cqt_bins)
     ckpt_path = out / "ckpt.pt"
@@ -934,7 +1051,9 @@ def _train(argv=None, loaders=None):
     print0(f"train config: {json.dumps(asdict(tc))}")
     print0(f"model config: {json.dumps(asdict(cfg))}")
     print0(f"{n_params / 1e6:.2f}M parameters | world {world} | micro-batch {tc.batch_size} | accumulation {accum} "
-           f"| {total} clips x {tc.crop_seconds} s per step | device {device} | bf16 {use_bf16}")
+           f"| {total} clips x {tc.crop_seconds} s per step ({total * tc.crop_seconds / 3600:.2f} h of audio) "
+           f"| sampling {tc.sampling} | teacher context {context[0] / 24000:g} s + {context[1] / 24000:g} s "
+           f"| device {device} | bf16 {use_bf16}")
     if frozen:
         print0(f"frozen at initialisation: {', '.join(frozen)}")
     raw_model = model
@@ -952,13 +1071,13 @@ def _train(argv=None, loaders=None):
 
     # micro-step k = step * accum + m of rank r reads global samples [(k*W + r)*b, (k*W + r + 1)*b)
     dl = audio.make_loader(train_ds, tc.batch_size, start=step * accum * world * tc.batch_size, rank=rank,
-                           world_size=world, num_workers=tc.num_workers, pin_memory=device.type == "cuda")
+                           world_size=world, num_workers=tc.num_workers, pin_memory=device.type == "cuda",
+                           sampling=tc.sampling)
     if tc.num_workers > 0:
         dl.worker_init_fn = _loader_worker_init
         if loaders is not None:
             loaders.append(dl)
     loader = iter(dl)
-    T = raw_model.num_frames(crop)
     flops_per_step = estimate_flops_per_clip(cfg, crop) * total
     peak = peak_flops(device)
     log = None
@@ -978,7 +1097,8 @@ def _train(argv=None, loaders=None):
         if not master:
             return True
         ck = {"config": asdict(cfg), "train_config": asdict(tc), "model": raw_model.state_dict(),
-              "optimizer": optimizer.state_dict(), "step": step, "data": data_id, "run_id": plan["run_id"]}
+              "optimizer": optimizer.state_dict(), "step": step, "data": data_id, "run_id": plan["run_id"],
+              "position": data_position(step * accum * world, tc, train_ds)}
         try:
             write_checkpoint(out, ck, tc.keep_ckpts)
         except OSError as e:  # full disk, quota, I/O error: the previous checkpoints are untouched
@@ -992,24 +1112,44 @@ def _train(argv=None, loaders=None):
         print(f"step {step} | checkpoint {ckpt_path} (also ckpt_{step}.pt)", flush=True)
         return True
 
+    def forward_micro(batch: dict, g: int, model_) -> tuple:
+        """Loss, loss parts and masked-frame count of one micro-batch: labels of the clean crops, then MERT's
+        in-batch noise (also in validation, as MERT mixes in its forward), masks of this device's rows."""
+        wav, lengths, ctx = prepare_batch(batch, context, device)
+        T = raw_model.num_frames(wav.shape[1])
+        n_frames = [min(T, raw_model.num_frames(n)) for n in lengths]
+        mask = draw_masks(cfg, tc.seed, g, n_frames, T)
+        with torch.no_grad():
+            targets = teach(wav, T, context=ctx)  # the teachers see the clean audio
+        noisy = mix_noise(wav, np.random.default_rng([tc.seed, g, 2]), tc.noise_prob, lengths=lengths,
+                          seconds=(tc.noise_min_seconds, tc.noise_max_seconds)) if tc.noise_prob > 0 else wav
+        with autocast:
+            _, loss, parts = model_(noisy, lengths=None if min(lengths) == wav.shape[1] else lengths,
+                                    targets=targets, mask=mask)
+        return loss, parts, parts.pop("n_masked").float()
+
+    def reduce_step(sums: dict) -> dict:
+        """Masked-frame-weighted means of the step's loss terms over all micro-batches and ranks."""
+        keys = sorted(sums)
+        v = torch.stack([torch.as_tensor(sums[k], device=device, dtype=torch.float32) for k in keys])
+        if ddp:
+            dist.all_reduce(v)
+        n = v[keys.index("n")].clamp(min=1)
+        return {k: (x if k == "n" else x / n) for k, x in zip(keys, v)}
+
     @torch.no_grad()
     def evaluate() -> float:
         model.eval()
-        losses = []
+        sums = {"n": 0.0, "loss": 0.0}
         n_val = min(tc.eval_clips, 10_000)
         for start in range(rank * tc.batch_size, n_val, world * tc.batch_size):
             idx = range(start, min(start + tc.batch_size, n_val))
-            wav = torch.stack([val_ds[i] for i in idx]).to(device)
-            rng = np.random.default_rng([tc.seed, 987654, start])
-            mask = compute_mask_indices(len(idx), T, cfg.mask_prob, cfg.mask_length, cfg.min_masks, rng=rng)
-            with autocast:
-                _, loss, _ = raw_model(wav, targets=teach(wav, T), mask=mask)
-            losses.append(loss.float())
-        val = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
-        if ddp:
-            dist.all_reduce(val, op=dist.ReduceOp.AVG)
+            batch = torch.utils.data.default_collate([val_ds.example(i) for i in idx])
+            loss, _, n = forward_micro(batch, 1 << 62 | start, raw_model)  # a seed no training batch uses
+            sums["n"] += n
+            sums["loss"] += loss.float() * n
         model.train()
-        return val.item()
+        return reduce_step(sums)["loss"].item()
 
     model.train()
     while step <= tc.max_steps:
@@ -1039,33 +1179,35 @@ def _train(argv=None, loaders=None):
 
         t0 = time.perf_counter()
         lr = lr_at(step, tc)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        parts_sum, loss_sum = {}, 0.0
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums = {"n": 0.0, "loss": 0.0}
         for micro in range(accum):
-            # every random choice of this micro-step derives from (seed, step, micro): exact resume
-            torch.manual_seed(hash((tc.seed, step, micro, rank)) % (2 ** 62))
-            wav = next(loader).to(device, non_blocking=True)
-            rng = np.random.default_rng([tc.seed, step, micro])
-            gmask = compute_mask_indices(tc.batch_size * world, T, cfg.mask_prob, cfg.mask_length, cfg.min_masks, rng=rng)
-            mask = gmask[rank * tc.batch_size:(rank + 1) * tc.batch_size]
-            with torch.no_grad():
-                targets = teach(wav, T)  # the teachers see the clean audio
-            noisy = mix_noise(wav, np.random.default_rng([tc.seed, step, micro, rank, 1]), tc.noise_prob,
-                              seconds=(tc.noise_min_seconds, tc.noise_max_seconds)) if tc.noise_prob > 0 else wav
+            g = micro_index(step, micro, accum, world, rank)
+            torch.manual_seed(hash((tc.seed, g)) % (2 ** 62))  # dropout and layerdrop of micro-batch g
+            batch = next(loader)
             if ddp:
                 model.require_backward_grad_sync = micro == accum - 1
-            with autocast:
-                _, loss, parts = model(noisy, targets=targets, mask=mask)
-            (loss / accum).backward()
-            loss_sum += loss.detach().float() / accum
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v.detach().float() / accum
+            loss, parts, n = forward_micro(batch, g, model)
+            # fairseq (hubert_criterion.py + trainer): each micro-batch's loss is summed over its masked frames,
+            # and the step's gradient divided by the frames masked over all micro-batches and ranks
+            (loss * n).backward()
+            sums["n"] += n
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * n
+        step_means = reduce_step(sums)
+        n_total = step_means.pop("n")
+        loss_sum = step_means.pop("loss")
+        parts_sum = step_means
+        grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+        if grads:  # DDP averaged the ranks' sums: times world / frames = the frame-weighted mean
+            torch._foreach_mul_(grads, world / n_total.clamp(min=1).item())
         gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         # one all-reduce: a non-finite step on any rank is skipped by all; a SIGTERM on any rank stops all
         nonfinite, stopping = any_rank(ddp, device, not bool(torch.isfinite(loss_sum) & torch.isfinite(gnorm)),
                                        stop.requested)
         if not nonfinite:
+            set_fairseq_eps(optimizer, tc)
             optimizer.step()
             bad_in_row = 0
         else:

@@ -219,3 +219,65 @@ def test_combiner(cqt_teacher, capsys):
         build_teachers(["mfcc"])
     with pytest.raises(ValueError, match="unknown teacher"):
         build_teachers("cqt,wav2vec")
+
+
+# ----------------------------------------------------------------------------- crops labelled in context
+
+def _encodec_like(seed: int = 0) -> rvq.RVQVAE:
+    """EnCodec 24 kHz's architecture (causal SEANet + 2-layer LSTM) at a quarter of its width, random
+    weights, 64-code codebooks seeded on audio (enough frames per code for real residual codebooks)."""
+    torch.manual_seed(seed)
+    m = rvq.RVQVAE(dataclasses.replace(rvq.PRESETS["encodec24k"], n_filters=8, n_q=8, bins=64, kmeans_iters=5)).eval()
+    with torch.no_grad():
+        m.quantizer.init_(m.encoder(rich(1, 4 * SR, 7)[:, None]))
+    return m
+
+
+def _crop_with_context(song, start, crop, context):
+    """What CropDataset.example gives a crop at `start`: (audio, offset, left [1], right [1])."""
+    left, right = min(context[0], start), min(context[1], len(song) - start - crop)
+    buf = torch.zeros(context[0] + crop + context[1])
+    buf[context[0] - left: context[0] + crop + right] = song[start - left: start + crop + right]
+    return buf[None], context[0], torch.tensor([left]), torch.tensor([right])
+
+
+def test_crop_codes_equal_whole_file_codes_at_every_frame():
+    """MERT encodes each file once and slices the codes at the crop; a crop encoded alone starts cold.
+
+    In float64, so that the rounding of two encodes of different lengths cannot flip a near-tie (in
+    float32 a few entries do; docs/recipe.md counts them on real music): every code must be equal."""
+    model = _encodec_like().double()
+    teacher = AcousticTeacher(model, n_q=8)
+    crop, T = 2 * SR, (2 * SR - 400) // 320 + 1
+    song = rich(1, 8 * SR, 3)[0]
+    whole = model.encode(song[None].double(), n_q=8)[0]                 # (8, 8 * 75)
+    ctx = teacher.context(3.0)
+    assert ctx == (3 * SR, 0)                                          # causal: nothing after the crop matters
+    assert teacher.context(0.0)[0] == -(-teacher.reach()[0] // 320) * 320 > 0
+    starts = (5 * SR + 320 * 3, 0, 1 * SR + 320 * 7, 4 * SR)  # full, no, partial and full context, in one batch
+    cs = [_crop_with_context(song, start, crop, ctx) for start in starts]
+    audio = torch.cat([c[0] for c in cs])
+    got = teacher(audio[:, ctx[0]:ctx[0] + crop], T, context=(audio, ctx[0], torch.cat([c[2] for c in cs]),
+                                                               torch.cat([c[3] for c in cs])))["codes"]
+    for b, start in enumerate(starts):
+        assert torch.equal(got[b], whole[:, start // 320: start // 320 + T]), start
+    alone = teacher(song[None, 5 * SR + 960: 5 * SR + 960 + crop], T)["codes"][0]
+    assert (alone[:, :25] != whole[:, 5 * 75 + 3: 5 * 75 + 28]).float().mean() > 0.05  # why: cold start
+
+
+def test_non_causal_teacher_without_lstm_is_exact_by_construction():
+    torch.manual_seed(1)
+    m = rvq.RVQVAE(dataclasses.replace(rvq.PRESETS["small"], kmeans_iters=2)).eval()
+    with torch.no_grad():
+        m.quantizer.init_(m.encoder(rich(1, 3 * SR, 1)[:, None]))
+    teacher = AcousticTeacher(m, n_q=8)
+    left, right = teacher.context(123.0)       # no LSTM: the seconds are not needed, the conv reach is exact
+    assert 0 < left < 0.1 * SR and 0 < right < 0.1 * SR and left % 320 == 0 == right % 320
+    song = rich(1, 4 * SR, 4)[0].double()
+    m.double()  # float64: rounding cannot flip a near-tie between the two encodes
+    whole = m.encode(song[None], n_q=8)[0]
+    crop, T = SR, (SR - 400) // 320 + 1
+    for start in (320 * 3, 2 * SR, 3 * SR - 320):  # the last crop ends at the file's end: no right context
+        c = _crop_with_context(song, start, crop, (left, right))
+        got = teacher(c[0][:, left:left + crop], T, context=c)["codes"][0]
+        assert torch.equal(got, whole[:, start // 320: start // 320 + T])

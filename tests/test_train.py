@@ -156,8 +156,12 @@ def _wait(p):
 
 
 def test_ddp_two_processes_equal_one_and_two_nodes(music, tmp_path):
-    """2 gloo processes with 2 clips each == 1 process with 4 clips; two torchrun 'nodes' on localhost too."""
-    one = _launch(["--data", str(music), "--batch_size", "4"], tmp_path / "one")
+    """2 gloo processes with 2 clips each == 1 process accumulating 2 micro-batches of 2; two torchrun 'nodes' too.
+
+    Masks are drawn per device's micro-batch (fairseq's require_same_masks acts on what one GPU's model
+    sees), so 2 x 2 clips are not one batch of 4: one process equals N when it reads, masks and weights
+    the same micro-batches, which gradient accumulation does."""
+    one = _launch(["--data", str(music), "--batch_size", "2", "--total_batch_size", "4"], tmp_path / "one")
     _wait(one)
     two = _launch(["--data", str(music), "--batch_size", "2"], tmp_path / "two", nproc=2)
     _wait(two)
