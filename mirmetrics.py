@@ -1,6 +1,6 @@
 """MIR annotations and their standard metrics, in numpy: the definitions of mir_eval 0.8.2, written afresh.
 
-    chord_scores(ref_intervals, ref_labels, est_intervals, est_labels)  # weighted chord symbol recall: root, majmin, mirex
+    chord_scores(ref_intervals, ref_labels, est_intervals, est_labels)  # weighted chord symbol recall
     event_f_measure(ref_times, est_times, window=0.07)                 # beat (70 ms) or onset (50 ms) F-measure
     note_scores(ref_intervals, ref_hz, est_intervals, est_hz)          # note onset F-measure, with and without pitch
     labels_at(intervals, labels, times)                                # segment labels at frame times
@@ -45,7 +45,8 @@ QUALITIES = {
 _SHORTHANDS = sorted(set(QUALITIES) - {""} | {"aug7", "maj11"}, key=len, reverse=True)
 _DEG = r"(?:b*|#*)(?:1[0-3]|[1-9])"
 _DEGS = rf"\*?{_DEG}(?:,\*?{_DEG})*"
-_CHORD = re.compile(rf"[NX]|[A-G](?:b*|#*)(?::(?:(?:{'|'.join(_SHORTHANDS)})(?:\({_DEGS}\))?|\({_DEGS}\)))?(?:/{_DEG})?")
+_QUALITY = rf"(?:{'|'.join(_SHORTHANDS)})(?:\({_DEGS}\))?"  # a shorthand, then degrees in brackets if any
+_CHORD = re.compile(rf"[NX]|[A-G](?:b*|#*)(?::(?:{_QUALITY}|\({_DEGS}\)))?(?:/{_DEG})?")
 NO_CHORD = "N"
 
 

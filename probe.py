@@ -1,26 +1,31 @@
-"""Probe frozen MERT features on a labelled set of clips, MARBLE-style: per layer, mean over time, standardise,
-then a linear and an MLP probe with early stopping on the validation split; the test metric per layer, the best
-layer (chosen on validation) and a learned softmax-weighted combination of all layers.
+"""Probe frozen MERT features, MARBLE-style: per layer, standardise, then a linear and an MLP probe with early
+stopping on the validation split; the test metric per layer, the best layer (chosen on validation) and a learned
+softmax-weighted combination of all layers. Clip tasks probe the mean over time, frame tasks every frame.
 
-    python probe.py labels.csv                        # the shipped model; task guessed from the labels
+    python probe.py labels.csv                        # the shipped model; clip task guessed from the labels
     python probe.py labels.csv --ckpt m-a-p/MERT-v1-95M --task tag --json results.json
     python probe.py labels.csv --features cqt         # hand-made baseline: mean and std of the log CQT
     python probe.py labels.csv --features random      # the same architecture at random initialisation
+    python probe.py chords.csv --task chords          # over time: chords, beats, notes, segments
 
 labels.csv has the columns path,label[,split] (a header row is optional). Paths are relative to the CSV's folder.
   classify: one label per clip              -> accuracy
   tag:      labels separated by ';'         -> ROC-AUC and average precision (macro over tags)
   regress:  a number per clip               -> R^2
+  chords, beats, notes, segments: the label is an annotation file, read and scored by mirmetrics.py as mir_eval
+  does: weighted chord symbol recall (root, majmin, mirex), beat/downbeat F (70 ms), onset/note F (50 ms),
+  frame accuracy.
 split is train, valid (or val) or test; without it the clips are split 60/20/20 at random (--seed).
 
-Features are mean-pooled hidden states [layers, dim] per clip written by extract.py and cached under
---cache (default: <csv folder>/.probe_cache/<model>/, mirroring the CSV's paths as extract.py mirrors a folder),
-so a second run, or a run on another task over the same clips, reads them back instead of recomputing.
---feats DIR reads features you made yourself with `python extract.py <folder> -o DIR` (any --pool).
+Features come from extract.py and are cached under --cache (default: <csv folder>/.probe_cache/<model>/,
+mirroring the CSV's paths as extract.py mirrors a folder), so a second run, or a run on another task over the same
+clips, reads them back instead of recomputing. --feats DIR reads features you made yourself with
+`python extract.py <folder> -o DIR` (any --pool for clip tasks, none for frame tasks).
 Files that cannot be read are named once on stderr and left out; the rest go on.
 """
 
 import argparse
+import copy
 import csv
 import hashlib
 import json
@@ -39,12 +44,19 @@ import torch.nn.functional as F
 import audio
 import cqt
 import extract
+import mirmetrics as mm
 import teachers
 from mert import MERT, CheckpointError
 
 TASKS = ("classify", "tag", "regress")
+FRAME_TASKS = ("chords", "beats", "notes", "segments")
 SPLITS = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "dev": "valid", "test": "test"}
-METRICS = {"classify": ("accuracy",), "tag": ("roc_auc", "average_precision"), "regress": ("r2",)}
+METRICS = {"classify": ("accuracy",), "tag": ("roc_auc", "average_precision"), "regress": ("r2",),
+           "chords": mm.CHORD_LEVELS, "beats": ("beat_f", "downbeat_f"), "notes": ("onset_f", "note_f"),
+           "segments": ("accuracy",)}
+# the metric that early stopping (clip tasks), thresholds and the best layer follow
+SELECT = {"classify": "accuracy", "tag": "average_precision", "regress": "r2", "chords": "majmin", "beats": "beat_f",
+          "notes": "note_f", "segments": "accuracy"}
 
 
 class ProbeError(Exception):
@@ -147,8 +159,9 @@ def _stamp(path) -> str:
     return str(path)
 
 
-def handmade_features(kind: str):
-    """'cqt': mean and std over time of log1p |CQT| (MERT's 336-bin CQT); 'mfcc': of 39-d MFCC+deltas."""
+def handmade_features(kind: str, frames: bool = False):
+    """'cqt': log1p |CQT| (MERT's 336-bin CQT); 'mfcc': 39-d MFCC+deltas. Per clip the mean and std over time
+    [1, 2 * dim], or with frames=True every frame [1, frames, dim], frame t centred on 320 t / 24000 s."""
     if kind == "cqt":
         op = cqt.CQT(sr=24000, hop_length=320, fmin=32.7, n_bins=336, bins_per_octave=48, output="magnitude")
         fn = lambda w: torch.log1p(op(w)[0].T)  # noqa: E731  (frames, 336)
@@ -159,6 +172,8 @@ def handmade_features(kind: str):
     @torch.inference_mode()
     def features(wav: np.ndarray) -> np.ndarray:
         f = fn(torch.from_numpy(wav)[None])
+        if frames:
+            return f[None].numpy()  # one "layer": [1, frames, dim]
         return torch.cat([f.mean(0), f.std(0)])[None].numpy()  # one "layer": [1, 2 * dim]
     return features
 
@@ -171,27 +186,46 @@ def _load_model(ckpt) -> MERT:
         raise ProbeError(str(e))
 
 
-def compute_features(items, args, csv_dir: Path) -> tuple[list, str]:
-    """Mean-pooled features [layers, dim] per clip (None where the clip failed) and a name for the source."""
+# Frame grid (hop, centre of frame 0, sample rate) of extract.py's features for every MERT conv stack (hop 320,
+# receptive field 400 at 24 kHz); features read with --feats are taken to follow it.
+MERT_GRID = (320, 200.0, 24000)
+
+
+def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[list, str, tuple, list]:
+    """Features per clip (None where the clip failed): mean-pooled [layers, dim], or with frames=True every frame
+    [layers, frames, dim]. Returns them, a name for the source, its frame grid and the hidden-state indices kept."""
+    grid, keep = MERT_GRID, None
     if args.feats:
         root, name = Path(args.feats), f"features in {args.feats}"
     else:
         if args.features in ("cqt", "mfcc"):
-            key, name = args.features, f"{args.features} statistics baseline"
+            key, grid = args.features, (320, 0.0, 24000)  # CQT and MFCC frames are centred on 320 t
+            name = f"{args.features} {'frames' if frames else 'statistics'} baseline"
         else:
             ckpt = args.ckpt or extract.DEFAULT_CKPT
-            if args.features == "random":  # keyed by architecture and seed: any checkpoint of it gives the same
+            cfg = None
+            if frames or args.features == "random":  # (clip tasks over cached features never load the model)
                 cfg = _load_model(ckpt).config
+                grid = (cfg.hop, cfg.receptive_field / 2, cfg.sample_rate)  # frame t centred on (hop t + rf / 2) / sr
+            if args.features == "random":  # keyed by architecture and seed: any checkpoint of it gives the same
                 key = f"random|{args.seed}|{json.dumps(asdict(cfg), sort_keys=True)}"
                 name = f"{ckpt}'s architecture at random initialisation (seed {args.seed})"
             else:
                 key, name = _stamp(ckpt), str(ckpt)
+            if frames:  # frame features are big: extract and cache only the layers asked for
+                try:
+                    keep = extract.parse_layers(args.layers, cfg.n_layers + 1)
+                except ValueError as e:
+                    raise ProbeError(str(e))
+                key += f"|frames|{keep}"
         tag = (Path(str(args.ckpt or "default")).stem if args.features in ("model", "random") else args.features)
-        root = Path(args.cache or csv_dir / ".probe_cache") / f"{args.features}-{tag}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+        kind = f"{args.features}-frames" if frames else args.features
+        digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+        root = Path(args.cache or csv_dir / ".probe_cache") / f"{kind}-{tag}-{digest}"
         jobs = [(src, _cache_path(root, csv_dir, src)) for src, _ in items]
         todo = [j for j in jobs if not j[1].exists()]
         if todo and args.features in ("cqt", "mfcc"):
-            fn = handmade_features(args.features)
+            fn = handmade_features(args.features, frames)
             for src, dst in todo:
                 try:
                     feats = fn(audio.load(src, sr=24000))
@@ -209,7 +243,8 @@ def compute_features(items, args, csv_dir: Path) -> tuple[list, str]:
             else:
                 model = _load_model(ckpt)
             model = model.to(extract.pick_device(args.device))
-            extract.extract_files(model, todo, list(range(model.num_states)), pool="mean", batch=args.batch)
+            extract.extract_files(model, todo, keep or list(range(model.num_states)), pool="none" if frames else "mean",
+                                  batch=args.batch)
     out = []
     for src, _ in items:
         p = _cache_path(root, csv_dir, src)
@@ -222,13 +257,24 @@ def compute_features(items, args, csv_dir: Path) -> tuple[list, str]:
             print(f"error: {p}: unreadable features ({e})", file=sys.stderr)
             out.append(None)
             continue
-        f = np.asarray(f.mean(1) if f.ndim == 3 else f, dtype=np.float32)  # [layers, frames, dim] -> mean over time
-        if f.ndim != 2 or not np.isfinite(f).all():
-            print(f"error: {p}: features are not a finite [layers, dim] array", file=sys.stderr)
+        if frames:
+            f = np.asarray(f, dtype=np.float32) if f.ndim == 3 else None
+        else:
+            f = np.asarray(f.mean(1) if f.ndim == 3 else f, dtype=np.float32)  # [layers, frames, dim] -> mean over time
+        if f is None or f.ndim != (3 if frames else 2) or not np.isfinite(f).all():
+            what = "[layers, frames, dim] (extract.py --pool none)" if frames else "[layers, dim]"
+            print(f"error: {p}: features are not a finite {what} array", file=sys.stderr)
             out.append(None)
             continue
         out.append(f)
-    return out, name
+    if keep is None:  # features read back whole: keep the layers asked for now
+        n = next((f.shape[0] for f in out if f is not None), 1)
+        try:
+            keep = extract.parse_layers(args.layers, n)
+        except ValueError as e:
+            raise ProbeError(str(e))
+        out = [f[keep] if f is not None and f.shape[0] == n else f for f in out]
+    return out, name, grid, keep
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -314,38 +360,46 @@ class Probes(nn.Module):
 def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Each probe's mean loss [P] (summed for training, so each probe gets the gradient of its own loss)."""
     P = out.shape[0]
-    if task == "classify":
-        return F.cross_entropy(out.flatten(0, 1), y.repeat(P), reduction="none").view(P, -1).mean(1)
-    if task == "tag":
+    if task in ("classify", "chords", "segments"):  # frames without a label (-100) count for nothing
+        ce = F.cross_entropy(out.flatten(0, 1), y.repeat(P), ignore_index=-100, reduction="none").view(P, -1)
+        return ce.sum(1) / (y != -100).sum().clamp(min=1)
+    if task in ("tag", "beats", "notes"):
         return F.binary_cross_entropy_with_logits(out, y.expand_as(out), reduction="none").flatten(1).mean(1)
     return F.mse_loss(out[..., 0], y.expand(P, -1), reduction="none").mean(1)
 
 
-def train_probes(x: dict, y: dict, task: str, n_out: int, hidden: int, combine: bool, args) -> tuple[Probes, list]:
-    """Train with Adam and early stopping on each probe's validation metric; returns the best probes and epochs."""
+def train_probes(data, hidden: int, combine: bool, args) -> tuple[Probes, list]:
+    """Train with AdamW and early stopping on each probe's validation score; returns the best probes and epochs.
+
+    data (ClipData or FrameData) gives the sizes, train_loss(model, batch indices) and valid_scores(model)."""
     torch.manual_seed(args.seed)
-    L, N, D = x["train"].shape
-    model = Probes(L, D, n_out, hidden, args.dropout if hidden else 0.0, combine)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    P = 1 if combine else L
-    best_score, best_loss = torch.full((P,), -float("inf")), torch.full((P,), float("inf"))
+    model = Probes(data.n_layers, data.dim, data.n_out, hidden, args.dropout if hidden else 0.0, combine)
+    groups = [{"params": [p for n, p in model.named_parameters() if n != "mix"]}]
+    if combine:
+        # The layer weights get their own, larger step: Adam moves a parameter by about lr per step whatever its
+        # gradient, so at the probe's lr the mixing logits barely leave 0 in the few hundred steps before early
+        # stopping, and the weights stayed at 1/L. No weight decay: it would pull them back to uniform.
+        groups.append({"params": [model.mix], "lr": args.mix_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    P = 1 if combine else data.n_layers
+    # float64: in float32, score - 1e-9 rounds back to score, so a tie never counted and a plateau of the
+    # metric (accuracy moves in steps) stopped training instead of being broken by the validation loss
+    best_score = torch.full((P,), -float("inf"), dtype=torch.float64)
+    best_loss = torch.full((P,), float("inf"), dtype=torch.float64)
     best = [p.detach().clone() for p in model.parameters()]
     best_epoch, since = [0] * P, 0
     g = torch.Generator().manual_seed(args.seed)
-    key = METRICS[task][-1]
     for epoch in range(1, args.epochs + 1):
         model.train()
-        for idx in torch.randperm(N, generator=g).split(args.batch_size):
-            loss = _loss(task, model(x["train"][:, idx]), y["train"][idx]).sum()
+        for idx in torch.randperm(data.n_train, generator=g).split(args.batch_size or data.batch_size):
+            loss = data.train_loss(model, idx).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         model.eval()
         with torch.no_grad():
-            out = model(x["valid"])
-            vloss = _loss(task, out, y["valid"])
-        scores = torch.tensor([metrics(task, y["valid_np"], _to_target_units(o, y)).get(key) for o in out])
-        # a plateau of the metric (accuracy moves in steps) is broken by the validation loss
+            scores, vloss = data.valid_scores(model)
+        scores, vloss = scores.double(), vloss.double()
         better = (scores > best_score + 1e-9) | ((scores > best_score - 1e-9) & (vloss < best_loss))
         since = 0 if better.any() else since + 1
         if better.any():
@@ -370,34 +424,367 @@ def _to_target_units(out: torch.Tensor, y: dict) -> np.ndarray:
     return out * std + mean
 
 
+def _standardise(x: dict) -> dict:
+    """Standardise each layer [L, N, D] of every split with the training split's statistics."""
+    mean, std = x["train"].mean(1, keepdim=True), x["train"].std(1, keepdim=True)
+    # Floor each dimension's scale at a tenth of the layer's RMS scale: a near-constant dimension (a CQT bin
+    # above the music, a dead unit) would otherwise be blown up to unit variance and the probe would fit its noise.
+    std = torch.maximum(std, 0.1 * std.square().mean(2, keepdim=True).sqrt())
+    return {s: (v - mean) / (std + 1e-5) for s, v in x.items()}
+
+
+class ClipData:
+    """A clip task as the probes see it: standardised features [L, N, D] and targets per split."""
+
+    batch_size = 64
+
+    def __init__(self, task: str, X: torch.Tensor, targets: np.ndarray, n_classes: int, split: np.ndarray):
+        self.task, self.x, y = task, {}, {}
+        for s in ("train", "valid", "test"):
+            m = split == s
+            self.x[s], y[s + "_np"] = X[:, torch.from_numpy(m)], targets[m]
+        self.x = _standardise(self.x)
+        y["scale"] = (float(y["train_np"].mean()), float(y["train_np"].std() + 1e-8)) if task == "regress" else (0.0, 1.0)
+        for s in ("train", "valid"):
+            y[s] = torch.from_numpy((y[s + "_np"] - y["scale"][0]) / y["scale"][1] if task == "regress" else y[s + "_np"])
+        self.y = y
+        self.n_layers, self.n_train, self.dim = self.x["train"].shape
+        self.n_out = n_classes if task != "regress" else 1
+
+    def train_loss(self, model, idx):
+        return _loss(self.task, model(self.x["train"][:, idx]), self.y["train"][idx])
+
+    def valid_scores(self, model):
+        out = model(self.x["valid"])
+        scores = [metrics(self.task, self.y["valid_np"], _to_target_units(o, self.y))[SELECT[self.task]] for o in out]
+        return torch.tensor(scores, dtype=torch.float64), _loss(self.task, out, self.y["valid"])
+
+    def evaluate(self, model) -> list:
+        """Per probe: the valid and test metrics."""
+        out = {s: model(self.x[s]) for s in ("valid", "test")}
+        return [{s: metrics(self.task, self.y[s + "_np"], _to_target_units(out[s][i], self.y)) for s in out}
+                for i in range(out["valid"].shape[0])]
+
+
+# ----------------------------------------------------------------------------- frame tasks
+
+NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+# The probe's chord vocabulary: N and the 24 major and minor triads, MIREX's majmin vocabulary (the level most
+# chord recognition results are reported at, and one with enough examples per class in any dataset). Reference
+# chords are scored as written (mirmetrics reads the whole grammar); for training, a chord whose notes up to the
+# fifth are a major or minor triad (C:7, A:min7/5) is that triad, and others (dim, aug, sus, X) are not trained on.
+CHORD_VOCAB = ["N"] + [f"{n}:maj" for n in NOTE_NAMES] + [f"{n}:min" for n in NOTE_NAMES]
+
+
+def chord_class(label: str) -> int:
+    """A reference chord's index in CHORD_VOCAB, or -100 (no training target)."""
+    root, bits, _ = mm.encode_chord(label)
+    if root < 0:
+        return 0 if label == "N" else -100
+    if (bits[:8] == mm._MAJ8).all():
+        return 1 + root
+    if (bits[:8] == mm._MIN8).all():
+        return 13 + root
+    return -100
+
+
+# activation thresholds tried on the validation split (low ones too: sparse onset targets give small activations)
+THRESHOLDS = np.r_[0.01, 0.02, 0.03, np.round(np.arange(0.05, 0.96, 0.05), 2)]
+PEAK_RADIUS_S = {"beats": 0.1, "notes": 0.05}  # a peak is the largest activation within this many seconds
+
+
+def pick_peaks(act: np.ndarray, radius: int) -> np.ndarray:
+    """Local maxima along time of act [T, ...]: the first frame of the largest value within +-radius frames."""
+    pad = np.full((radius,) + act.shape[1:], -np.inf)
+    win = np.lib.stride_tricks.sliding_window_view(np.concatenate([pad, act, pad]), 2 * radius + 1, axis=0)
+    return (act > win[..., :radius].max(-1)) & (act >= win[..., radius:].max(-1))
+
+
+def frame_times(n: int, grid: tuple) -> np.ndarray:
+    """Centre times (s) of n frames on a grid: (hop in samples, centre of frame 0 in samples, sample rate)."""
+    hop, first, sr = grid
+    return (first + hop * np.arange(n)) / sr
+
+
+def frames_to_segments(labels: list, times: np.ndarray, end: float):
+    """Frame labels -> (intervals, labels): a segment per run, cut half-way between frame centres; the first
+    starts at 0 and the last runs to `end` (the clip's end)."""
+    change = [t for t in range(1, len(labels)) if labels[t] != labels[t - 1]]
+    cuts = [(times[t - 1] + times[t]) / 2 for t in change]
+    starts = np.array([0.0] + cuts)
+    ends = np.array(cuts + [max(end, times[-1])])
+    return np.stack([starts, ends], 1), [labels[0]] + [labels[t] for t in change]
+
+
+class FrameData:
+    """A frame task as the probes see it: every clip's frames, standardised, with --context frames either side,
+    targets at the frames' centre times, and the decoding and scoring of probe outputs against the annotations."""
+
+    batch_size = 512
+
+    def __init__(self, task: str, clips: list, feats: list, grid: tuple, args):
+        self.task, self.context, self.args = task, args.context, args
+        self.frame_s = grid[0] / grid[2]
+        for c, f in zip(clips, feats):
+            c["times"] = frame_times(f.shape[1], grid)
+            try:
+                rate, n, _ = audio.info(c["path"])
+                c["end"] = n / rate
+            except audio.AudioError:  # features without their audio (--feats): the last frame's edge
+                c["end"] = c["times"][-1] + self.frame_s / 2
+        train = [c for c in clips if c["split"] == "train"]
+        if task == "chords":
+            self.classes = CHORD_VOCAB
+        elif task == "segments":
+            self.classes = sorted({lab for c in train for lab in c["ann"][1]})
+        elif task == "beats":  # downbeats when every beat file numbers its beats in the bar
+            numbered = sum(c["ann"][1] is not None for c in clips)
+            if 0 < numbered < len(clips):
+                print(f"probe.py: {len(clips) - numbered} of {len(clips)} beat files have no beat-in-bar numbers: "
+                      "beats only, no downbeats", file=sys.stderr)
+            self.classes = ["beat", "downbeat"] if numbered == len(clips) else ["beat"]
+        else:
+            midi = np.concatenate([self._midi(c["ann"][1]) for c in train])
+            if not len(midi):
+                raise ProbeError(f"{args.labels}: no notes in the training split")
+            self.low = int(midi.min())
+            self.classes = [f"{NOTE_NAMES[m % 12]}{m // 12 - 1}" for m in range(self.low, int(midi.max()) + 1)]
+        self.n_out = len(self.classes)
+        self.clips, x, y = {}, {}, {}
+        for s in ("train", "valid", "test"):
+            cs = [(c, f) for c, f in zip(clips, feats) if c["split"] == s]
+            if not cs:
+                raise ProbeError(f"{args.labels}: no clip of the {s} split has features and annotations")
+            self.clips[s] = [c for c, _ in cs]
+            x[s] = torch.from_numpy(np.concatenate([f for _, f in cs], 1))  # [L, frames of all clips, D]
+            y[s] = torch.from_numpy(np.concatenate([self._targets(c) for c, _ in cs]))
+            lo = 0
+            for c, _ in cs:
+                c["lo"], c["hi"] = lo, lo + len(c["times"])
+                lo = c["hi"]
+        self.x = {s: torch.cat([v, torch.zeros_like(v[:, :1])], 1) for s, v in _standardise(x).items()}  # + a pad row
+        self.y = y
+        self.ctx = {s: self._context_index(self.clips[s]) for s in x}
+        self.n_layers, self.n_train = x["train"].shape[0], len(y["train"])
+        self.dim = x["train"].shape[2] * (2 * self.context + 1)
+
+    @staticmethod
+    def _midi(hz: np.ndarray) -> np.ndarray:
+        return np.round(69 + 12 * np.log2(np.asarray(hz) / 440.0)).astype(int)
+
+    def _mark(self, col: np.ndarray, times: np.ndarray, events: np.ndarray):
+        """Target 1 at the frame holding each event, 0.5 at its neighbours (a little tolerance for the timing, as
+        beat trackers widen their targets); events outside the clip's frames are dropped."""
+        k = np.round((np.asarray(events) - times[0]) / self.frame_s).astype(int)
+        k = k[(k >= 0) & (k < len(times))]
+        for d in (-1, 1):
+            j = np.clip(k + d, 0, len(times) - 1)
+            col[j] = np.maximum(col[j], 0.5)
+        col[k] = 1.0
+
+    def _targets(self, c) -> np.ndarray:
+        """Training targets of one clip's frames: class indices [T] (-100: none), or activations [T, C]."""
+        times, ann = c["times"], c["ann"]
+        if self.task in ("chords", "segments"):
+            labels = mm.labels_at(ann[0], ann[1], times)
+            index = {n: i for i, n in enumerate(self.classes)}
+            if self.task == "chords":
+                return np.array([-100 if lab is None else chord_class(lab) for lab in labels], np.int64)
+            return np.array([index.get(lab, -100) for lab in labels], np.int64)
+        y = np.zeros((len(times), self.n_out), np.float32)
+        if self.task == "beats":
+            self._mark(y[:, 0], times, ann[0])
+            if self.n_out == 2:
+                self._mark(y[:, 1], times, ann[0][ann[1] == 1])
+        else:
+            for (onset, _), m in zip(ann[0], self._midi(ann[1])):
+                if self.low <= m < self.low + self.n_out:
+                    self._mark(y[:, m - self.low], times, [onset])
+        return y
+
+    def _context_index(self, clips) -> torch.Tensor:
+        """[frames, 2K + 1] rows of the frames t-K..t+K of the same clip (the zero pad row past its edges)."""
+        rows, pad = [], clips[-1]["hi"]
+        for c in clips:
+            t = np.arange(c["lo"], c["hi"])[:, None] + np.arange(-self.context, self.context + 1)[None]
+            rows.append(np.where((t >= c["lo"]) & (t < c["hi"]), t, pad))
+        return torch.from_numpy(np.concatenate(rows))
+
+    def _inputs(self, split: str, idx: torch.Tensor) -> torch.Tensor:
+        x = self.x[split][:, self.ctx[split][idx]]  # [L, B, 2K + 1, D]
+        return x.flatten(2)
+
+    def train_loss(self, model, idx):
+        return _loss(self.task, model(self._inputs("train", idx)), self.y["train"][idx])
+
+    def _outputs(self, model, split: str) -> torch.Tensor:
+        """Probe outputs [P, frames, C] of a whole split, a chunk of frames at a time."""
+        n = len(self.y[split])
+        return torch.cat([model(self._inputs(split, torch.arange(a, min(a + 4096, n)))) for a in range(0, n, 4096)], 1)
+
+    def valid_scores(self, model):
+        """Early stopping follows the frame accuracy for chords and segments, the loss for beats and notes."""
+        out, y = self._outputs(model, "valid"), self.y["valid"]
+        vloss = _loss(self.task, out, y)
+        if self.task in ("chords", "segments"):
+            m = y != -100
+            return (out.argmax(-1)[:, m] == y[m]).double().mean(1), vloss
+        return -vloss.double(), vloss
+
+    def evaluate(self, model) -> list:
+        """Per probe: decode, score the valid and test splits; activation thresholds are chosen on valid."""
+        out = {s: self._outputs(model, s) for s in ("valid", "test")}
+        results = []
+        for p in range(out["valid"].shape[0]):
+            r = {}
+            r["valid"], th = self.score("valid", out["valid"][p].numpy())
+            r["test"], _ = self.score("test", out["test"][p].numpy(), th)
+            if th:
+                r["thresholds"] = th
+            results.append(r)
+        return results
+
+    def score(self, split: str, out: np.ndarray, thresholds: dict | None = None) -> tuple[dict, dict]:
+        """Metrics of one probe's outputs [frames, C] on a split, and the thresholds used (chosen here if None)."""
+        clips = self.clips[split]
+        if self.task == "chords":
+            pred, total = out.argmax(1), {lvl: [0.0, 0.0] for lvl in mm.CHORD_LEVELS}
+            for c in clips:
+                iv, labels = frames_to_segments([CHORD_VOCAB[k] for k in pred[c["lo"]:c["hi"]]], c["times"], c["end"])
+                for lvl, (ok, n) in mm.chord_scores(c["ann"][0], c["ann"][1], iv, labels).items():
+                    total[lvl][0] += ok
+                    total[lvl][1] += n
+            return {lvl: mm.ratio(*total[lvl]) for lvl in mm.CHORD_LEVELS}, {}  # duration-weighted over clips
+        if self.task == "segments":
+            pred, ok, n = out.argmax(1), 0, 0
+            for c in clips:
+                a, b = mm.frame_accuracy(mm.labels_at(c["ann"][0], c["ann"][1], c["times"]),
+                                         [self.classes[k] for k in pred[c["lo"]:c["hi"]]])
+                ok, n = ok + a, n + b
+            return {"accuracy": mm.ratio(ok, n)}, {}
+        act = 1 / (1 + np.exp(-out.astype(np.float64)))
+        radius = max(1, round(PEAK_RADIUS_S[self.task] / self.frame_s))
+        peaks = [np.where(pick_peaks(act[c["lo"]:c["hi"]], radius), act[c["lo"]:c["hi"]], 0.0) for c in clips]
+        names = ("beat_f", "downbeat_f")[:self.n_out] if self.task == "beats" else ("note_f",)
+        thresholds = dict(thresholds or {})
+        for name in names:
+            if name not in thresholds:  # the threshold that scores best on this (the validation) split
+                score = lambda th: (self._events(clips, peaks, name, th)[name], -th)  # noqa: E731
+                thresholds[name] = float(max(THRESHOLDS, key=score))
+        res = {}
+        for name in names:
+            res.update({k: v for k, v in self._events(clips, peaks, name, thresholds[name]).items()
+                        if k in METRICS[self.task]})
+        return res, thresholds
+
+    def _events(self, clips, peaks, name: str, th: float) -> dict:
+        """Mean over clips of the event F-measures at one threshold (mir_eval scores each file; MIREX averages)."""
+        if self.task == "beats":
+            col = 0 if name == "beat_f" else 1
+            fs = []
+            for c, pk in zip(clips, peaks):
+                ref = c["ann"][0] if col == 0 else c["ann"][0][c["ann"][1] == 1]
+                est = c["times"][pk[:, col] >= th]
+                fs.append(mm.event_f_measure(ref, est, 0.07, self.args.min_beat_time)[0])
+            return {name: float(np.mean(fs))}
+        scores = []
+        for c, pk in zip(clips, peaks):
+            t, p = np.nonzero(pk >= th)
+            on = c["times"][t]
+            est_iv = np.stack([on, on + self.frame_s], 1)  # offsets are neither predicted nor scored
+            scores.append(mm.note_scores(c["ann"][0], c["ann"][1], est_iv, mm.midi_to_hz(self.low + p)))
+        return {k: float(np.mean([s[k] for s in scores])) for k in ("onset_f", "note_f")}
+
+
+def load_annotation(task: str, path: Path, args):
+    """The annotation file of one clip for a frame task (AnnotationError if it is malformed)."""
+    if task in ("chords", "segments"):
+        return mm.read_segments(path, chords=task == "chords")
+    if task == "beats":
+        return mm.read_beats(path)
+    return mm.read_notes(path, args.pitch_unit)
+
+
 # ----------------------------------------------------------------------------- main
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag under its canonical (underscore) spelling with its default once; the hyphen aliases still work."""
+
+    def _format_action_invocation(self, action):
+        names = action.option_strings
+        aliases = [o for o in names if "-" in o[2:] and "--" + o[2:].replace("-", "_") in names]
+        if aliases:
+            action = copy.copy(action)
+            action.option_strings = [o for o in action.option_strings if o not in aliases]
+        return super()._format_action_invocation(action)
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command line's flags."""
+    """The command line's flags (--flag_name canonical, --flag-name accepted too)."""
     p = argparse.ArgumentParser(
-        description="Probe frozen features per layer (linear and MLP, MARBLE-style) on a labelled CSV of clips.",
-        epilog="example: python probe.py tasks/pitch.csv --json pitch.json",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("labels", help="CSV of path,label[,split]; paths relative to the CSV's folder")
-    p.add_argument("--task", default="auto", choices=("auto",) + TASKS, help="classify, tag (labels split on ';') or regress; auto guesses")
-    p.add_argument("--ckpt", default=None, help="model to probe (default: the shipped model); anything extract.py --ckpt takes")
-    p.add_argument("--features", default="model", choices=("model", "random", "cqt", "mfcc"), help="model: the checkpoint; random: its architecture at random initialisation; cqt/mfcc: hand-made statistics baselines")
-    p.add_argument("--feats", default=None, help="read features written by `extract.py <csv folder> -o DIR` instead of computing them")
-    p.add_argument("--cache", default=None, help="feature cache folder (default: <csv folder>/.probe_cache)")
-    p.add_argument("--json", default=None, help="write the full results here")
-    p.add_argument("--no-mlp", action="store_true", help="linear probes only")
-    p.add_argument("--hidden", type=int, default=512, help="MLP probe hidden units")
-    p.add_argument("--dropout", type=float, default=0.5, help="MLP probe dropout")
-    p.add_argument("--lr", type=float, default=1e-3, help="probe learning rate (AdamW)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="probe weight decay")
-    p.add_argument("--batch-size", type=int, default=64, help="probe training batch size")
-    p.add_argument("--epochs", type=int, default=300, help="most epochs per probe")
-    p.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better validation score")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random split, probe initialisation and order, and --features random")
-    p.add_argument("--batch", type=int, default=8, help="clips per forward pass when extracting")
-    p.add_argument("--device", default="auto", help="device for feature extraction: auto, cpu, cuda, mps")
+        description="Probe frozen features per layer (linear and MLP, MARBLE-style) on a labelled CSV of clips: "
+                    "clip tasks on features averaged over time, frame tasks (chords, beats, notes, segments) on "
+                    "every frame. Flags may be spelled with hyphens (--weight-decay) too.",
+        epilog="examples: python probe.py tasks/pitch.csv --json pitch.json\n"
+               "          python probe.py tasks/chords.csv --task chords --features cqt",
+        formatter_class=_Help)
+
+    def add(name, **kw):
+        names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        p.add_argument(*names, **kw)
+    p.add_argument("labels", help="CSV of path,label[,split]; paths relative to the CSV's folder; for frame tasks the label is an annotation file")
+    add("task", default="auto", choices=("auto",) + TASKS + FRAME_TASKS,
+        help="classify, tag (labels split on ';') or regress (auto guesses among these); chords, beats, notes or segments over time")
+    add("ckpt", default=None, help="model to probe (default: the shipped model); anything extract.py --ckpt takes")
+    add("features", default="model", choices=("model", "random", "cqt", "mfcc"), help="model: the checkpoint; random: its architecture at random initialisation; cqt/mfcc: hand-made baselines")
+    add("feats", default=None, help="read features written by `extract.py <csv folder> -o DIR` instead of computing them")
+    add("cache", default=None, help="feature cache folder (default: <csv folder>/.probe_cache)")
+    add("json", default=None, help="write the full results here")
+    add("layers", default="all", help="hidden states to probe: all, N, A-B or a comma list (as extract.py --layers)")
+    add("no_mlp", action="store_true", help="linear probes only")
+    add("hidden", type=int, default=512, help="MLP probe hidden units")
+    add("dropout", type=float, default=0.5, help="MLP probe dropout")
+    add("lr", type=float, default=1e-3, help="probe learning rate (AdamW)")
+    add("mix_lr", type=float, default=1e-2, help="learning rate of the layer-combination weights")
+    add("weight_decay", type=float, default=1e-4, help="probe weight decay")
+    add("batch_size", type=int, default=None, help="probe training batch size (default: 64 clips; 512 frames for frame tasks)")
+    add("epochs", type=int, default=300, help="most epochs per probe")
+    add("patience", type=int, default=20, help="stop after this many epochs without a better validation score")
+    add("seed", type=int, default=0, help="seed of the random split, probe initialisation and order, and --features random")
+    add("context", type=int, default=0, help="frame tasks: frames either side joined to each frame's features")
+    add("min_beat_time", type=float, default=0.0, help="beats: ignore beats before this time (s) when scoring (MIREX: 5)")
+    add("pitch_unit", default="hz", choices=("hz", "midi"), help="notes: unit of the pitch column")
+    add("batch", type=int, default=8, help="clips per forward pass when extracting")
+    add("device", default="auto", help="device for feature extraction: auto, cpu, cuda, mps")
     return p
+
+
+def _probe_all(data, args) -> dict:
+    """Per-layer probes, the best layer on validation and the learned layer combination, linear and MLP."""
+    L, key = data.n_layers, SELECT[args.task]
+    out = {"per_layer": [{} for _ in range(L)], "best": {}, "weighted": {}}
+    kinds = {"linear": 0} if args.no_mlp else {"linear": 0, "mlp": args.hidden}
+    for kind, hidden in kinds.items():
+        probes, epochs = train_probes(data, hidden, False, args)
+        with torch.no_grad():
+            res = data.evaluate(probes)
+        for i in range(L):
+            out["per_layer"][i][kind] = {**res[i], "epochs": epochs[i]}
+        b = max(range(L), key=lambda i: (res[i]["valid"][key], -i))  # chosen on validation, never on test
+        out["best"][kind] = {"layer": b, "valid": res[b]["valid"], "test": res[b]["test"]}
+        if L > 1:
+            mix, epochs = train_probes(data, hidden, True, args)
+            with torch.no_grad():
+                res = data.evaluate(mix)[0]
+            out["weighted"][kind] = {**res, "epochs": epochs[0],
+                                     "weights": [round(w, 4) for w in mix.mix[0].softmax(0).tolist()]}
+    return out
 
 
 def run(args) -> dict:
@@ -405,64 +792,70 @@ def run(args) -> dict:
     t0 = time.time()
     csv_path = Path(args.labels)
     items, splits, task = read_labels(csv_path, args.task, args.seed)
-    feats, source = compute_features(items, args, csv_path.parent)
+    args.task = task
+    frames = task in FRAME_TASKS
+    anns = [None] * len(items)
+    if frames:  # read every annotation first: a bad one is named once and its clip left out
+        for i, (_, label) in enumerate(items):
+            ann = Path(label)
+            try:
+                anns[i] = load_annotation(task, ann if ann.is_absolute() else csv_path.parent / ann, args)
+            except mm.AnnotationError as e:
+                print(f"error: {e}", file=sys.stderr)
+        ok = [i for i in range(len(items)) if anns[i] is not None]
+        feats = [None] * len(items)
+        got, source, grid, layer_ids = compute_features([items[i] for i in ok], args, csv_path.parent, frames=True)
+        for i, f in zip(ok, got):
+            feats[i] = f
+    else:
+        feats, source, grid, layer_ids = compute_features(items, args, csv_path.parent)
     keep = [i for i, f in enumerate(feats) if f is not None]
     if len(keep) < len(items):
-        print(f"probe.py: {len(items) - len(keep)} of {len(items)} clips left out (no features)", file=sys.stderr)
-    shapes = {feats[i].shape for i in keep}
+        print(f"probe.py: {len(items) - len(keep)} of {len(items)} clips left out (no features"
+              f"{' or annotation' if frames else ''})", file=sys.stderr)
+    shapes = {(feats[i].shape[0], feats[i].shape[-1]) if frames else feats[i].shape for i in keep}
     if len(shapes) != 1:
         raise ProbeError(f"{csv_path}: features differ in shape across clips: {sorted(shapes)[:3]}")
-    targets, names = encode_targets([items[i][1] for i in keep], task)
-    X = torch.from_numpy(np.stack([feats[i] for i in keep], 1))  # [L, N, D]
     split = np.array([splits[i] for i in keep])
-    x, y = {}, {}
     for s in ("train", "valid", "test"):
-        m = split == s
-        if not m.any():
+        if not (split == s).any():
             raise ProbeError(f"{csv_path}: no clip of the {s} split has features")
-        x[s], y[s + "_np"] = X[:, torch.from_numpy(m)], targets[m]
-    mean, std = x["train"].mean(1, keepdim=True), x["train"].std(1, keepdim=True)
-    # Floor each dimension's scale at a tenth of the layer's RMS scale: a near-constant dimension (a CQT bin
-    # above the music, a dead unit) would otherwise be blown up to unit variance and the probe would fit its noise.
-    std = torch.maximum(std, 0.1 * std.square().mean(2, keepdim=True).sqrt())
-    for s in x:  # standardise each layer with the training split's statistics
-        x[s] = (x[s] - mean) / (std + 1e-5)
-    y["scale"] = (float(y["train_np"].mean()), float(y["train_np"].std() + 1e-8)) if task == "regress" else (0.0, 1.0)
-    for s in ("train", "valid"):
-        y[s] = torch.from_numpy((y[s + "_np"] - y["scale"][0]) / y["scale"][1] if task == "regress" else y[s + "_np"])
-    if task == "classify":
-        missing = sorted(set(range(len(names))) - set(y["train_np"].tolist()))
-        if missing:
-            print(f"probe.py: classes absent from train: {[names[i] for i in missing][:5]}", file=sys.stderr)
-    n_out = len(names) if task != "regress" else 1
-
-    L = X.shape[0]
-    results = {"labels": str(csv_path), "task": task, "features": source, "layers": L, "dim": int(X.shape[2]),
+    if frames:
+        clips = [{"path": items[i][0], "split": splits[i], "ann": anns[i]} for i in keep]
+        data = FrameData(task, clips, [feats[i] for i in keep], grid, args)
+        names = data.classes
+        del feats
+    else:
+        targets, names = encode_targets([items[i][1] for i in keep], task)
+        if task == "classify":
+            missing = sorted(set(range(len(names))) - set(targets[split == "train"].tolist()))
+            if missing:
+                print(f"probe.py: classes absent from train: {[names[i] for i in missing][:5]}", file=sys.stderr)
+        X = torch.from_numpy(np.stack([feats[i] for i in keep], 1))  # [L, N, D]
+        data = ClipData(task, X, targets, len(names), split)
+    results = {"labels": str(csv_path), "task": task, "features": source, "layers": data.n_layers,
+               "dim": int(data.dim // (2 * args.context + 1) if frames else data.dim),
                "clips": {s: int((split == s).sum()) for s in ("train", "valid", "test")},
-               "classes": names, "metrics": list(METRICS[task]), "seed": args.seed, "per_layer": [], "best": {},
-               "weighted": {}}
-    kinds = {"linear": 0} if args.no_mlp else {"linear": 0, "mlp": args.hidden}
-    per = [{"layer": i} for i in range(L)]
-    for kind, hidden in kinds.items():
-        probes, epochs = train_probes(x, y, task, n_out, hidden, False, args)
-        with torch.no_grad():
-            out_va, out_te = probes(x["valid"]), probes(x["test"])
-        for i in range(L):
-            per[i][kind] = {"valid": metrics(task, y["valid_np"], _to_target_units(out_va[i], y)),
-                            "test": metrics(task, y["test_np"], _to_target_units(out_te[i], y)),
-                            "epochs": epochs[i]}
-        key = METRICS[task][-1]
-        b = max(range(L), key=lambda i: (per[i][kind]["valid"][key], -i))  # chosen on validation, never on test
-        results["best"][kind] = {"layer": b, "valid": per[b][kind]["valid"], "test": per[b][kind]["test"]}
-        if L > 1:
-            mix, _ = train_probes(x, y, task, n_out, hidden, True, args)
-            with torch.no_grad():
-                te = _to_target_units(mix(x["test"])[0], y)
-            results["weighted"][kind] = {"test": metrics(task, y["test_np"], te),
-                                         "weights": [round(w, 4) for w in mix.mix[0].softmax(0).tolist()]}
-    results["per_layer"] = per
+               "classes": names, "metrics": list(METRICS[task]), "seed": args.seed}
+    if frames:
+        results["frames"] = {s: len(data.y[s]) for s in ("train", "valid", "test")}
+        results["frame_times"] = {"first": grid[1] / grid[2], "hop": grid[0] / grid[2]}  # seconds
+        results["context"] = args.context
+        if task == "beats" and data.n_out == 1:
+            results["metrics"] = ["beat_f"]
+    probed = _probe_all(data, args)
+    for i, p in enumerate(probed["per_layer"]):
+        p["layer"] = int(layer_ids[i])
+    for b in probed["best"].values():
+        b["layer"] = int(layer_ids[b["layer"]])
+    results["per_layer"] = [{"layer": p.pop("layer"), **p} for p in probed["per_layer"]]
+    results["best"], results["weighted"] = probed["best"], probed["weighted"]
     results["seconds"] = round(time.time() - t0, 1)
     return results
+
+
+DESCRIBE = {"chords": "weighted chord symbol recall", "beats": "F-measure (70 ms)", "notes": "F-measure (50 ms)",
+            "segments": "frame"}
 
 
 def print_table(r: dict, file=None):
@@ -471,9 +864,15 @@ def print_table(r: dict, file=None):
     kinds = [k for k in ("linear", "mlp") if k in r["per_layer"][0]]
     cols = [(k, m) for k in kinds for m in r["metrics"]]
     c = r["clips"]
-    print(f"{r['labels']}: {r['task']}, {len(r['classes']) or 'float'} {'classes' if r['task'] == 'classify' else 'tags' if r['task'] == 'tag' else 'targets'}, "
-          f"{c['train']}/{c['valid']}/{c['test']} clips (train/valid/test); {r['features']}: {r['layers']} x {r['dim']}", file=file)
-    print("test " + ", ".join(r["metrics"]) + " per layer; the best layer is chosen on the validation split", file=file)
+    unit = {"classify": "classes", "tag": "tags", "regress": "targets", "beats": "activations", "notes": "pitches"}
+    n = f"{c['train']}/{c['valid']}/{c['test']} clips"
+    if "frames" in r:
+        f = r["frames"]
+        n += f" ({f['train']}/{f['valid']}/{f['test']} frames, context +-{r['context']})"
+    print(f"{r['labels']}: {r['task']}, {len(r['classes']) or 'float'} {unit.get(r['task'], 'classes')}, {n} "
+          f"(train/valid/test); {r['features']}: {r['layers']} x {r['dim']}", file=file)
+    print(f"test {DESCRIBE.get(r['task'], '')}{' ' if r['task'] in DESCRIBE else ''}"
+          + ", ".join(r["metrics"]) + " per layer; the best layer is chosen on the validation split", file=file)
     print(f"{'layer':>7} " + " ".join(f"{k + ' ' + m:>24}" for k, m in cols), file=file)
     for p in r["per_layer"]:
         print(f"{p['layer']:>7} " + " ".join(f"{p[k]['test'][m]:>24.4f}" for k, m in cols), file=file)
@@ -486,8 +885,15 @@ def print_table(r: dict, file=None):
 
 
 def main(argv=None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 on a bad labels file, model or features)."""
-    args = build_parser().parse_args(argv)
+    """Run the CLI; returns the exit code (0 ok, 2 on bad flags, a bad labels file, model or features)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    bad = [f for f, ok in (("--epochs", args.epochs >= 1), ("--patience", args.patience >= 1),
+                           ("--context", args.context >= 0), ("--batch_size", (args.batch_size or 1) >= 1),
+                           ("--batch", args.batch >= 1), ("--hidden", args.hidden >= 1)) if not ok]
+    if bad:
+        print(f"probe.py: {', '.join(bad)} out of range (see --help)", file=sys.stderr)
+        return 2
     if args.features in ("model", "random") and args.ckpt is None and not args.feats and not extract.DEFAULT_CKPT.exists():
         print(f"probe.py: no --ckpt given and no shipped model at {extract.DEFAULT_CKPT}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
     python examples/make_probe_tasks.py OUT_DIR [--tasks pitch,timbre,chord,tempo,instruments]
                                         [--n 600] [--seconds 4.0] [--sr 24000] [--seed 0]
+    python examples/make_probe_tasks.py OUT_DIR --tasks chords,beats,notes,keys --n 150   # timed tasks
 
 All audio is synthesised here (no licence attached). Each task isolates one musical property and
 randomises the rest (timbre, register, level, timing, noise), so a probe must read it from the features.
@@ -18,6 +19,16 @@ randomises the rest (timbre, register, level, timing, noise), so a probe must re
   instruments  multi-label. 1-3 distinct families play independent random notes; label = the families
                present, sorted and joined by ";" (e.g. "bowed;pluck").
 
+Timed tasks (probe.py --task chords/beats/notes/segments; clips of at least 6 s): the label is an annotation file.
+  chords       a progression of maj/min/7/min7 chords (and N: silence) changing every 0.8-2.5 s at random
+               times; random voicing, inversion and family -> chords_NNNNN.lab (`start end chord`).
+  beats        the tempo task's drum loops (70-170 BPM, 4/4, kick on the downbeat and often on beat 3)
+               -> beats_NNNNN.beats (`time beat-in-bar` at the nominal beat times).
+  notes        a melody of 0.15-0.6 s notes (MIDI 55-79, random walk, some rests) on one pitched family
+               -> notes_NNNNN.notes (`onset offset Hz`; offsets end where the note's release ends).
+  keys         2-3 sections in different keys (24 major and minor), each a diatonic chord progression
+               -> keys_NNNNN.lab (`start end C:maj` / `A:min`), for --task segments.
+
 Families, re-drawn within the family for every clip: pluck (decaying harmonics, bright attack), bowed
 (sawtooth-like, slow attack, vibrato), reed (reed/brass: odd or all harmonics, formant, brightening swell),
 flute (few harmonics, breath noise), organ (steady drawbars), bell (mallet/bell: inharmonic, fast decay).
@@ -25,8 +36,8 @@ flute (few harmonics, breath noise), organ (steady drawbars), bell (mallet/bell:
 Writes OUT_DIR/T/T_00000.flac ... (mono PCM_16, peak -20..-6 dBFS, white or pink noise 35-50 dB below the
 peak so nothing is digital silence) and OUT_DIR/T.csv: path (relative to OUT_DIR),label,split. Splits are
 60/20/20 train/valid/test within each label (label set for instruments, tempo decile for tempo), so every
-class is in every split. Clip i of task T uses only default_rng([seed, index of T, 0, i]), so the output
-does not depend on --tasks.
+class is in every split (timed tasks: 60/20/20 at random). Clip i of task T uses only
+default_rng([seed, index of T, 0, i]), so the output does not depend on --tasks.
 """
 import argparse
 import csv
@@ -35,7 +46,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-TASKS = ("pitch", "timbre", "chord", "tempo", "instruments")  # position = the task's seed index
+CLIP_TASKS = ("pitch", "timbre", "chord", "tempo", "instruments")
+TIMED_TASKS = ("chords", "beats", "notes", "keys")
+TASKS = CLIP_TASKS + TIMED_TASKS  # position = the task's seed index
+TIMED_SECONDS = 6.0  # timed clips are at least this long, so that several changes, bars and notes fit
 FAMILIES = ("bell", "bowed", "flute", "organ", "pluck", "reed")  # sorted: instruments label order
 PITCHED = tuple(f for f in FAMILIES if f != "bell")
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
@@ -257,8 +271,121 @@ def make_instruments(i, rng, seconds, sr):
     return buf, ";".join(families)
 
 
+# ----------------------------------------------------------------------------- timed tasks: (audio, annotation lines)
+
+
+def _chord_notes(root: int, intervals, rng) -> list:
+    """MIDI notes of a chord: root in MIDI 48-59, random inversion, sometimes a bass note an octave below."""
+    notes = [48 + root % 12 + iv for iv in intervals]
+    inv = int(rng.integers(len(notes)))
+    notes = notes[inv:] + [m + 12 for m in notes[:inv]]
+    return notes + ([48 + root % 12 - 12] if rng.random() < 0.5 else [])
+
+
+def _play(buf, notes, start, end, patch, rng, sr, strum=0.0):
+    for j, m in enumerate(notes):
+        onset = start + j * strum
+        f0 = midi_to_hz(m + rng.uniform(-0.05, 0.05))
+        place(buf, rng.uniform(0.7, 1) * render_note(f0, end - onset, patch, rng, sr), onset * sr)
+
+
+def make_chords(i, rng, seconds, sr):
+    qualities = dict(maj=(0, 4, 7), min=(0, 3, 7), **{"7": (0, 4, 7, 10), "min7": (0, 3, 7, 10)})
+    patch = make_patch(str(rng.choice(PITCHED)), rng)
+    buf, lines, t = np.zeros(int(seconds * sr)), [], 0.0
+    while t < seconds:
+        end = min(seconds, t + rng.uniform(0.8, 2.5))
+        if seconds - end < 0.5:  # no sliver of a chord at the end
+            end = seconds
+        if rng.random() < 0.1:
+            label = "N"
+        else:
+            root = int(rng.integers(12))
+            q = str(rng.choice(list(qualities), p=[0.45, 0.35, 0.1, 0.1]))
+            label = f"{NOTE_NAMES[root]}:{q}"
+            strum = rng.uniform(0, 0.03) if rng.random() < 0.5 else 0.0
+            _play(buf, _chord_notes(root, qualities[q], rng), t, end, patch, rng, sr, strum)
+        lines.append(f"{t:.6f} {end:.6f} {label}")
+        t = end
+    return buf, lines
+
+
+def make_beats(i, rng, seconds, sr):
+    bpm = rng.uniform(*TEMPO_RANGE)
+    eighth = 30 / bpm
+    kit = make_kit(rng, sr)
+    steps = np.arange(8)
+    kick = (steps == 0) | ((steps == 4) & (rng.random() < 0.7)) | ((steps % 2 == 1) & (rng.random(8) < 0.15))
+    snare = (np.isin(steps, [2, 6]) & (rng.random(8) < 0.85)) | ((steps > 0) & (rng.random(8) < 0.05))
+    hat = [steps >= 0, steps % 2 == 0, steps % 2 == 1][int(rng.choice(3, p=[0.5, 0.25, 0.25]))]
+    levels = dict(kick=1.0, snare=rng.uniform(0.6, 0.9), hat=rng.uniform(0.2, 0.4))
+    buf, lines = np.zeros(int(seconds * sr)), []
+    offset = rng.uniform(0, 8 * eighth)  # the bar starts anywhere, possibly before the clip
+    for k in range(int((seconds + offset) / eighth) + 1):
+        t = k * eighth - offset
+        if k % 2 == 0 and 0 <= t < seconds:
+            lines.append(f"{t:.6f} {(k // 2) % 4 + 1}")
+        for name, hits in (("kick", kick), ("snare", snare), ("hat", hat)):
+            if hits[k % 8]:
+                gain = levels[name] * (1.0 if k % 2 == 0 else 0.7) * rng.uniform(0.8, 1)
+                place(buf, gain * kit[name], (t + np.clip(rng.normal(0, 0.003), -0.009, 0.009)) * sr)
+    if rng.random() < 0.5:  # a held pad carries pitch and timbre but no pulse
+        pad_patch = make_patch(str(rng.choice(["organ", "bowed", "flute", "reed"])), rng)
+        pad = render_note(midi_to_hz(int(rng.integers(45, 70))), seconds, pad_patch, rng, sr)
+        buf += rng.uniform(0.05, 0.15) * np.abs(buf).max() * pad
+    return buf, lines
+
+
+def make_notes(i, rng, seconds, sr):
+    patch = make_patch(str(rng.choice(PITCHED)), rng)
+    buf, lines = np.zeros(int(seconds * sr)), []
+    t, m = rng.uniform(0, 0.3), int(rng.integers(60, 75))
+    while t < seconds - 0.2:
+        gap = rng.uniform(0.15, 0.6)
+        if rng.random() < 0.15:  # a rest
+            t += gap
+            continue
+        dur = min(gap * rng.uniform(0.5, 1.0), seconds - t)
+        m = int(np.clip(m + rng.integers(-5, 6), 55, 79))
+        place(buf, rng.uniform(0.6, 1) * render_note(midi_to_hz(m + rng.uniform(-0.1, 0.1)), dur, patch, rng, sr), t * sr)
+        lines.append(f"{t:.6f} {t + dur:.6f} {midi_to_hz(m):.4f}")
+        t += gap
+    return buf, lines
+
+
+MAJOR_DEGREES = [(0, (0, 4, 7)), (5, (0, 4, 7)), (7, (0, 4, 7)), (9, (0, 3, 7)), (2, (0, 3, 7)), (4, (0, 3, 7))]
+MINOR_DEGREES = [(0, (0, 3, 7)), (5, (0, 3, 7)), (7, (0, 4, 7)), (8, (0, 4, 7)), (3, (0, 4, 7)), (10, (0, 4, 7))]
+
+
+def make_keys(i, rng, seconds, sr):
+    patch = make_patch(str(rng.choice(PITCHED)), rng)
+    n_sections = int(rng.integers(2, 4))
+    cuts = np.sort(rng.uniform(0.25, 0.75, n_sections - 1)) if n_sections > 2 else np.array([rng.uniform(0.35, 0.65)])
+    bounds = np.r_[0.0, cuts * seconds, seconds]
+    buf, lines, key = np.zeros(int(seconds * sr)), [], None
+    for s in range(len(bounds) - 1):
+        while True:  # a different key from the previous section
+            new = (int(rng.integers(12)), "maj" if rng.random() < 0.5 else "min")
+            if new != key:
+                key = new
+                break
+        tonic, mode = key
+        degrees = MAJOR_DEGREES if mode == "maj" else MINOR_DEGREES
+        t, first = bounds[s], True
+        while t < bounds[s + 1] - 0.2:  # tonic first, then diatonic chords, the primary ones more often
+            end = min(bounds[s + 1], t + rng.uniform(0.5, 1.0))
+            d = 0 if first else int(rng.choice(len(degrees), p=[0.25, 0.2, 0.25, 0.1, 0.1, 0.1]))
+            _play(buf, _chord_notes(tonic + degrees[d][0], degrees[d][1], rng), t, end, patch, rng, sr)
+            t, first = end, False
+        lines.append(f"{bounds[s]:.6f} {bounds[s + 1]:.6f} {NOTE_NAMES[tonic]}:{mode}")
+    return buf, lines
+
+
+ANNOTATION_SUFFIX = dict(chords=".lab", beats=".beats", notes=".notes", keys=".lab")
+
+
 MAKERS = dict(pitch=make_pitch, timbre=make_timbre, chord=make_chord, tempo=make_tempo,
-              instruments=make_instruments)
+              instruments=make_instruments, chords=make_chords, beats=make_beats, notes=make_notes, keys=make_keys)
 
 
 def finish(x, rng, sr):
@@ -288,20 +415,22 @@ def assign_splits(groups, rng):
     return splits.tolist()
 
 
-def main():
+def main(argv=None):
+    """Write the tasks' audio, annotations and CSVs."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", type=Path, help="folder for the T/ audio folders and T.csv files")
-    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
+    ap.add_argument("--tasks", nargs="+", default=list(CLIP_TASKS),
+                    help="some of " + ",".join(TASKS) + " (space- or comma-separated; default: the clip tasks)")
     ap.add_argument("--n", type=int, default=600, help="clips per task (default 600)")
     ap.add_argument("--seconds", type=float, default=4.0, help="clip length in seconds (tempo clips "
-                    "are lengthened to fit 6 beats at 70 BPM; default 4.0)")
+                    "are lengthened to fit 6 beats at 70 BPM, timed tasks to 6 s; default 4.0)")
     ap.add_argument("--sr", type=int, default=24000, help="sample rate in Hz (default 24000, MERT's rate)")
     ap.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     # glibc hands each freed ~1 MB temporary back to the OS and page-faults it in again on the next one,
     # which doubled the run time; freeing one 28 MB block first raises its thresholds so they stay.
     np.empty(3_500_000)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = [t.strip() for arg in args.tasks for t in arg.split(",") if t.strip()]
     if not tasks or set(tasks) - set(TASKS):
         ap.error(f"--tasks must name some of {','.join(TASKS)}")
     if args.n < 1 or args.seconds <= 0.5 or args.sr < 8000 or args.seed < 0:
@@ -309,17 +438,25 @@ def main():
     for name in tasks:
         index = TASKS.index(name)
         seconds = max(args.seconds, TEMPO_SECONDS) if name == "tempo" else args.seconds
+        if name in TIMED_TASKS:
+            seconds = max(args.seconds, TIMED_SECONDS)
         (args.out_dir / name).mkdir(parents=True, exist_ok=True)
         paths = [f"{name}/{name}_{i:05d}.flac" for i in range(args.n)]
         labels = []
         for i, path in enumerate(paths):
             rng = np.random.default_rng([args.seed, index, 0, i])
             x, label = MAKERS[name](i, rng, seconds, args.sr)
+            if name in TIMED_TASKS:  # the label is the annotation file, written beside the audio
+                ann = path[:-len(".flac")] + ANNOTATION_SUFFIX[name]
+                (args.out_dir / ann).write_text("\n".join(label) + "\n")
+                label = ann
             labels.append(label)
             sf.write(args.out_dir / path, finish(x, rng, args.sr).astype(np.float32), args.sr, subtype="PCM_16")
         groups = labels  # tempo: stratify by decile so every split spans the tempo range
         if name == "tempo":
             groups = np.argsort(np.argsort([float(b) for b in labels])) * 10 // args.n
+        elif name in TIMED_TASKS:
+            groups = [0] * args.n
         splits = assign_splits(groups, np.random.default_rng([args.seed, index, 1]))
         csv_path = args.out_dir / f"{name}.csv"
         with open(csv_path, "w", newline="") as f:
