@@ -295,10 +295,21 @@ def _rows(path, min_cols: int, max_cols: int, split: int):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = line.split(None, split)
+        if not rows and not any(_is_number(f) for f in fields):  # a header row (MAPS: OnsetTime OffsetTime MidiPitch)
+            rows.append(None)
+            continue
         if not min_cols <= len(fields) <= max_cols:
             raise AnnotationError(f"{path}: line {n}: expected {min_cols}-{max_cols} columns, got {line.strip()!r}")
         rows.append((n, fields))
-    return rows
+    return rows[1:] if rows and rows[0] is None else rows
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _time(path, n, text) -> float:

@@ -754,8 +754,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("mix_lr", type=float, default=1e-2, help="learning rate of the layer-combination weights")
     add("weight_decay", type=float, default=1e-4, help="probe weight decay")
     add("batch_size", type=int, default=None, help="probe training batch size (default: 64 clips; 512 frames for frame tasks)")
-    add("epochs", type=int, default=300, help="most epochs per probe")
-    add("patience", type=int, default=20, help="stop after this many epochs without a better validation score")
+    add("epochs", type=int, default=None, help="most epochs per probe (default: 300; 50 for frame tasks, whose epochs "
+        "are hundreds of batches)")
+    add("patience", type=int, default=None, help="stop after this many epochs without a better validation score "
+        "(default: 20; 5 for frame tasks)")
     add("seed", type=int, default=0, help="seed of the random split, probe initialisation and order, and --features random")
     add("context", type=int, default=0, help="frame tasks: frames either side joined to each frame's features")
     add("min_beat_time", type=float, default=0.0, help="beats: ignore beats before this time (s) when scoring (MIREX: 5)")
@@ -794,6 +796,10 @@ def run(args) -> dict:
     items, splits, task = read_labels(csv_path, args.task, args.seed)
     args.task = task
     frames = task in FRAME_TASKS
+    if args.epochs is None:
+        args.epochs = 50 if frames else 300
+    if args.patience is None:
+        args.patience = 5 if frames else 20
     anns = [None] * len(items)
     if frames:  # read every annotation first: a bad one is named once and its clip left out
         for i, (_, label) in enumerate(items):
@@ -888,8 +894,10 @@ def main(argv=None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 on bad flags, a bad labels file, model or features)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    bad = [f for f, ok in (("--epochs", args.epochs >= 1), ("--patience", args.patience >= 1),
-                           ("--context", args.context >= 0), ("--batch_size", (args.batch_size or 1) >= 1),
+    bad = [f for f, ok in (("--epochs", args.epochs is None or args.epochs >= 1),
+                           ("--patience", args.patience is None or args.patience >= 1),
+                           ("--context", args.context >= 0),
+                           ("--batch_size", args.batch_size is None or args.batch_size >= 1),
                            ("--batch", args.batch >= 1), ("--hidden", args.hidden >= 1)) if not ok]
     if bad:
         print(f"probe.py: {', '.join(bad)} out of range (see --help)", file=sys.stderr)

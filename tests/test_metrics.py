@@ -212,7 +212,7 @@ def test_annotation_readers_name_file_and_line(tmp_path):
     with pytest.raises(mm.AnnotationError, match=r"b.txt: line 2: beat-in-bar 'x'"):
         mm.read_beats(beats)
     notes = tmp_path / "n.txt"
-    notes.write_text("0.1 0.5 69\n0.5 0.9 60\n")
+    notes.write_text("OnsetTime\tOffsetTime\tMidiPitch\n0.1 0.5 69\n0.5 0.9 60\n")  # MAPS, with its header
     assert mm.read_notes(notes, "midi")[1] == pytest.approx([440.0, 261.6256], abs=1e-3)
     notes.write_text("0.1 0.5 -3\n")
     with pytest.raises(mm.AnnotationError, match=r"n.txt: line 1: need onset < offset and a pitch > 0"):
