@@ -255,3 +255,19 @@ def test_frontend_fit_gabor_bank_and_cli(tmp_path):
     assert steps == [0, 2, 4]
     bad = subprocess.run(cmd[:5] + ["--kernels", "10,3"], capture_output=True, text=True)
     assert bad.returncode != 0 and "same length" in bad.stderr
+
+
+def test_a_plateau_of_the_metric_is_broken_by_the_validation_loss(tmp_path):
+    """Separable clips reach validation accuracy 1 within a few epochs; the probe must keep training while the
+    validation loss falls (ties of the metric are ties: they once compared in float32 and never counted)."""
+    g = np.random.default_rng(0)
+    (tmp_path / "f").mkdir()
+    rows = []
+    for i in range(40):
+        np.save(tmp_path / "f" / f"c{i}.npy", (g.standard_normal((1, 8)) + 6 * (i % 2)).astype(np.float32))
+        rows.append(f"c{i}.wav,{'ab'[i % 2]},{('train', 'train', 'train', 'valid', 'test')[i % 5]}\n")
+    (tmp_path / "l.csv").write_text("".join(rows))
+    assert probe.main([str(tmp_path / "l.csv"), "--feats", str(tmp_path / "f"), "--no-mlp", "--epochs", "120",
+                       "--json", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["best"]["linear"]["valid"]["accuracy"] == 1.0 and r["per_layer"][0]["linear"]["epochs"] > 100
