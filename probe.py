@@ -424,13 +424,17 @@ def _to_target_units(out: torch.Tensor, y: dict) -> np.ndarray:
     return out * std + mean
 
 
-def _standardise(x: dict) -> dict:
-    """Standardise each layer [L, N, D] of every split with the training split's statistics."""
-    mean, std = x["train"].mean(1, keepdim=True), x["train"].std(1, keepdim=True)
+def _standardise(x: dict, n: int = None) -> dict:
+    """Standardise each layer [L, N, D] of every split, in place, with the training split's statistics
+    (over its first n items when given: the frame tasks' last row is padding)."""
+    train = x["train"][:, :n]
+    mean, std = train.mean(1, keepdim=True), train.std(1, keepdim=True)
     # Floor each dimension's scale at a tenth of the layer's RMS scale: a near-constant dimension (a CQT bin
     # above the music, a dead unit) would otherwise be blown up to unit variance and the probe would fit its noise.
     std = torch.maximum(std, 0.1 * std.square().mean(2, keepdim=True).sqrt())
-    return {s: (v - mean) / (std + 1e-5) for s, v in x.items()}
+    for v in x.values():
+        v.sub_(mean).div_(std + 1e-5)
+    return x
 
 
 class ClipData:
@@ -443,7 +447,7 @@ class ClipData:
         for s in ("train", "valid", "test"):
             m = split == s
             self.x[s], y[s + "_np"] = X[:, torch.from_numpy(m)], targets[m]
-        self.x = _standardise(self.x)
+        self.x = _standardise({k: v.clone() for k, v in self.x.items()})
         y["scale"] = (float(y["train_np"].mean()), float(y["train_np"].std() + 1e-8)) if task == "regress" else (0.0, 1.0)
         for s in ("train", "valid"):
             y[s] = torch.from_numpy((y[s + "_np"] - y["scale"][0]) / y["scale"][1] if task == "regress" else y[s + "_np"])
@@ -556,17 +560,20 @@ class FrameData:
             if not cs:
                 raise ProbeError(f"{args.labels}: no clip of the {s} split has features and annotations")
             self.clips[s] = [c for c, _ in cs]
-            x[s] = torch.from_numpy(np.concatenate([f for _, f in cs], 1))  # [L, frames of all clips, D]
             y[s] = torch.from_numpy(np.concatenate([self._targets(c) for c, _ in cs]))
+            L, _, D = cs[0][1].shape
+            x[s] = torch.empty(L, len(y[s]) + 1, D)  # [L, frames of all clips + a pad row, D]
             lo = 0
-            for c, _ in cs:
+            for c, f in cs:
                 c["lo"], c["hi"] = lo, lo + len(c["times"])
+                x[s].numpy()[:, lo:c["hi"]] = f  # (f may be a read-only memory map of the cached file)
                 lo = c["hi"]
-        self.x = {s: torch.cat([v, torch.zeros_like(v[:, :1])], 1) for s, v in _standardise(x).items()}  # + a pad row
+        self.n_layers, self.n_train, self.dim = L, len(y["train"]), D * (2 * self.context + 1)
+        self.x = _standardise(x, self.n_train)
+        for v in self.x.values():
+            v[:, -1] = 0  # past a clip's edge the context is the mean frame
         self.y = y
         self.ctx = {s: self._context_index(self.clips[s]) for s in x}
-        self.n_layers, self.n_train = x["train"].shape[0], len(y["train"])
-        self.dim = x["train"].shape[2] * (2 * self.context + 1)
 
     @staticmethod
     def _midi(hz: np.ndarray) -> np.ndarray:
