@@ -191,6 +191,12 @@ def _load_model(ckpt) -> MERT:
 MERT_GRID = (320, 200.0, 24000)
 
 
+def _layer_spec(args) -> str:
+    """--layers given space- and/or comma-separated -> extract.py's comma syntax."""
+    items = [args.layers] if isinstance(args.layers, str) else args.layers
+    return ",".join(v.strip() for a in items for v in a.split(",") if v.strip())
+
+
 def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[list, str, tuple, list]:
     """Features per clip (None where the clip failed): mean-pooled [layers, dim], or with frames=True every frame
     [layers, frames, dim]. Returns them, a name for the source, its frame grid and the hidden-state indices kept."""
@@ -214,7 +220,7 @@ def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[
                 key, name = _stamp(ckpt), str(ckpt)
             if frames:  # frame features are big: extract and cache only the layers asked for
                 try:
-                    keep = extract.parse_layers(args.layers, cfg.n_layers + 1)
+                    keep = extract.parse_layers(_layer_spec(args), cfg.n_layers + 1)
                 except ValueError as e:
                     raise ProbeError(str(e))
                 key += f"|frames|{keep}"
@@ -270,7 +276,7 @@ def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[
     if keep is None:  # features read back whole: keep the layers asked for now
         n = next((f.shape[0] for f in out if f is not None), 1)
         try:
-            keep = extract.parse_layers(args.layers, n)
+            keep = extract.parse_layers(_layer_spec(args), n)
         except ValueError as e:
             raise ProbeError(str(e))
         out = [f[keep] if f is not None and f.shape[0] == n else f for f in out]
@@ -753,7 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("feats", default=None, help="read features written by `extract.py <csv folder> -o DIR` instead of computing them")
     add("cache", default=None, help="feature cache folder (default: <csv folder>/.probe_cache)")
     add("json", default=None, help="write the full results here")
-    add("layers", default="all", help="hidden states to probe: all, N, A-B or a comma list (as extract.py --layers)")
+    add("layers", nargs="+", default="all", help="hidden states to probe: all, N, A-B or a list, space- or "
+        "comma-separated (as extract.py --layers)")
     add("no_mlp", action="store_true", help="linear probes only")
     add("hidden", type=int, default=512, help="MLP probe hidden units")
     add("dropout", type=float, default=0.5, help="MLP probe dropout")

@@ -77,7 +77,7 @@ def test_frame_probe_model_layers_cache_and_seed(timed, tmp_path, capsys):
         csv.writer(f).writerows(rows)
     cache = tmp_path / "cache"
     args = [str(tmp_path / "c.csv"), "--task", "chords", "--ckpt", str(tmp_path / "m.pt"), "--cache", str(cache),
-            "--layers", "1-2", "--no-mlp"] + FAST
+            "--layers", "1", "2", "--no-mlp"] + FAST  # space-separated (or 1,2 or 1-2)
     assert probe.main(args + ["--json", str(tmp_path / "a.json")]) == 0
     cap = capsys.readouterr()
     assert cap.err.count("bad.lab") == 1 and "line 2: chord label 'H:min'" in cap.err
@@ -143,6 +143,8 @@ def test_flag_aliases_and_help():
     b = p.parse_args(["x.csv", "--weight_decay", "0.5", "--batch_size", "7", "--no_mlp", "--mix_lr", "0.2",
                       "--min_beat_time", "5", "--pitch_unit", "midi"])
     assert vars(a) == vars(b) and a.weight_decay == 0.5 and a.batch_size == 7 and a.no_mlp
+    for layers in (["1", "3-4"], ["1,3-4"], ["1,", "3-4"]):  # a list flag: space- and comma-separated
+        assert probe.extract.parse_layers(probe._layer_spec(p.parse_args(["x.csv", "--layers", *layers])), 6) == [1, 3, 4]
     text = p.format_help()
     assert "--weight-decay WEIGHT_DECAY" not in text and text.count("--weight_decay") == 2  # usage and options
     assert text.count("(default: 0.0001)") == 1 and "(default: None)" not in text and "(default: False)" not in text
