@@ -419,8 +419,8 @@ def main(argv=None):
     """Write the tasks' audio, annotations and CSVs."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", type=Path, help="folder for the T/ audio folders and T.csv files")
-    ap.add_argument("--tasks", nargs="+", default=list(CLIP_TASKS),
-                    help="some of " + ",".join(TASKS) + " (space- or comma-separated; default: the clip tasks)")
+    ap.add_argument("--tasks", default=",".join(CLIP_TASKS),  # one value, so that OUT_DIR may follow it
+                    help="comma-separated subset of " + ",".join(TASKS) + " (default: the clip tasks)")
     ap.add_argument("--n", type=int, default=600, help="clips per task (default 600)")
     ap.add_argument("--seconds", type=float, default=4.0, help="clip length in seconds (tempo clips "
                     "are lengthened to fit 6 beats at 70 BPM, timed tasks to 6 s; default 4.0)")
@@ -430,7 +430,7 @@ def main(argv=None):
     # glibc hands each freed ~1 MB temporary back to the OS and page-faults it in again on the next one,
     # which doubled the run time; freeing one 28 MB block first raises its thresholds so they stay.
     np.empty(3_500_000)
-    tasks = [t.strip() for arg in args.tasks for t in arg.split(",") if t.strip()]
+    tasks = [t for t in args.tasks.replace(",", " ").split()]
     if not tasks or set(tasks) - set(TASKS):
         ap.error(f"--tasks must name some of {','.join(TASKS)}")
     if args.n < 1 or args.seconds <= 0.5 or args.sr < 8000 or args.seed < 0:

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def timed(tmp_path_factory):
     """The timed tasks of make_probe_tasks.py at toy size (15 clips of 6 s each)."""
     out = tmp_path_factory.mktemp("timed")
-    subprocess.run([sys.executable, str(ROOT / "examples" / "make_probe_tasks.py"), str(out), "--tasks", "chords",
-                    "beats,notes", "keys", "--n", "15"], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "examples" / "make_probe_tasks.py"), str(out), "--tasks",
+                    "chords,beats,notes,keys", "--n", "15"], check=True, capture_output=True)
     return out
 
 
