@@ -833,6 +833,8 @@ def run(args) -> dict:
     if len(keep) < len(items):
         print(f"probe.py: {len(items) - len(keep)} of {len(items)} clips left out (no features"
               f"{' or annotation' if frames else ''})", file=sys.stderr)
+    if not keep:
+        raise ProbeError(f"{csv_path}: no clip has features{' and an annotation' if frames else ''}")
     shapes = {(feats[i].shape[0], feats[i].shape[-1]) if frames else feats[i].shape for i in keep}
     if len(shapes) != 1:
         raise ProbeError(f"{csv_path}: features differ in shape across clips: {sorted(shapes)[:3]}")
