@@ -218,6 +218,7 @@ def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[
                 name = f"{ckpt}'s architecture at random initialisation (seed {args.seed})"
             else:
                 key, name = _stamp(ckpt), str(ckpt)
+            key += f"|extract v{extract.EXTRACT_VERSION}"  # features of an older extraction convention are stale
             if frames:  # frame features are big: extract and cache only the layers asked for
                 try:
                     keep = extract.parse_layers(_layer_spec(args), cfg.n_layers + 1)
@@ -872,6 +873,7 @@ def run(args) -> dict:
         b["layer"] = int(layer_ids[b["layer"]])
     results["per_layer"] = [{"layer": p.pop("layer"), **p} for p in probed["per_layer"]]
     results["best"], results["weighted"] = probed["best"], probed["weighted"]
+    results["clips_left_out"] = len(items) - len(keep)
     results["seconds"] = round(time.time() - t0, 1)
     return results
 
@@ -907,7 +909,8 @@ def print_table(r: dict, file=None):
 
 
 def main(argv=None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 on bad flags, a bad labels file, model or features)."""
+    """Run the CLI; returns the exit code (0 ok, 1 when clips were left out, 2 on bad flags, a bad labels file,
+    model or features)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     bad = [f for f, ok in (("--epochs", args.epochs is None or args.epochs >= 1),
@@ -931,6 +934,9 @@ def main(argv=None) -> int:
         tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
         tmp.write_text(json.dumps(results, indent=1))
         os.replace(tmp, args.json)
+    if results["clips_left_out"]:  # the table stands, on fewer clips than asked: say so in the exit code too
+        print(f"probe.py: exit 1: {results['clips_left_out']} clips left out (named above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -90,7 +90,7 @@ def pitch_set(tmp_path_factory):
 
 def test_classify_with_handmade_features_names_bad_files(pitch_set, tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert probe.main([str(pitch_set), "--features", "mfcc", "--json", str(out)]) == 0
+    assert probe.main([str(pitch_set), "--features", "mfcc", "--json", str(out)]) == 1  # results, clips left out
     cap = capsys.readouterr()
     lines = cap.err.splitlines()
     assert sum("corrupt.wav" in ln for ln in lines) == 1 and sum("missing.wav" in ln for ln in lines) == 1
@@ -101,6 +101,21 @@ def test_classify_with_handmade_features_names_bad_files(pitch_set, tmp_path, ca
     assert "linear accuracy" in cap.out and "best" in cap.out
 
 
+def test_cached_features_of_another_extraction_convention_are_not_reused(pitch_set, tmp_path, monkeypatch):
+    """extract.py's convention changed (whole files, last chunk to the end): cached features made under an older
+    one are stale, so the cache key names the convention and a new one recomputes."""
+    torch.manual_seed(0)
+    model = MERT(MERTConfig(dim=16, n_layers=1, n_heads=2, ffn_dim=32, conv_dim=(16,) * 7, pos_conv_groups=4,
+                            n_codebooks=0, cqt_bins=0))
+    model.save(tmp_path / "m.pt")
+    args = [str(pitch_set), "--ckpt", str(tmp_path / "m.pt"), "--cache", str(tmp_path / "cache"), "--epochs", "2",
+            "--no-mlp"]
+    assert probe.main(args) == 1  # pitch_set holds two unreadable clips
+    monkeypatch.setattr(probe.extract, "EXTRACT_VERSION", probe.extract.EXTRACT_VERSION + 1)
+    assert probe.main(args) == 1
+    assert len(list((tmp_path / "cache").glob("model-*"))) == 2
+
+
 def test_model_features_per_layer_cached_and_seeded(pitch_set, tmp_path, capsys):
     torch.manual_seed(0)
     model = MERT(MERTConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, conv_dim=(32,) * 7, pos_conv_groups=4,
@@ -109,7 +124,7 @@ def test_model_features_per_layer_cached_and_seeded(pitch_set, tmp_path, capsys)
     model.save(ckpt)
     cache = tmp_path / "cache"
     args = [str(pitch_set), "--ckpt", str(ckpt), "--cache", str(cache), "--epochs", "60"]
-    assert probe.main(args + ["--json", str(tmp_path / "a.json")]) == 0
+    assert probe.main(args + ["--json", str(tmp_path / "a.json")]) == 1  # pitch_set holds two unreadable clips
     a = json.loads((tmp_path / "a.json").read_text())
     assert a["layers"] == 3 and a["dim"] == 32 and len(a["per_layer"]) == 3
     assert {"linear", "mlp"} <= set(a["per_layer"][0]) and len(a["weighted"]["mlp"]["weights"]) == 3
@@ -118,14 +133,14 @@ def test_model_features_per_layer_cached_and_seeded(pitch_set, tmp_path, capsys)
     assert len(feats) == 45 and np.load(feats[0]).shape == (3, 32)  # [layers, dim], mirrored paths
     assert all(f.parent.name == "sub" for f in feats)
     stamp = [f.stat().st_mtime_ns for f in feats]
-    assert probe.main(args + ["--json", str(tmp_path / "b.json")]) == 0
+    assert probe.main(args + ["--json", str(tmp_path / "b.json")]) == 1
     assert [f.stat().st_mtime_ns for f in feats] == stamp  # read back from the cache, not recomputed
     b = json.loads((tmp_path / "b.json").read_text())
     for r in (a, b):
         r.pop("seconds")
     assert a == b  # seeded: identical results
     # the same architecture at random initialisation is a different feature set, cached separately
-    assert probe.main(args + ["--features", "random", "--seed", "1"]) == 0
+    assert probe.main(args + ["--features", "random", "--seed", "1"]) == 1
     assert len(list(cache.glob("random-*"))) == 1
     capsys.readouterr()
 
