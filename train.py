@@ -100,16 +100,16 @@ class TrainConfig:
 
 TRAIN_PRESETS = {
     "tiny": dict(max_steps=2000, warmup_steps=200, lr=5e-4, grad_clip=10.0, batch_size=8, crop_seconds=5.0,
-                 eval_interval=200, ckpt_interval=200),
+                 eval_interval=200, ckpt_interval=200, out="runs/tiny"),
     # MERT_RVQ-VAE_CQT_95M.yaml as scripts/run_training.sh runs it: 8 GPUs, max_tokens 1.8M samples ->
     # 15 clips of 5 s, cut to a multiple of 8 by fairseq's batch_by_size (required_batch_size_multiple)
     # = 8 per GPU, update_freq 1: 64 clips per update
     "95m": dict(lr=5e-4, grad_clip=10.0, crop_seconds=5.0, noise_max_seconds=1.0, batch_size=8,
-                total_batch_size=64),
+                total_batch_size=64, out="runs/95m"),
     # MERT_RVQ-VAE_CQT_330M.yaml: 64 GPUs, max_tokens 920k (run_training.sh) -> 7 clips of 5.12 s per
     # GPU, update_freq 8: 7 x 64 x 8 = 3,584 clips (5.1 h of audio) per update
     "330m": dict(lr=1.5e-3, grad_clip=1.0, crop_seconds=5.12, noise_max_seconds=1.5, batch_size=7,
-                 total_batch_size=3584),
+                 total_batch_size=3584, out="runs/330m"),
 }
 
 HELP = {

@@ -5,10 +5,24 @@ mert_fairseq/config/pretrain/MERT_RVQ-VAE_CQT_{95M,330M}.yaml, scripts/run_train
 fairseq/data/data_utils.py (compute_mask_indices), data_utils_fast.pyx (batch_by_size),
 fairseq/optim/adam.py, fairseq/criterions/hubert_criterion.py, fairseq/models/wav2vec/wav2vec2.py.
 """
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
+import soundfile as sf
 import torch
 
+import audio
+import rvq
+import teachers
+import train
 from mert import MERT, MERTConfig, compute_mask_indices, mix_noise
+from test_train import MICRO
 
 SMALL = dict(dim=32, n_layers=2, n_heads=2, ffn_dim=64, conv_dim=(16,) * 7, pos_conv_groups=4,
              n_codebooks=2, codebook_size=16, final_dim=8, cqt_bins=12)
@@ -104,10 +118,6 @@ def test_noise_segment_counts_include_both_ends():
 
 # -- 5. sampling: one crop per file per epoch, length-grouped batches cut to their shortest clip
 
-import pytest  # noqa: E402
-import soundfile as sf  # noqa: E402
-
-import audio  # noqa: E402
 
 SR = 24000
 
@@ -196,13 +206,6 @@ def test_examples_carry_their_context(files):
 
 # -- 1. the official global batch, with the accumulation that reaches it on any number of devices
 
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -271,8 +274,6 @@ def test_weight_decay_reaches_every_parameter_as_fairseq_adam():
 
 # -- 7. validation batches are mixed too; 4. per-clip lengths reach the model, the masks and the noise
 
-from test_train import MICRO  # noqa: E402
-
 
 def test_validation_batches_are_mixed(files, tmp_path, monkeypatch):
     calls = []
@@ -322,11 +323,6 @@ def test_duration_sampling_pads_and_passes_lengths(files, tmp_path, monkeypatch)
 
 # -- 3. the codes a crop trains on are the whole file's; `teachers.py labels` prints exactly them
 
-import dataclasses  # noqa: E402
-
-import rvq  # noqa: E402
-import teachers  # noqa: E402
-
 
 def test_labels_command_prints_what_training_trains_on(files, tmp_path, monkeypatch):
     torch.manual_seed(0)  # an EnCodec-shaped teacher (causal SEANet + LSTM), narrow and random, seeded codebooks
@@ -365,3 +361,10 @@ def test_labels_command_prints_what_training_trains_on(files, tmp_path, monkeypa
                             "--out", str(out)])
         assert rc == 0
         assert np.array_equal(np.load(out)["codes"], codes[0].numpy())
+
+
+def test_default_run_folder_follows_the_size():
+    """Without --out a 330m run must not land in (and, with --resume auto, refuse or continue) runs/tiny."""
+    for size in ("tiny", "95m", "330m"):
+        tc, _ = train.resolve_configs(["--size", size], require_data=False)
+        assert tc.out == f"runs/{size}"
