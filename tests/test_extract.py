@@ -339,9 +339,12 @@ def test_sigkill_mid_folder_then_rerun_completes(micro_ckpt, tmp_path, capsys):
 
 
 def test_chunk_dependence_script(micro_ckpt, tmp_path, capsys):
-    """examples/chunk_dependence.py (the README's chunking table): whole-file statistics make state 0 exact."""
-    sys.path.insert(0, str(Path(extract.__file__).parent / "examples"))
-    import chunk_dependence
+    """research/chunk_dependence.py (the README's chunking table): whole-file statistics make state 0 exact."""
+    sys.path.insert(0, str(Path(extract.__file__).parent / "research"))
+    try:
+        import chunk_dependence
+    finally:
+        sys.path.pop(0)
     sf.write(tmp_path / "s.wav", music(24000 * 4), 24000)
     chunk_dependence.main([str(tmp_path / "s.wav"), "--ckpt", str(micro_ckpt), "--offset", "0", "--seconds", "4",
                            "--chunks", "3:2"])

@@ -197,7 +197,7 @@ def test_probe_tasks_and_evidence_scripts(tmp_path):
                          check=True, capture_output=True, text=True).stdout
     assert "| chord | accuracy |" in out and "| tempo | r2 |" in out
     assert set(json.loads((tmp_path / "e.json").read_text())) == {"chord/mfcc", "tempo/mfcc"}
-    bound = [sys.executable, str(root / "examples" / "supervised_bound.py"), str(tmp_path / "a"), "--task", "chord",
+    bound = [sys.executable, str(root / "research" / "supervised_bound.py"), str(tmp_path / "a"), "--task", "chord",
              "--steps", "2", "--batch", "2", "--eval_every", "2", "--threads", "1"]
     broken = next(r[0] for r in csv.reader(open(tmp_path / "a" / "chord.csv")) if r[2] == "train")
     (tmp_path / "a" / broken).write_bytes(b"not audio")  # one bad clip is named and left out
@@ -210,14 +210,14 @@ def test_probe_tasks_and_evidence_scripts(tmp_path):
 
 
 def test_cqt_decode_ridge_and_table(tmp_path):
-    """examples/cqt_decode.py: the ridge R² is ~1 for features that hold the target and ~0 for noise; the CLI
+    """research/cqt_decode.py: the ridge R² is ~1 for features that hold the target and ~0 for noise; the CLI
     prints a row per reference, conv stack and layer, and a real spectrum decodes the CQT of harmonic tones."""
     root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root / "examples"))
+    sys.path.insert(0, str(root / "research"))
     try:
         import cqt_decode
     finally:
-        sys.path.remove(str(root / "examples"))
+        sys.path.remove(str(root / "research"))
     g = torch.Generator().manual_seed(0)
     y = torch.randn(9, 50, 24, generator=g)
     err, var = cqt_decode.ridge_errors(y @ torch.randn(24, 40, generator=g), y, 6)
@@ -231,7 +231,7 @@ def test_cqt_decode_ridge_and_table(tmp_path):
     cfg = MERTConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, conv_dim=(16,) * 7, pos_conv_groups=4,
                      n_codebooks=0, cqt_bins=0)
     MERT(cfg).save(tmp_path / "m.pt")
-    cmd = [sys.executable, str(root / "examples" / "cqt_decode.py"), str(tmp_path), "--ckpt", str(tmp_path / "m.pt"),
+    cmd = [sys.executable, str(root / "research" / "cqt_decode.py"), str(tmp_path), "--ckpt", str(tmp_path / "m.pt"),
            "--clips", "9", "--threads", "1"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     rows = {r.split(" | ")[0].lstrip("| "): r.split(" | ")[1:] for r in out.splitlines() if r.startswith("| ")}
@@ -242,14 +242,14 @@ def test_cqt_decode_ridge_and_table(tmp_path):
 
 
 def test_frontend_fit_gabor_bank_and_cli(tmp_path):
-    """examples/frontend_fit.py: each Gabor channel peaks at its own constant-Q centre frequency; the CLI
+    """research/frontend_fit.py: each Gabor channel peaks at its own constant-Q centre frequency; the CLI
     trains the front end on harmonic tones and prints the held-out R² before, during and after training."""
     root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root / "examples"))
+    sys.path.insert(0, str(root / "research"))
     try:
         import frontend_fit
     finally:
-        sys.path.remove(str(root / "examples"))
+        sys.path.remove(str(root / "research"))
     w = frontend_fit.gabor_bank(96, 1024)[:, 0].double()
     spec = torch.fft.rfft(w, n=1 << 16).abs()
     peak = spec.argmax(1).double() * SR / (1 << 16)
@@ -261,7 +261,7 @@ def test_frontend_fit_gabor_bank_and_cli(tmp_path):
     for i in range(3):
         notes = [tone(110 * 2 ** (rng.integers(0, 36) / 12), 0.5, seed=10 * i + j, harmonics=8) for j in range(8)]
         sf.write(tmp_path / f"m{i}.wav", np.concatenate(notes), SR)
-    cmd = [sys.executable, str(root / "examples" / "frontend_fit.py"), str(tmp_path), "--val", str(tmp_path),
+    cmd = [sys.executable, str(root / "research" / "frontend_fit.py"), str(tmp_path), "--val", str(tmp_path),
            "--kernels", "64,3,3,3,3,2,2", "--gabor", "--freeze-first", "--steps", "4", "--every", "2",
            "--batch", "2", "--val-clips", "2", "--threads", "1"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

@@ -368,3 +368,12 @@ def test_default_run_folder_follows_the_size():
     for size in ("tiny", "95m", "330m"):
         tc, _ = train.resolve_configs(["--size", size], require_data=False)
         assert tc.out == f"runs/{size}"
+
+
+def test_recipe_measure_masks_reports_the_per_device_masked_fraction():
+    """research/recipe_measure.py masks (docs/recipe.md's table): about 0.547 of frames at 8 rows, less at 512."""
+    script = Path(__file__).resolve().parents[1] / "research" / "recipe_measure.py"
+    out = subprocess.run([sys.executable, str(script), "masks"], check=True, capture_output=True, text=True).stdout
+    frac = {int(ln.split(":")[0].split()[1]): float(ln.split("fraction")[1].split()[0])
+            for ln in out.splitlines() if ln.startswith("rows")}
+    assert abs(frac[8] - 0.547) < 0.004 and frac[512] < frac[64] < frac[8]

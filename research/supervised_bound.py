@@ -1,6 +1,6 @@
 """Supervised upper bound: can this architecture learn a probe task at all, trained end to end?
 
-    python examples/supervised_bound.py probe_tasks --task chord --train tasks_s2,tasks_s3 --steps 1100
+    python research/supervised_bound.py probe_tasks --task chord --train tasks_s2,tasks_s3 --steps 1100
 
 When a frozen pretrained model (and its random initialisation) probe at chance on a task, this tells
 apart "the architecture cannot represent it" from "the pretraining has not learned it": it trains a

@@ -1,7 +1,7 @@
 """How much do extract.py's chunked features differ from one forward over the whole file?
 
-    python examples/chunk_dependence.py music/heldout/*.ogg --seconds 75 --chunks 30:5,20:5,10:2
-    python examples/chunk_dependence.py music/heldout/*.ogg --ckpt random:95m --seconds 75
+    python research/chunk_dependence.py music/heldout/*.ogg --seconds 75 --chunks 30:5,20:5,10:2
+    python research/chunk_dependence.py music/heldout/*.ogg --ckpt random:95m --seconds 75
 
 For each file (cut to --seconds from --offset, so the whole-file forward fits in memory and time), runs
 extract.py's own code path (extract_files, pool none) once with --chunk 0 (the whole excerpt in one forward,

@@ -1,12 +1,12 @@
 """Measurements behind docs/recipe.md: masked fraction by rows per device, acoustic-code agreement of
 per-crop encodes with whole-file encodes by frame position and left context, and the teacher's cost.
 
-    OMP_NUM_THREADS=1 python docs/recipe_measure.py masks
-    OMP_NUM_THREADS=1 python docs/recipe_measure.py codes --files 6 --crops 5 --contexts 0,1,2,5,10
-    OMP_NUM_THREADS=1 python docs/recipe_measure.py codes --float64 --max_seconds 60 --files 3 --crops 4 \
+    OMP_NUM_THREADS=1 python research/recipe_measure.py masks
+    OMP_NUM_THREADS=1 python research/recipe_measure.py codes --files 6 --crops 5 --contexts 0,1,2,5,10
+    OMP_NUM_THREADS=1 python research/recipe_measure.py codes --float64 --max_seconds 60 --files 3 --crops 4 \
         --contexts 0,0.5,1,2,5,10
-    OMP_NUM_THREADS=1 python docs/recipe_measure.py floor --files 2 --skip 1
-    OMP_NUM_THREADS=1 python docs/recipe_measure.py cost --contexts 0,1,2,5,10
+    OMP_NUM_THREADS=1 python research/recipe_measure.py floor --files 2 --skip 1
+    OMP_NUM_THREADS=1 python research/recipe_measure.py cost --contexts 0,1,2,5,10
 
 The acoustic teacher is an EnCodec-24 kHz-architecture RVQ-VAE (rvq.py preset "encodec24k": causal
 SEANet, 2-layer LSTM) with random weights (torch seed 0) whose 8 codebooks are k-means-seeded on the

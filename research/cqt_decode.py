@@ -1,6 +1,6 @@
 """How much of the musical teacher's target does each layer hold? Ridge-decode the log-CQT frame by frame.
 
-    python examples/cqt_decode.py music/val_shards --ckpt runs/default/ckpt_800.pt [--ckpt ...] [--random]
+    python research/cqt_decode.py music/val_shards --ckpt runs/default/ckpt_800.pt [--ckpt ...] [--random]
 
 For 5-second crops of held-out audio, fits a ridge regression (on standardised features) from each
 hidden state of each checkpoint, and from its conv features, to the log-CQT the pretraining

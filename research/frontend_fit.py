@@ -1,7 +1,7 @@
 """How fast can a conv front end learn a spectral analysis? Train it alone on the log-CQT, report held-out R².
 
-    python examples/frontend_fit.py music/train_shards --val music/val_shards --steps 300
-    python examples/frontend_fit.py music/train_shards --val music/val_shards --kernels 1024,3,3,3,3,2,2 --gabor --freeze-first
+    python research/frontend_fit.py music/train_shards --val music/val_shards --steps 300
+    python research/frontend_fit.py music/train_shards --val music/val_shards --kernels 1024,3,3,3,3,2,2 --gabor --freeze-first
 
 Direct supervision, the easiest case the pretraining can hope for: the conv feature extractor of a
 MERT config (the tiny preset, with --kernels and --norm overriding its conv kernels and extractor
