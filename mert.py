@@ -23,6 +23,8 @@ Design choices:
   pretraining) and our own checkpoints; writes the Hugging Face MERT-v1 layout that transformers'
   HubertModel loads (`save_pretrained`, without the safetensors package).
 
+Layout: config and presets, layers, `MERT`, masking and noise; the checkpoint readers and the Hugging Face
+writer stay at the bottom, so that this one file, copied alone, still loads the official weights.
 Imports only torch, numpy and the standard library; copy it into your project as is.
 """
 

@@ -5,39 +5,17 @@
     python examples/make_probe_tasks.py OUT_DIR --tasks chords,beats,notes,keys --n 150   # timed tasks
 
 All audio is synthesised here (no licence attached). Each task isolates one musical property and
-randomises the rest (timbre, register, level, timing, noise), so a probe must read it from the features.
+randomises the rest (instrument family, register, level, timing, noise), so a probe must read it from
+the features. Clip tasks: pitch (24-way), timbre (6 families), chord (6 qualities), tempo (BPM,
+regression), instruments (multi-label). Timed tasks, whose label is an annotation file for
+`probe.py --task chords|beats|notes|segments`: chords, beats, notes, keys. docs/probing.md describes
+each task and the six instrument families.
 
-  pitch        24-way. label = MIDI note name C3..B4 (MIDI 48-71: C3, C#3, ...) of 1-4 notes of one pitch,
-               detuned up to +-20 cents; any family but bell (inharmonic, so its pitch is ambiguous).
-  timbre       6-way. label = the family playing 1-4 notes of random pitch (MIDI 45-76).
-  chord        6-way. label = quality (maj, min, dim, aug, sus4, dom7); root MIDI 48-64, random inversion,
-               non-bell family, sometimes strummed (up to 40 ms between notes), sometimes struck twice.
-  tempo        regression. label = BPM (uniform 70-170, one decimal) of a synthetic drum loop (kick, snare,
-               hat, click) on an 8th-note grid, random phase, jitter < 10 ms, sometimes over a quiet pad.
-               Clips are lengthened to fit 6 beats at 70 BPM (5.5 s when --seconds is 4), equally for
-               every tempo, so the length does not give the tempo away.
-  instruments  multi-label. 1-3 distinct families play independent random notes; label = the families
-               present, sorted and joined by ";" (e.g. "bowed;pluck").
-
-Timed tasks (probe.py --task chords/beats/notes/segments; clips of at least 6 s): the label is an annotation file.
-  chords       a progression of maj/min/7/min7 chords (and N: silence) changing every 0.8-2.5 s at random
-               times; random voicing, inversion and family -> chords_NNNNN.lab (`start end chord`).
-  beats        the tempo task's drum loops (70-170 BPM, 4/4, kick on the downbeat and often on beat 3)
-               -> beats_NNNNN.beats (`time beat-in-bar` at the nominal beat times).
-  notes        a melody of 0.15-0.6 s notes (MIDI 55-79, random walk, some rests) on one pitched family
-               -> notes_NNNNN.notes (`onset offset Hz`; offsets end where the note's release ends).
-  keys         2-3 sections in different keys (24 major and minor), each a diatonic chord progression
-               -> keys_NNNNN.lab (`start end C:maj` / `A:min`), for --task segments.
-
-Families, re-drawn within the family for every clip: pluck (decaying harmonics, bright attack), bowed
-(sawtooth-like, slow attack, vibrato), reed (reed/brass: odd or all harmonics, formant, brightening swell),
-flute (few harmonics, breath noise), organ (steady drawbars), bell (mallet/bell: inharmonic, fast decay).
-
-Writes OUT_DIR/T/T_00000.flac ... (mono PCM_16, peak -20..-6 dBFS, white or pink noise 35-50 dB below the
-peak so nothing is digital silence) and OUT_DIR/T.csv: path (relative to OUT_DIR),label,split. Splits are
-60/20/20 train/valid/test within each label (label set for instruments, tempo decile for tempo), so every
-class is in every split (timed tasks: 60/20/20 at random). Clip i of task T uses only
-default_rng([seed, index of T, 0, i]), so the output does not depend on --tasks.
+Writes OUT_DIR/T/T_00000.flac ... (mono PCM_16, peak -20..-6 dBFS, white or pink noise 35-50 dB below
+the peak, so nothing is digital silence) and OUT_DIR/T.csv: path (relative to OUT_DIR),label,split.
+Splits are 60/20/20 train/valid/test within each label (label set for instruments, tempo decile for
+tempo; timed tasks at random). Clip i of task T uses only default_rng([seed, index of T, 0, i]), so
+the output does not depend on --tasks.
 """
 import argparse
 import csv
