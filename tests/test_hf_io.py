@@ -17,7 +17,7 @@ import torch
 import audio
 import extract
 import train
-from conftest import need
+from conftest import need, randomise_
 from mert import MERT, MERTConfig, load_checkpoint, ours_state_to_hf, write_safetensors, _read_safetensors
 from test_mert import fake_fairseq_modules, hf_to_fairseq
 from test_train import MICRO, music  # noqa: F401  (music: the module-scoped folder of synthetic tracks)
@@ -29,14 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def randomised(cfg: MERTConfig, seed: int) -> MERT:
     """A model with every parameter random, norm weights and biases included, so a dropped one shows."""
     torch.manual_seed(seed)
-    m = MERT(cfg).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias") or name == "masked_spec_embed":
-                p.normal_(0.0, 0.1)
-    return m
+    return randomise_(MERT(cfg).eval())
 
 
 def song(path, frames=75, seed=0, x=None):

@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from conftest import need
+from conftest import need, randomise_
 from mert import MERT, MERTConfig, CheckpointError, PRESETS
 
 TOL = 1e-4
@@ -31,14 +31,8 @@ def hf_model(cfg_kwargs, seed=0):
     """A transformers HubertModel with every parameter random (norm weights and biases too)."""
     transformers = need("transformers")
     torch.manual_seed(seed)
-    m = transformers.HubertModel(transformers.HubertConfig(**cfg_kwargs, attn_implementation="sdpa")).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias") or name == "masked_spec_embed":
-                p.normal_(0.0, 0.1)
-    return m
+    config = transformers.HubertConfig(**cfg_kwargs, attn_implementation="sdpa")
+    return randomise_(transformers.HubertModel(config).eval())
 
 
 def hf_states(m, wav):
