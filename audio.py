@@ -1128,19 +1128,19 @@ def prepare_main(argv) -> int:
     p = argparse.ArgumentParser(
         prog="audio.py prepare",
         description="Convert audio (any format/rate soundfile reads) once into 24 kHz mono int16 shards "
-                    "that CropDataset reads by memory map. Files under --min-seconds are skipped; "
+                    "that CropDataset reads by memory map. Files under --min_seconds are skipped; "
                     "unreadable ones are named on stderr. Safe to re-run: finished shards are kept and "
                     "only sources not yet converted are added.",
         epilog="example: python audio.py prepare music/ more.txt --out shards/ --workers 4",
     )
     p.add_argument("sources", nargs="+", help="folders of audio, audio files and/or manifests (one path a line)")
     p.add_argument("--out", required=True, help="shard folder to create or extend")
-    p.add_argument("--shard-gb", type=float, default=1.0, help="shard size in GB (1 GB = 5.8 h of audio)")
+    p.add_argument("--shard_gb", "--shard-gb", type=float, default=1.0, help="shard size in GB (1 GB = 5.8 h of audio)")
     p.add_argument("--workers", type=int, default=1, help="decoding processes")
-    p.add_argument("--min-seconds", type=float, default=3.0, help="skip files shorter than this")
+    p.add_argument("--min_seconds", "--min-seconds", type=float, default=3.0, help="skip files shorter than this")
     args = p.parse_args(argv)
     if args.shard_gb <= 0 or args.workers < 1 or args.min_seconds < 0:
-        p.error("--shard-gb must be > 0, --workers >= 1, --min-seconds >= 0")
+        p.error("--shard_gb must be > 0, --workers >= 1, --min_seconds >= 0")
     try:
         s = prepare(args.sources, args.out, shard_bytes=int(args.shard_gb * 1e9), min_seconds=args.min_seconds,
                     workers=args.workers)

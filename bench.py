@@ -531,7 +531,7 @@ def main():
     p.add_argument("--repeat", type=int, default=5, help="timed runs per candidate (the median is reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every candidate")
     p.add_argument("--quick", action="store_true", help="skip the slow long-input measurements")
-    p.add_argument("--long-peers", action="store_true", help="cqt: peak memory of the peers on 10 minutes too")
+    p.add_argument("--long_peers", "--long-peers", action="store_true", help="cqt: peak memory of the peers on 10 minutes too")
     p.add_argument("--data", default=None, help="data: a folder or manifest of your own audio (default: synthesise)")
     p.add_argument("--ckpt", default=None, help="rvq: time this trained `small` checkpoint instead of random weights")
     p.add_argument("--sizes", default="", help="train: comma-separated sizes (default: tiny on CPU; all on a GPU)")

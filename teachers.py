@@ -585,7 +585,7 @@ def _fit_command(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     failed, files = 0, []
-    for p in args.data:
+    for p in [x for v in args.data for x in v.split(",") if x]:
         try:
             files += audio.find_audio([p])
         except audio.AudioError as e:                       # a missing path: name it, keep the rest
@@ -706,12 +706,13 @@ def main(argv: list | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python teachers.py fit-mfcc --data music/ more/ --out mfcc_km.pt --k 500 --hours 10 --seed 0\n"
                "then: build_teachers('mfcc,cqt', mfcc_ckpt='mfcc_km.pt')\n")
-    fp.add_argument("--data", nargs="+", required=True, help="audio files or folders (searched recursively)")
+    fp.add_argument("--data", nargs="+", required=True,
+                    help="audio files or folders (searched recursively), space- or comma-separated")
     fp.add_argument("--out", required=True, help="checkpoint to write (atomically), e.g. mfcc_km.pt")
     fp.add_argument("--k", type=int, default=500, help="number of clusters = label vocabulary (default %(default)s)")
     fp.add_argument("--hours", type=float, default=10.0,
                     help="read at most this much audio, from files in a seeded random order; 0 = all (default %(default)s)")
-    fp.add_argument("--max-frames", type=int, default=500_000,
+    fp.add_argument("--max_frames", "--max-frames", type=int, default=500_000,
                     help="frames sampled uniformly from what was read for k-means (default %(default)s)")
     fp.add_argument("--iters", type=int, default=50, help="maximum Lloyd iterations after k-means++ (default %(default)s)")
     fp.add_argument("--seed", type=int, default=0, help="seed of the file order, frame sample and k-means (default %(default)s)")
@@ -755,7 +756,7 @@ def main(argv: list | None = None) -> int:
     if args.k < 2:
         ap.error("--k must be at least 2")
     if args.hours < 0 or args.max_frames < 1 or args.iters < 1:
-        ap.error("--hours must be >= 0, --max-frames and --iters >= 1")
+        ap.error("--hours must be >= 0, --max_frames and --iters >= 1")
     return _fit_command(args)
 
 

@@ -1,7 +1,7 @@
 """How fast can a conv front end learn a spectral analysis? Train it alone on the log-CQT, report held-out R².
 
     python research/frontend_fit.py music/train_shards --val music/val_shards --steps 300
-    python research/frontend_fit.py music/train_shards --val music/val_shards --kernels 1024,3,3,3,3,2,2 --gabor --freeze-first
+    python research/frontend_fit.py music/train_shards --val music/val_shards --kernels 1024,3,3,3,3,2,2 --gabor --freeze_first
 
 Direct supervision, the easiest case the pretraining can hope for: the conv feature extractor of a
 MERT config (the tiny preset, with --kernels and --norm overriding its conv kernels and extractor
@@ -12,7 +12,7 @@ C4-C6 (262-2093 Hz, where the probe tasks' chord notes and first harmonics lie).
 
 --gabor initialises the first conv as a constant-Q bank of Hann-windowed cosines, one per channel,
 24 per octave from 110 Hz (windows capped at the kernel length), a learnable front end that starts as
-a spectral analysis; --freeze-first keeps that conv fixed. Frame t of the model covers samples
+a spectral analysis; --freeze_first keeps that conv fixed. Frame t of the model covers samples
 [320 t, 320 t + receptive field); it is scored against the CQT frame nearest its centre.
 """
 import argparse
@@ -59,17 +59,17 @@ def main(argv=None):
     ap.add_argument("--kernels", default=None, help="conv kernels, e.g. 1024,3,3,3,3,2,2 (default: the tiny preset's)")
     ap.add_argument("--norm", default=None, choices=("group", "layer"), help="extractor norm (default: the preset's)")
     ap.add_argument("--gabor", action="store_true", help="initialise the first conv as a constant-Q cosine bank")
-    ap.add_argument("--freeze-first", action="store_true", help="keep the first conv at its initialisation")
+    ap.add_argument("--freeze_first", "--freeze-first", action="store_true", help="keep the first conv at its initialisation")
     ap.add_argument("--steps", type=int, default=300, help="Adam steps of --batch crops")
     ap.add_argument("--batch", type=int, default=8, help="2-second crops per step")
-    ap.add_argument("--val-clips", type=int, default=32, help="held-out 2-second crops scored")
+    ap.add_argument("--val_clips", "--val-clips", type=int, default=32, help="held-out 2-second crops scored")
     ap.add_argument("--every", type=int, default=100, help="score every this many steps")
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     ap.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the crops")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.steps < 0 or args.every < 1 or args.batch < 1 or args.val_clips < 1:
-        raise SystemExit("frontend_fit.py: --steps must be >= 0 and --every, --batch, --val-clips >= 1")
+        raise SystemExit("frontend_fit.py: --steps must be >= 0 and --every, --batch, --val_clips >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     over = {}
