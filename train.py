@@ -1135,7 +1135,7 @@ def _train(argv=None, loaders=None):
         if ddp:
             dist.all_reduce(v)
         n = v[keys.index("n")].clamp(min=1)
-        return {k: (x if k == "n" else x / n) for k, x in zip(keys, v)}
+        return {k: (x if k in ("n", "seconds") else x / n) for k, x in zip(keys, v)}  # totals stay totals
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -1181,7 +1181,7 @@ def _train(argv=None, loaders=None):
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sums = {"n": 0.0, "loss": 0.0}
+        sums = {"n": 0.0, "loss": 0.0, "seconds": 0.0}
         for micro in range(accum):
             g = micro_index(step, micro, accum, world, rank)
             torch.manual_seed(hash((tc.seed, g)) % (2 ** 62))  # dropout and layerdrop of micro-batch g
@@ -1193,10 +1193,12 @@ def _train(argv=None, loaders=None):
             # and the step's gradient divided by the frames masked over all micro-batches and ranks
             (loss * n).backward()
             sums["n"] += n
+            sums["seconds"] += float(batch["length"].sum()) / 24000  # epoch batches are cut to their shortest clip
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * n
         step_means = reduce_step(sums)
         n_total = step_means.pop("n")
+        seconds = step_means.pop("seconds").item()  # audio trained on this step, all ranks
         loss_sum = step_means.pop("loss")
         parts_sum = step_means
         grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
@@ -1226,11 +1228,12 @@ def _train(argv=None, loaders=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        audio_s = total * tc.crop_seconds / dt
+        audio_s = seconds / dt
         rec = {"step": step, "loss": loss_sum.item(), "grad_norm": gnorm.item(), "lr": lr, "ms": dt * 1000,
                "audio_s_per_s": audio_s, **{k: float(v) for k, v in parts_sum.items()}}
         if peak:
-            rec["mfu"] = flops_per_step / dt / world / peak
+            # the estimate is for full crops; a batch cut shorter did proportionally less (attention aside)
+            rec["mfu"] = flops_per_step * seconds / (total * tc.crop_seconds) / dt / world / peak
         if master:
             shown = " ".join(f"{k} {v:.3f}" for k, v in rec.items() if k in ("features_pen", "ce", "cqt", "ce_u", "cqt_u"))
             print(f"step {step} | loss {rec['loss']:.4f} ({shown}) | gnorm {rec['grad_norm']:.2f} | lr {lr:.2e} | "

@@ -238,3 +238,14 @@ def test_bad_data_and_export_inputs_are_one_line_errors(music, tmp_path, capsys)
         err = capsys.readouterr().err
         assert err.startswith(f"train.py export: {path}: {problem}") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "enc.pt").exists()
+
+
+def test_logged_throughput_counts_the_audio_of_cut_batches(music, tmp_path):
+    """Epoch batches are cut to their shortest clip: 5 s crops of 4 s files train on 4 s each, and the logged
+    audio-s/s must say so (it once counted batch x crop seconds whatever the batch held)."""
+    out = tmp_path / "run"
+    run(MICRO + ["--data", str(music), "--out", str(out), "--max_steps", "2", "--batch_size", "2",
+                 "--crop_seconds", "5"])
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    for r in (r for r in recs if "audio_s_per_s" in r):
+        assert r["audio_s_per_s"] * r["ms"] / 1000 == pytest.approx(2 * 4.0, rel=1e-6)
