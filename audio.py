@@ -527,11 +527,12 @@ def _is_shard_dir(p: Path) -> bool:
     return p.is_dir() and (p / "index.json").is_file()
 
 
-def _expand_sources(sources) -> tuple[list[Path], list[Path]]:
+def _expand_sources(sources, skipped: list | None = None) -> tuple[list[Path], list[Path]]:
     """(audio files, shard folders) from a mix of folders, files, manifests and shard folders.
 
-    A folder holding index.json is a shard folder; other folders are searched for audio (find_audio);
-    a file with an audio suffix is audio; any other file is a manifest. A missing source raises.
+    A folder holding index.json is a shard folder; other folders are searched for audio (find_audio,
+    which adds to `skipped` what it passes over); a file with an audio suffix is audio; any other file
+    is a manifest. A missing source raises.
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -540,7 +541,7 @@ def _expand_sources(sources) -> tuple[list[Path], list[Path]]:
         if _is_shard_dir(s):
             shards.append(s)
         elif s.is_dir():
-            files += find_audio([s])
+            files += find_audio([s], skipped=skipped)
         elif s.is_file() and s.suffix.lower() not in AUDIO_EXTENSIONS:
             files += read_manifest(s)
         elif s.is_file():
@@ -599,7 +600,10 @@ class CropDataset:
         self.skipped_short = 0
         min_len = math.ceil(self.min_seconds * self.sr)
 
-        files, shard_dirs = _expand_sources(sources)
+        passed = []
+        files, shard_dirs = _expand_sources(sources, skipped=passed)
+        for path, reason in passed:  # .m4a and the like in a folder: named, never passed over in silence
+            self._bad(str(path), f"{path}: {reason}")
         # Items: one row per usable file. kind 0 = raw file (ref into self.paths, header in
         # file_sr/frames), kind 1 = shard slice (ref into self.shard_files, at offset).
         kind, ref, offset, length = [], [], [], []
@@ -1030,7 +1034,8 @@ def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr
     bad (names of unreadable files), clipped_files.
     """
     sr, out = _check_rate("sr", sr), Path(out)
-    files, shard_dirs = _expand_sources(sources)
+    passed = []
+    files, shard_dirs = _expand_sources(sources, skipped=passed)
     if shard_dirs:
         raise AudioError(f"{shard_dirs[0]}: already a shard folder (prepare reads audio files)")
     out.mkdir(parents=True, exist_ok=True)
@@ -1063,6 +1068,9 @@ def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr
             jobs.append((f, sr, min_len))
 
     bad, short, new = [], 0, 0
+    for path, reason in passed:  # .m4a and the like in a folder: named and counted as bad, never passed over
+        bad.append(str(path))
+        (on_bad or _print_bad)(f"{path}: {reason}")
     shard, fh, pos, current = next_shard, None, 0, []
 
     def close():

@@ -734,12 +734,16 @@ def _read_tracks(paths: list, max_seconds: float | None = None) -> tuple[list, l
     """Load every audio file under paths at 24 kHz mono -> (waves, names, failures); bad files named once."""
     import audio  # the project's reader; only the CLI needs it
     waves, names, failed, files = [], [], 0, []
+    passed = []  # files a folder walk passes over (.m4a, ...): named and counted as failures
     for p in paths:
         try:
-            files += audio.find_audio([p], recursive=True)
+            files += audio.find_audio([p], recursive=True, skipped=passed)
         except audio.AudioError as e:                      # a missing path: name it, keep the rest
             print(f"skipping {e}", file=sys.stderr)
             failed += 1
+    for path, reason in passed:
+        print(f"skipping {path}: {reason}", file=sys.stderr)
+        failed += 1
     for p in files:
         try:
             w = audio.load(p, sr=SAMPLE_RATE)

@@ -584,13 +584,16 @@ def _fit_command(args) -> int:
     from tqdm import tqdm
     if args.threads:
         torch.set_num_threads(args.threads)
-    failed, files = 0, []
+    failed, files, passed = 0, [], []
     for p in [x for v in args.data for x in v.split(",") if x]:
         try:
-            files += audio.find_audio([p])
+            files += audio.find_audio([p], skipped=passed)
         except audio.AudioError as e:                       # a missing path: name it, keep the rest
             print(f"skipping {e}", file=sys.stderr)
             failed += 1
+    for path, reason in passed:  # .m4a and the like in a folder: named and counted, never passed by
+        print(f"skipping {path}: {reason}", file=sys.stderr)
+        failed += 1
     # a seeded random file order: --hours then takes a random subset of the collection
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(args.seed)).tolist()
     budget = args.hours * 3600 * SAMPLE_RATE if args.hours else math.inf

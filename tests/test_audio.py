@@ -352,3 +352,15 @@ def test_cli(tmp_path, capsys):
     assert audio.main([str(tmp_path), "--check"]) == 1
     out, err = capsys.readouterr()
     assert "good.flac" in out and f"{tmp_path / 'bad.wav'}: unreadable" in err
+
+
+def test_training_data_and_prepare_name_undecodable_files_in_a_folder(tmp_path):
+    """A .m4a beside the music: CropDataset and `prepare` name it (as extract.py does), never pass it by."""
+    sf.write(tmp_path / "song.flac", np.zeros(24000 * 4, np.float32), 24000)
+    (tmp_path / "podcast.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A ")
+    said = []
+    ds = audio.CropDataset([tmp_path], crop_samples=24000, on_bad=said.append)
+    assert ds.n_files == 1 and len(said) == 1 and "podcast.m4a" in said[0] and "ffmpeg" in said[0]
+    said.clear()
+    summary = audio.prepare([tmp_path], tmp_path / "shards", on_bad=said.append, progress=False)
+    assert summary["files"] == 1 and any("podcast.m4a" in b for b in summary["bad"]) and len(said) == 1
