@@ -28,6 +28,7 @@ Design notes:
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -299,7 +300,11 @@ def parse_given(argv=None) -> dict:
 
 def resolve_configs(argv=None, require_data: bool = True) -> tuple[TrainConfig, dict]:
     """(TrainConfig, MERTConfig overrides) from presets plus command-line values; validated."""
-    given = parse_given(argv)
+    return configs_from(parse_given(argv), require_data)
+
+
+def configs_from(given: dict, require_data: bool = True) -> tuple[TrainConfig, dict]:
+    """(TrainConfig, MERTConfig overrides) from the presets plus the fields given (parse_given); validated."""
     size = given.get("size", "tiny")
     if size not in PRESETS:
         raise SystemExit(f"train.py: unknown --size {size!r}; choose from {', '.join(PRESETS)}")
@@ -414,19 +419,29 @@ def prepare_batch(batch: dict, context: tuple, device: torch.device) -> tuple:
     return wav, batch["length"].tolist(), ctx
 
 
+def build_teachers(tc: TrainConfig, device, log) -> teachers_lib.Teachers:
+    """The run's teachers, frozen, on `device`."""
+    return teachers_lib.build_teachers(tc.teachers.replace("+", ","), acoustic_ckpt=tc.acoustic_ckpt or None,
+                                       mfcc_ckpt=tc.mfcc_ckpt or None, device=device, seed=tc.seed, n_q=tc.n_q,
+                                       cqt_log=tc.cqt_log, log=log).to(device).eval()
+
+
+def fresh_model_config(tc: TrainConfig, teach, model_over: dict, log) -> tuple[MERTConfig, dict | None]:
+    """A new run's model config (heads sized by the teachers) and, with --init, the weights to start from."""
+    heads = dict(n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size, cqt_bins=teach.cqt_bins)
+    if tc.init:  # the source fixes the model's shape
+        return init_from(tc.init, tc.size, heads, model_over, tc.teachers, log)
+    return MERTConfig.from_preset(tc.size, **{**heads, **model_over}), None
+
+
 def print_config(argv=None) -> int:
     """`--print_config`: the resolved configs, accumulation and global batch as JSON on stdout (no data, no devices)."""
     tc, model_over = resolve_configs(argv, require_data=False)
     world = int(os.environ.get("WORLD_SIZE", 1))
     total, accum = resolve_batch(tc, world)
-    teach = teachers_lib.build_teachers(tc.teachers.replace("+", ","), acoustic_ckpt=tc.acoustic_ckpt or None,
-                                        mfcc_ckpt=tc.mfcc_ckpt or None, seed=tc.seed, n_q=tc.n_q, cqt_log=tc.cqt_log,
-                                        log=lambda m: print(m, file=sys.stderr))
-    heads = dict(n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size, cqt_bins=teach.cqt_bins)
-    if tc.init:  # the source fixes the model's shape
-        cfg, _ = init_from(tc.init, tc.size, heads, model_over, tc.teachers, lambda m: print(m, file=sys.stderr))
-    else:
-        cfg = MERTConfig.from_preset(tc.size, **{**heads, **model_over})
+    log = functools.partial(print, file=sys.stderr)
+    teach = build_teachers(tc, torch.device("cpu"), log)
+    cfg, _ = fresh_model_config(tc, teach, model_over, log)
     left, right = teach.context(tc.acoustic_context)
     out = {"train": asdict(tc), "model": asdict(cfg), "world_size": world, "micro_batch": tc.batch_size,
            "accumulation": accum, "global_batch": {"clips": total, "seconds_per_clip": tc.crop_seconds,
@@ -546,10 +561,6 @@ class BadFileLog:
         print(f"[rank {self.rank}] skipping unreadable audio: {msg}", file=sys.stderr, flush=True)
 
 
-def _oneline(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _fsync_dir(d: Path):
     """Make a rename in d durable (a crash right after must not bring the old name back)."""
     try:
@@ -571,10 +582,15 @@ def save_checkpoint(path: Path, obj: dict):
 
 
 def _save_atomic(path: Path, obj):
+    _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def _write_atomic(path: Path, write):
+    """write(f) into a temp file, fsync, rename over path, fsync the folder; the temp file goes on failure."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())  # on the disk before the name points at it (network file systems)
         os.replace(tmp, path)
@@ -617,24 +633,28 @@ def read_checkpoint(path, keys=TRAIN_KEYS) -> dict:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as e:
         what = "truncated or damaged checkpoint" if zip_magic else "not a checkpoint written by torch.save"
-        raise CheckpointError(f"{path}: {what} ({_oneline(e)})") from None
+        raise CheckpointError(f"{path}: {what} ({audio._oneline(e)})") from None
     if bad is not None:
         raise CheckpointError(f"{path}: corrupt checkpoint (CRC mismatch in {bad})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, unpickler and zip-record errors alike
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {_oneline(e)})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {audio._oneline(e)})") from None
     missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a train.py checkpoint (no {', '.join(map(repr, missing))})")
     return state
 
 
+def kept_checkpoints(out: Path) -> list[Path]:
+    """OUT/ckpt_<step>.pt files, oldest step first."""
+    return [q for _, q in sorted((int(q.stem[5:]), q) for q in out.glob("ckpt_*.pt") if q.stem[5:].isdigit())]
+
+
 def checkpoint_candidates(out: Path) -> list[Path]:
     """OUT's checkpoints, newest first: ckpt.pt (always written first), then ckpt_<step>.pt by step;
     files that are the same inode (hard links) listed once."""
-    kept = sorted((int(q.stem[5:]), q) for q in out.glob("ckpt_*.pt") if q.stem[5:].isdigit())
-    files = [q for _, q in reversed(kept)]
+    files = kept_checkpoints(out)[::-1]
     main = out / "ckpt.pt"
     if main.is_file():
         files = [main] + [q for q in files if not _same_file(main, q)]
@@ -659,11 +679,10 @@ def write_checkpoint(out: Path, obj: dict, keep: int) -> Path:
     try:
         keep_copy(main, out / f"ckpt_{obj['step']}.pt")
     except OSError as e:  # ckpt.pt itself is complete: only the extra name is missing
-        print(f"train.py: could not keep {main} also as ckpt_{obj['step']}.pt ({_oneline(e)})", file=sys.stderr,
+        print(f"train.py: could not keep {main} also as ckpt_{obj['step']}.pt ({audio._oneline(e)})", file=sys.stderr,
               flush=True)
     if keep > 0:
-        kept = sorted((int(q.stem[5:]), q) for q in out.glob("ckpt_*.pt") if q.stem[5:].isdigit())
-        for _, q in kept[:-keep]:
+        for q in kept_checkpoints(out)[:-keep]:
             q.unlink(missing_ok=True)
     return main
 
@@ -687,12 +706,7 @@ def read_log(path: Path) -> list[dict]:
 
 def rewrite_log(path: Path, records: list[dict]):
     """Replace the log atomically (temp file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_atomic(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
 
 
 def _norm(v):
@@ -845,12 +859,14 @@ def keep_data_table(ddp: bool, master: bool, ds, out: Path, plan: dict) -> bool:
             _save_atomic(path, ds.table())
         return False
 
+    read = {}  # rank 0's copy of the saved table, so it is loaded once there
+
     def decide():
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = read["table"] = torch.load(path, map_location="cpu", weights_only=True)
             old, now = _table_rows(saved), _table_rows(ds.table())
         except Exception as e:  # missing (a run from before data.pt) or damaged: the scan of now stands
-            return {"restore": False, "note": f"cannot read {path} ({_oneline(e)}); the crops come from "
+            return {"restore": False, "note": f"cannot read {path} ({audio._oneline(e)}); the crops come from "
                                                f"today's scan of --data"}
         if now == old:
             return {"restore": False, "note": ""}
@@ -865,7 +881,7 @@ def keep_data_table(ddp: bool, master: bool, ds, out: Path, plan: dict) -> bool:
     if d["note"] and master:
         print(f"train.py: {d['note']}", flush=True)
     if d["restore"]:
-        ds.use_table(torch.load(path, map_location="cpu", weights_only=True))
+        ds.use_table(read.get("table") or torch.load(path, map_location="cpu", weights_only=True))
     return d["restore"]
 
 
@@ -947,8 +963,8 @@ def close_loader(dl):
 
 
 def _train(argv=None, loaders=None):
-    tc, model_over = resolve_configs(argv)
     given = parse_given(argv)
+    tc, model_over = configs_from(given)
 
     # -- distributed set-up: torchrun sets RANK; plain `python train.py` runs one process
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -981,10 +997,7 @@ def _train(argv=None, loaders=None):
     out = Path(tc.out)
 
     # -- teachers, then the data (crops on the label frame grid, with the audio around them the teachers need)
-    teach = teachers_lib.build_teachers(tc.teachers.replace("+", ","), acoustic_ckpt=tc.acoustic_ckpt or None,
-                                        mfcc_ckpt=tc.mfcc_ckpt or None, device=device, seed=tc.seed,
-                                        n_q=tc.n_q, cqt_log=tc.cqt_log,
-                                        log=print0 if master else (lambda *a, **k: None)).to(device).eval()
+    teach = build_teachers(tc, device, print0)
     context = teach.context(tc.acoustic_context)
     crop = int(round(tc.crop_seconds * 24000))
     on_bad = BadFileLog(out / "skipped_files.txt", rank)
@@ -999,8 +1012,6 @@ def _train(argv=None, loaders=None):
     data_id = {"n_files": train_ds.n_files, "seconds": round(float(train_ds.seconds), 3)}
     if keep_data_table(ddp, master, train_ds, out, plan):
         data_id = None  # the run's own items: the checkpoint's data id still holds
-    heads = dict(n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size,
-                 cqt_bins=teach.cqt_bins)
     ckpt_path = out / "ckpt.pt"
     state = init_state = None
     if plan["resume"]:
@@ -1012,10 +1023,8 @@ def _train(argv=None, loaders=None):
         cfg = MERTConfig.from_dict(state["config"])
         if given.get("init"):
             print0(f"train.py: resuming {plan['resume']}: --init {given['init']} is ignored (it seeds fresh runs only)")
-    elif tc.init:
-        cfg, init_state = init_from(tc.init, tc.size, heads, model_over, tc.teachers, print0 if master else (lambda *a: None))
     else:
-        cfg = MERTConfig.from_preset(tc.size, **{**heads, **model_over})
+        cfg, init_state = fresh_model_config(tc, teach, model_over, print0)
     torch.manual_seed(tc.seed)
     model = MERT(cfg).to(device)
     if init_state is not None:  # over the seeded initialisation: the heads the source lacks stay fresh
@@ -1103,7 +1112,7 @@ def _train(argv=None, loaders=None):
             write_checkpoint(out, ck, tc.keep_ckpts)
         except OSError as e:  # full disk, quota, I/O error: the previous checkpoints are untouched
             prev = checkpoint_candidates(out)
-            save_failed = (f"train.py: step {step}: could not write a checkpoint in {out} ({_oneline(e)}); "
+            save_failed = (f"train.py: step {step}: could not write a checkpoint in {out} ({audio._oneline(e)}); "
                            f"the newest one left is {prev[0].name if prev else 'none'}")
             print(save_failed + "; training goes on and tries again at the next checkpoint", file=sys.stderr,
                   flush=True)
