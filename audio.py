@@ -407,8 +407,8 @@ def find_audio(paths, recursive: bool = True, skipped: list | None = None) -> li
                         continue
                     if Path(name).suffix.lower() in AUDIO_EXTENSIONS:
                         files.append(Path(root) / name)
-                    elif undecodable_reason(name):
-                        passed.append((Path(root) / name, undecodable_reason(name)))
+                    elif why := undecodable_reason(name):
+                        passed.append((Path(root) / name, why))
             files.sort(key=lambda f: f.relative_to(p).parts)
             if skipped is not None:
                 skipped.extend(sorted(passed, key=lambda item: item[0].relative_to(p).parts))
@@ -642,9 +642,12 @@ class CropDataset:
             names = [sources] if isinstance(sources, (str, os.PathLike)) else sources
             raise AudioError(f"{', '.join(map(str, names))}: no usable audio ({self.skipped_short} files under {self.min_seconds:g} s, "
                              f"{len(self.bad_files)} unreadable)")
-        w = self.length if weight == "duration" else np.ones_like(self.length)
-        self._cum = np.cumsum(w)                          # int64 [items]
+        self._set_weights()
         self._maps = {}                                   # shard memmaps, opened lazily per process
+
+    def _set_weights(self) -> None:
+        """Cumulative draw weights of the items (int64 [items]) for ds[i]: by duration, or one per file."""
+        self._cum = np.cumsum(self.length if self.weight == "duration" else np.ones_like(self.length))
 
     # -- construction helpers
     def _bad(self, key: str, msg: str) -> None:
@@ -697,7 +700,7 @@ class CropDataset:
         self.offset, self.length = np.asarray(t["offset"], np.int64), np.asarray(t["length"], np.int64)
         self.file_sr, self.frames = np.asarray(t["file_sr"], np.int64), np.asarray(t["frames"], np.int64)
         self.paths, self.shard_files, self._maps = list(t["paths"]), list(t["shard_files"]), {}
-        self._cum = np.cumsum(self.length if self.weight == "duration" else np.ones_like(self.length))
+        self._set_weights()
 
     # -- the crops
     def __getstate__(self):  # memmaps stay behind: each worker process opens its own
@@ -765,9 +768,9 @@ class CropDataset:
             item = min(int(np.searchsorted(self._cum, u_item * total, side="right")), len(self._cum) - 1)
             n = int(self.length[item])
             start = int(u_start * ((n - C) // self.hop + 1)) * self.hop if n > C else 0  # on the hop grid
-            a, b = max(0, start - context[0]), min(n, start + C + context[1])
             try:
-                return self._read(item, a, b - a), item, start, a
+                region, a = self._read_around(item, start, C, context)
+                return region, item, start, a
             except AudioError as e:
                 self._bad(self._source(item), str(e))
         raise AudioError(f"index {i}: {self.max_attempts} crop reads failed in a row "
@@ -801,8 +804,14 @@ class CropDataset:
         n = int(self.length[item])
         if not 0 <= start < n:
             raise ValueError(f"start {start} is outside the item's {n} samples")
-        a, b = max(0, start - self.context[0]), min(n, start + L + self.context[1])
-        return self._pack(self._read(item, a, b - a), start, a, L, item)
+        region, a = self._read_around(item, start, L, self.context)
+        return self._pack(region, start, a, L, item)
+
+    def _read_around(self, item: int, start: int, L: int, context: tuple) -> tuple:
+        """(samples [a, b) of the item, a): the crop [start, start + L) and what exists of context around it."""
+        n = int(self.length[item])
+        a, b = max(0, start - context[0]), min(n, start + L + context[1])
+        return self._read(item, a, b - a), a
 
     def _pack(self, region: np.ndarray, start: int, a: int, L: int, item: int) -> dict:
         import torch
@@ -819,13 +828,11 @@ class CropDataset:
         An unreadable item is named and replaced by another item at least L long, drawn from the same
         generator (MERT's dataset also moves on to a random other file)."""
         rng = np.random.default_rng([self.seed, epoch, item, 1])
-        left, right = self.context
         for _ in range(self.max_attempts):
-            n = int(self.length[item])
-            start = int(rng.integers(0, (n - L) // self.hop + 1)) * self.hop
-            a, b = max(0, start - left), min(n, start + L + right)
+            start = int(rng.integers(0, (int(self.length[item]) - L) // self.hop + 1)) * self.hop
             try:
-                return self._read(item, a, b - a), item, start, a, L
+                region, a = self._read_around(item, start, L, self.context)
+                return region, item, start, a, L
             except AudioError as e:
                 self._bad(self._source(item), str(e))
             fits = np.flatnonzero(self.length >= L)
@@ -861,17 +868,21 @@ class RankBatches:
     def __iter__(self):
         k = 0
         while self.num_batches is None or k < self.num_batches:
-            first = self.start + (k * self.world + self.rank) * self.b
-            yield list(range(first, first + self.b))
+            yield self._batch(k * self.world + self.rank)
             k += 1
+
+    def _batch(self, j: int) -> list:
+        """The j-th global batch from `start`: its indices."""
+        first = self.start + j * self.b
+        return list(range(first, first + self.b))
 
     def __len__(self):
         if self.num_batches is None:
-            raise TypeError("an endless RankBatches has no length")
+            raise TypeError(f"an endless {type(self).__name__} has no length")
         return self.num_batches
 
 
-class EpochBatches:
+class EpochBatches(RankBatches):
     """Batch sampler with MERT's epoch semantics: every epoch each file gives one crop.
 
     The files are ordered by their whole length, longest first, ties in a random order drawn from the
@@ -892,8 +903,8 @@ class EpochBatches:
         if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or start < 0 or start % batch_size:
             raise ValueError(f"bad EpochBatches(batch_size={batch_size}, rank={rank}, world_size={world_size}, "
                              f"start={start}): start must be a multiple of batch_size")
-        self.ds, self.b, self.rank, self.world = dataset, batch_size, rank, world_size
-        self.start, self.num_batches = start // batch_size, num_batches
+        super().__init__(batch_size, rank, world_size, start, num_batches)
+        self.ds = dataset
         self.sizes = np.minimum(dataset.length, dataset.crop_samples)   # what a file can give a batch
         self.per_epoch = -(-len(self.sizes) // batch_size)
         tie = np.random.default_rng([dataset.seed, 2]).random(len(self.sizes))
@@ -915,16 +926,9 @@ class EpochBatches:
         items, L = self.plan(epoch)[j]
         return [(epoch, int(it), L) for it in items]
 
-    def __iter__(self):
-        k = 0
-        while self.num_batches is None or k < self.num_batches:
-            yield self.keys(self.start + k * self.world + self.rank)
-            k += 1
-
-    def __len__(self):
-        if self.num_batches is None:
-            raise TypeError("an endless EpochBatches has no length")
-        return self.num_batches
+    def _batch(self, j: int) -> list:
+        """The j-th global batch from `start` (which counts clips, a multiple of b): its example keys."""
+        return self.keys(self.start // self.b + j)
 
 
 class _Examples:
@@ -1020,9 +1024,10 @@ def _prepare_worker_init():
     _limit_blas_threads(1)
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_json(path: Path, obj, indent: int | None = None) -> None:
+    """json.dumps(obj) to path via path.tmp and a rename: readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
+    tmp.write_text(json.dumps(obj, indent=indent))
     os.replace(tmp, path)
 
 

@@ -138,19 +138,13 @@ def _tmp(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-def _write_json(path: Path, obj: dict):
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _publish(tmp: Path, dst: Path, record: dict):
     """Move a finished array into place with its record. Order matters for a kill at any point: the old
     array goes first (never beside a new record), the record next, the array last; so a dst that exists
     always has its own record beside it, and a record without its array only means "not done"."""
     record["bytes"] = tmp.stat().st_size
     dst.unlink(missing_ok=True)
-    _write_json(record_path(dst), record)
+    audio._write_json(record_path(dst), record, indent=1)
     os.replace(tmp, dst)
 
 
@@ -345,13 +339,16 @@ def extract_files(model: MERT, jobs: list[tuple[Path, Path]], layers: list[int],
             fail(f"{src}: its output {dst} collides with that of {seen[dst]}")
             continue
         seen[dst] = src
+        if overwrite:  # recomputed whatever its record says: no need to read (or hash) anything
+            todo.append((src, dst))
+            continue
         state, why = output_status(src, dst, settings)
-        if state == "ok" and not overwrite:
+        if state == "ok":
             skipped += 1
-        elif state == "conflict" and not overwrite:
+        elif state == "conflict":
             conflicts.append(f"{dst}: {why}")
         else:
-            if state == "stale" and not overwrite:
+            if state == "stale":
                 say("note", f"{dst}: recomputing, {why}")
             todo.append((src, dst))
     if conflicts:
@@ -452,14 +449,9 @@ def extract_files(model: MERT, jobs: list[tuple[Path, Path]], layers: list[int],
     return n_done, skipped, failed
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Help with the epilog's line breaks kept."""
-
-
-def add_flag(p: argparse.ArgumentParser, name: str, *more, **kw):
+def add_flag(p: argparse.ArgumentParser, name: str, **kw):
     """An option under its canonical underscore name, also accepted with hyphens (--chunk_stats, --chunk-stats)."""
-    names = [name] + ([name.replace("_", "-")] if "_" in name else []) + list(more)
-    return p.add_argument(*names, **kw)
+    return p.add_argument(*[name] + ([name.replace("_", "-")] if "_" in name else []), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -472,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python extract.py music/ -o marble/ --ckpt m-a-p/MERT-v1-95M --normalize "
                "--chunk 30 --overlap 0 --chunk_stats chunk   # near MARBLE's MERT-v1-95M setup\n"
                "flags with an underscore also take hyphens (--chunk-stats).",
-        formatter_class=_Formatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # keep the epilog's lines
     p.add_argument("inputs", nargs="+", help="audio files and/or folders (searched recursively)")
     p.add_argument("-o", "--out", default=None, help="output folder (default: beside each input)")
     add_flag(p, "--ckpt", default=None,
