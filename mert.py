@@ -602,8 +602,9 @@ class MERT(nn.Module):
             if bool(keep.any()):
                 loss = loss + cfg.unmasked_weight * self._frame_losses(x, keep, targets, parts, "_u")
         valid = B * T if frame_mask is None else frame_mask.sum()
-        parts["mask_frac"] = (mask.sum() / valid).float().detach()  # of the valid frames
-        parts["n_masked"] = mask.sum().detach()  # fairseq's sample_size: train.py weights micro-batches by it
+        n_masked = mask.sum().detach()  # fairseq's sample_size: train.py weights micro-batches by it
+        parts["mask_frac"] = (n_masked / valid).float()  # of the valid frames
+        parts["n_masked"] = n_masked
         return x, loss, parts
 
     @staticmethod

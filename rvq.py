@@ -761,16 +761,6 @@ def _read_tracks(paths: list, max_seconds: float | None = None) -> tuple[list, l
     return waves, names, failed
 
 
-def _underscore_flags(argv: list, names) -> list:
-    """--batch-size -> --batch_size (also --batch-size=8): underscores are canonical, hyphens aliases."""
-    canon = {n.replace("_", "-"): n for n in names if "_" in n}
-    out = []
-    for a in argv:
-        flag, eq, value = a.partition("=")
-        out.append(f"--{canon[flag[2:]]}{eq}{value}" if flag.startswith("--") and flag[2:] in canon else a)
-    return out
-
-
 def main(argv: list | None = None) -> int:
     """Command line: train (`--data DIR --out X.pt`) or evaluate (`--eval --ckpt X.pt --data DIR`)."""
     tc0 = TrainConfig()
@@ -787,21 +777,20 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from --out if it exists (exact: model, optimiser, RNG)")
     ap.add_argument("--preset", default=tc0.preset, choices=sorted(PRESETS), help="architecture (default %(default)s)")
     ap.add_argument("--steps", type=int, default=tc0.steps, help="optimiser steps (default %(default)s)")
-    ap.add_argument("--batch_size", type=int, default=tc0.batch_size, help="crops per step (default %(default)s)")
-    ap.add_argument("--crop_seconds", type=float, default=tc0.crop_seconds, help="crop length in seconds (default %(default)s)")
+    ap.add_argument("--batch_size", "--batch-size", type=int, default=tc0.batch_size, help="crops per step (default %(default)s)")
+    ap.add_argument("--crop_seconds", "--crop-seconds", type=float, default=tc0.crop_seconds, help="crop length in seconds (default %(default)s)")
     ap.add_argument("--lr", type=float, default=tc0.lr, help="peak Adam learning rate (default %(default)s)")
     ap.add_argument("--warmup", type=int, default=tc0.warmup, help="linear warmup steps (default %(default)s)")
-    ap.add_argument("--grad_clip", type=float, default=tc0.grad_clip, help="gradient-norm clip (default %(default)s)")
-    ap.add_argument("--init_batches", type=int, default=tc0.init_batches, help="batches seeding k-means (default %(default)s)")
-    ap.add_argument("--ckpt_every", type=int, default=tc0.ckpt_every, help="steps between checkpoints (default %(default)s)")
+    ap.add_argument("--grad_clip", "--grad-clip", type=float, default=tc0.grad_clip, help="gradient-norm clip (default %(default)s)")
+    ap.add_argument("--init_batches", "--init-batches", type=int, default=tc0.init_batches, help="batches seeding k-means (default %(default)s)")
+    ap.add_argument("--ckpt_every", "--ckpt-every", type=int, default=tc0.ckpt_every, help="steps between checkpoints (default %(default)s)")
     ap.add_argument("--seed", type=int, default=tc0.seed, help="random seed (default %(default)s)")
     ap.add_argument("--device", default=tc0.device, help="torch device, e.g. cpu or cuda (default %(default)s)")
     ap.add_argument("--threads", type=int, default=tc0.threads, help="CPU threads, 0 = torch default (default %(default)s)")
     ap.add_argument("--eval", action="store_true", help="evaluate --ckpt on --data instead of training")
     ap.add_argument("--ckpt", help="--eval: our checkpoint or an EnCodec 24 kHz state dict")
-    ap.add_argument("--eval_seconds", type=float, default=60.0, help="--eval: centre excerpt per track in seconds (default %(default)s)")
-    names = ("batch_size", "crop_seconds", "grad_clip", "init_batches", "ckpt_every", "eval_seconds")
-    args = ap.parse_args(_underscore_flags(list(sys.argv[1:] if argv is None else argv), names))
+    ap.add_argument("--eval_seconds", "--eval-seconds", type=float, default=60.0, help="--eval: centre excerpt per track in seconds (default %(default)s)")
+    args = ap.parse_args(argv)
     args.data = [x.strip() for d in args.data for x in d.split(",") if x.strip()]  # "a,b c" -> a, b, c
     if args.eval and not args.ckpt:
         ap.error("--eval needs --ckpt")

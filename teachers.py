@@ -84,19 +84,21 @@ class Teacher(nn.Module):
         return 0, 0
 
     def _labels_in_context(self, audio: torch.Tensor, offset: int, left, right, length: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Labels of the crop audio[:, offset:offset + length] given the file around it; a framewise teacher
+        needs only the crop (a teacher whose context() is not (0, 0) overrides this)."""
+        return self._labels(audio[:, offset:offset + length])
 
     def forward(self, wav: torch.Tensor, n_frames: int, context=None) -> dict:
         """wav [B, L] float at 24 kHz -> {key: labels cut to n_frames frames}.
 
         context: None, or (audio [B, offset + L + r], offset, left [B], right [B]) holding each crop at
         audio[:, offset:offset + L] with left[b] / right[b] valid samples of the file around it (what
-        CropDataset.example reads); a teacher whose `context()` is not (0, 0) labels the crop from it.
+        CropDataset.example reads); each teacher labels the crop from it (see _labels_in_context).
         """
         if wav.dim() != 2:
             raise ValueError(f"{type(self).__name__} expects wav of shape [B, samples], got {list(wav.shape)}")
         with torch.no_grad(), torch.autocast(wav.device.type, enabled=False):
-            if context is not None and self.context() != (0, 0):
+            if context is not None:
                 audio, offset, left, right = context
                 y = self._labels_in_context(audio.detach().float(), int(offset), left, right, wav.shape[-1])
             else:
@@ -585,7 +587,7 @@ def _fit_command(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     failed, files, passed = 0, [], []
-    for p in [x for v in args.data for x in v.split(",") if x]:
+    for p in [x.strip() for v in args.data for x in v.split(",") if x.strip()]:
         try:
             files += audio.find_audio([p], skipped=passed)
         except audio.AudioError as e:                       # a missing path: name it, keep the rest
