@@ -209,9 +209,10 @@ def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[
             name = f"{args.features} {'frames' if frames else 'statistics'} baseline"
         else:
             ckpt = args.ckpt or extract.DEFAULT_CKPT
-            cfg = None
+            cfg = loaded = None
             if frames or args.features == "random":  # (clip tasks over cached features never load the model)
-                cfg = _load_model(ckpt).config
+                loaded = _load_model(ckpt)
+                cfg = loaded.config
                 grid = (cfg.hop, cfg.receptive_field / 2, cfg.sample_rate)  # frame t centred on (hop t + rf / 2) / sr
             if args.features == "random":  # keyed by architecture and seed: any checkpoint of it gives the same
                 key = f"random|{args.seed}|{json.dumps(asdict(cfg), sort_keys=True)}"
@@ -248,7 +249,7 @@ def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[
                 torch.manual_seed(args.seed)
                 model = MERT(cfg).eval()
             else:
-                model = _load_model(ckpt)
+                model = loaded or _load_model(ckpt)  # loaded once, when the frame grid needed its config
             model = model.to(extract.pick_device(args.device))
             extract.extract_files(model, todo, keep or list(range(model.num_states)), pool="none" if frames else "mean",
                                   batch=args.batch)
@@ -454,7 +455,7 @@ class ClipData:
         for s in ("train", "valid", "test"):
             m = split == s
             self.x[s], y[s + "_np"] = X[:, torch.from_numpy(m)], targets[m]
-        self.x = _standardise({k: v.clone() for k, v in self.x.items()})
+        self.x = _standardise(self.x)  # boolean indexing copied each split: standardising in place is safe
         y["scale"] = (float(y["train_np"].mean()), float(y["train_np"].std() + 1e-8)) if task == "regress" else (0.0, 1.0)
         for s in ("train", "valid"):
             y[s] = torch.from_numpy((y[s + "_np"] - y["scale"][0]) / y["scale"][1] if task == "regress" else y[s + "_np"])
@@ -563,9 +564,7 @@ class FrameData:
         self.n_out = len(self.classes)
         self.clips, x, y = {}, {}, {}
         for s in ("train", "valid", "test"):
-            cs = [(c, f) for c, f in zip(clips, feats) if c["split"] == s]
-            if not cs:
-                raise ProbeError(f"{args.labels}: no clip of the {s} split has features and annotations")
+            cs = [(c, f) for c, f in zip(clips, feats) if c["split"] == s]  # run() made sure none is empty
             self.clips[s] = [c for c, _ in cs]
             y[s] = torch.from_numpy(np.concatenate([self._targets(c) for c, _ in cs]))
             L, _, D = cs[0][1].shape
@@ -604,6 +603,7 @@ class FrameData:
             index = {n: i for i, n in enumerate(self.classes)}
             if self.task == "chords":
                 return np.array([-100 if lab is None else chord_class(lab) for lab in labels], np.int64)
+            c["ref"] = labels  # what the segments score compares with, at every evaluation
             return np.array([index.get(lab, -100) for lab in labels], np.int64)
         y = np.zeros((len(times), self.n_out), np.float32)
         if self.task == "beats":
@@ -672,8 +672,7 @@ class FrameData:
         if self.task == "segments":
             pred, ok, n = out.argmax(1), 0, 0
             for c in clips:
-                a, b = mm.frame_accuracy(mm.labels_at(c["ann"][0], c["ann"][1], c["times"]),
-                                         [self.classes[k] for k in pred[c["lo"]:c["hi"]]])
+                a, b = mm.frame_accuracy(c["ref"], [self.classes[k] for k in pred[c["lo"]:c["hi"]]])
                 ok, n = ok + a, n + b
             return {"accuracy": mm.ratio(ok, n)}, {}
         act = 1 / (1 + np.exp(-out.astype(np.float64)))
@@ -681,14 +680,15 @@ class FrameData:
         peaks = [np.where(pick_peaks(act[c["lo"]:c["hi"]], radius), act[c["lo"]:c["hi"]], 0.0) for c in clips]
         names = ("beat_f", "downbeat_f")[:self.n_out] if self.task == "beats" else ("note_f",)
         thresholds = dict(thresholds or {})
-        for name in names:
-            if name not in thresholds:  # the threshold that scores best on this (the validation) split
-                score = lambda th: (self._events(clips, peaks, name, th)[name], -th)  # noqa: E731
-                thresholds[name] = float(max(THRESHOLDS, key=score))
         res = {}
         for name in names:
-            res.update({k: v for k, v in self._events(clips, peaks, name, thresholds[name]).items()
-                        if k in METRICS[self.task]})
+            if name in thresholds:
+                scores = self._events(clips, peaks, name, thresholds[name])
+            else:  # the threshold that scores best on this (the validation) split
+                by_th = {th: self._events(clips, peaks, name, th) for th in THRESHOLDS}
+                thresholds[name] = float(max(THRESHOLDS, key=lambda th: (by_th[th][name], -th)))
+                scores = by_th[thresholds[name]]
+            res.update({k: v for k, v in scores.items() if k in METRICS[self.task]})
         return res, thresholds
 
     def _events(self, clips, peaks, name: str, th: float) -> dict:
@@ -749,9 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
                "          python probe.py tasks/chords.csv --task chords --features cqt",
         formatter_class=_Help)
 
-    def add(name, **kw):
-        names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        p.add_argument(*names, **kw)
+    def add(name, **kw):  # --name_x, also as --name-x
+        extract.add_flag(p, f"--{name}", **kw)
     p.add_argument("labels", help="CSV of path,label[,split]; paths relative to the CSV's folder; for frame tasks the label is an annotation file")
     add("task", default="auto", choices=("auto",) + TASKS + FRAME_TASKS,
         help="classify, tag (labels split on ';') or regress (auto guesses among these); chords, beats, notes or segments over time")

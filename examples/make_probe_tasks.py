@@ -192,12 +192,16 @@ def make_chord(i, rng, seconds, sr):
     strikes = [rng.uniform(0, 0.3)] + ([rng.uniform(0.4, 0.6) * seconds] if rng.random() < 0.5 else [])
     buf = np.zeros(int(seconds * sr))
     for s, start in enumerate(strikes):
-        end = strikes[s + 1] if s + 1 < len(strikes) else seconds
-        for j, m in enumerate(notes):
-            onset = start + (j if strum >= 0 else len(notes) - 1 - j) * abs(strum)
-            f0 = midi_to_hz(m + rng.uniform(-0.05, 0.05))
-            place(buf, rng.uniform(0.7, 1) * render_note(f0, end - onset, patch, rng, sr), onset * sr)
+        _play(buf, notes, start, strikes[s + 1] if s + 1 < len(strikes) else seconds, patch, rng, sr, strum)
     return buf, quality
+
+
+def add_pad(buf, rng, seconds, sr):
+    """Half the time, a held pad under buf: it carries pitch and timbre but no pulse."""
+    if rng.random() < 0.5:
+        pad_patch = make_patch(str(rng.choice(["organ", "bowed", "flute", "reed"])), rng)
+        pad = render_note(midi_to_hz(int(rng.integers(45, 70))), seconds, pad_patch, rng, sr)
+        buf += rng.uniform(0.05, 0.15) * np.abs(buf).max() * pad
 
 
 def make_kit(rng, sr):
@@ -233,10 +237,7 @@ def make_tempo(i, rng, seconds, sr):
                 jitter = np.clip(rng.normal(0, 0.003), -0.009, 0.009)
                 gain = levels[name] * (1.0 if k % 2 == 0 else 0.7) * rng.uniform(0.8, 1)  # beats accented
                 place(buf, gain * kit[name], (k * eighth - offset + jitter) * sr)
-    if rng.random() < 0.5:  # a held pad carries pitch and timbre but no pulse
-        pad_patch = make_patch(str(rng.choice(["organ", "bowed", "flute", "reed"])), rng)
-        pad = render_note(midi_to_hz(int(rng.integers(45, 70))), seconds, pad_patch, rng, sr)
-        buf += rng.uniform(0.05, 0.15) * np.abs(buf).max() * pad
+    add_pad(buf, rng, seconds, sr)
     return buf, f"{bpm:.1f}"
 
 
@@ -261,8 +262,9 @@ def _chord_notes(root: int, intervals, rng) -> list:
 
 
 def _play(buf, notes, start, end, patch, rng, sr, strum=0.0):
+    """Notes held from start (strummed: upwards for strum > 0, downwards for strum < 0) to end."""
     for j, m in enumerate(notes):
-        onset = start + j * strum
+        onset = start + (j if strum >= 0 else len(notes) - 1 - j) * abs(strum)
         f0 = midi_to_hz(m + rng.uniform(-0.05, 0.05))
         place(buf, rng.uniform(0.7, 1) * render_note(f0, end - onset, patch, rng, sr), onset * sr)
 
@@ -307,10 +309,7 @@ def make_beats(i, rng, seconds, sr):
             if hits[k % 8]:
                 gain = levels[name] * (1.0 if k % 2 == 0 else 0.7) * rng.uniform(0.8, 1)
                 place(buf, gain * kit[name], (t + np.clip(rng.normal(0, 0.003), -0.009, 0.009)) * sr)
-    if rng.random() < 0.5:  # a held pad carries pitch and timbre but no pulse
-        pad_patch = make_patch(str(rng.choice(["organ", "bowed", "flute", "reed"])), rng)
-        pad = render_note(midi_to_hz(int(rng.integers(45, 70))), seconds, pad_patch, rng, sr)
-        buf += rng.uniform(0.05, 0.15) * np.abs(buf).max() * pad
+    add_pad(buf, rng, seconds, sr)
     return buf, lines
 
 
