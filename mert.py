@@ -17,25 +17,21 @@ Design choices:
 - Hidden states follow transformers 4.x `output_hidden_states`, which MARBLE and published probes use:
   index 0 is the input of layer 1 and index i the output of layer i; for pre-LN models (330M) the last
   index is the final LayerNorm's output.
-- Loads Hugging Face MERT folders (config.json + pytorch_model.bin or model.safetensors), hub ids found
-  in the local Hugging Face cache (never downloads), fairseq MERT checkpoints (through a restricted
-  unpickler that admits only tensors and plain containers; their pretraining heads too, for continued
-  pretraining) and our own checkpoints; writes the Hugging Face MERT-v1 layout that transformers'
-  HubertModel loads (`save_pretrained`, without the safetensors package).
+- Reads our own checkpoints, Hugging Face MERT folders (config.json + pytorch_model.bin or
+  model.safetensors, read without the safetensors package) and hub ids found in the local Hugging Face
+  cache (never downloads), so this file copied alone loads the official weights. Other formats live in
+  convert.py (the fairseq reader, the Hugging Face writer); a fairseq file here raises NeedsConvert.
 
-Layout: config and presets, layers, `MERT`, masking and noise; the checkpoint readers and the Hugging Face
-writer stay at the bottom, so that this one file, copied alone, still loads the official weights.
+Layout, top-down: config and presets, attention and blocks, the conv front end, `MERT` (forward, loss,
+extract), span masking, loading; the CPU inference fast paths at the bottom.
 Imports only torch, numpy and the standard library; copy it into your project as is.
 """
 
-import ast
 import json
 import math
 import os
 import pickle
 import re
-import shutil
-import sys
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -141,238 +137,10 @@ PRESETS = {
                  conv_grad_mult=1.0),
 }
 
-# -----------------------------------------------------------------------------
-# CPU inference fast path. oneDNN's fused linear/conv + GELU kernels run the same fp32 arithmetic
-# 1.1-1.7x faster than torch's default CPU GEMM followed by a separate GELU pass (measured on a 2-core
-# AVX-512 machine, see bench.py). They have no autograd, so they serve only gradient-free CPU calls;
-# everything else takes the plain F.linear / F.conv1d path.
-
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
-    and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-# oneDNN builds no bfloat16 primitive on CPUs without AVX-512 ("could not create a primitive descriptor")
-_ONEDNN_BF16 = _ONEDNN and getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
-
-
-def _fast(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # under autocast F.linear would cast the weight; the fused ops do not, so they take only matching dtypes
-    return _ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype \
-        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _ONEDNN_BF16)) \
-        and not torch.is_autocast_enabled("cpu") \
-        and not (torch.is_grad_enabled() and x.requires_grad)
-
-
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
-    """layer(x), optionally followed by exact GELU, fused on the CPU inference path."""
-    if _fast(x, layer.weight) and not torch.is_grad_enabled():
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu" if gelu else "none",
-                                                  [None], "none")
-    y = F.linear(x, layer.weight, layer.bias)
-    return F.gelu(y) if gelu else y
-
-
-def conv1d_gelu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """GELU(conv(x)) for an unpadded strided conv, fused on the CPU inference path."""
-    if _fast(x, conv.weight) and not torch.is_grad_enabled():
-        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, [0], list(conv.stride), [1], 1,
-                                                       "gelu", [None], "none")
-    return F.gelu(conv(x))
-
 
 # -----------------------------------------------------------------------------
-# Modules. Attribute names follow transformers' HuBERT so that its state dicts map almost 1:1
-# (the one difference: q/k/v are fused into attention.qkv).
-
-
-def conv_out_len(n, kernel: int, stride: int):
-    """Output length of an unpadded strided conv (0 where the input is shorter than the kernel)."""
-    if isinstance(n, torch.Tensor):
-        return torch.div(n - kernel, stride, rounding_mode="floor").add(1).clamp(min=0)
-    return max((n - kernel) // stride + 1, 0)
-
-
-class ConvLayer(nn.Module):
-    """One conv of the feature extractor, with its optional norm, then GELU."""
-
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, bias: bool, norm: str | None, eps: float):
-        super().__init__()
-        self.kernel, self.stride, self.norm, self.eps = kernel, stride, norm, eps
-        self.conv = nn.Conv1d(c_in, c_out, kernel, stride=stride, bias=bias)
-        if norm == "group":  # one group per channel: normalise each channel over time
-            self.layer_norm = nn.GroupNorm(c_out, c_out, eps=eps, affine=True)
-        elif norm == "layer":  # normalise each frame over channels
-            self.layer_norm = nn.LayerNorm(c_out, eps=eps)
-
-    def forward(self, x: torch.Tensor, n: torch.Tensor | None, stats=None) -> torch.Tensor:
-        """x [B, C_in, T_in] -> [B, C_out, T_out]; n [B] valid output frames (None: all valid).
-
-        stats: (mean, var) [B, C_out] float64 for the GroupNorm instead of this input's own (a long file
-        run in chunks normalises every chunk with the whole file's statistics, as one forward would)."""
-        if self.norm is None:
-            return conv1d_gelu(x, self.conv)
-        x = self.conv(x)
-        if self.norm == "group":
-            if stats is not None:
-                scale, shift = _norm_affine(stats, self.layer_norm.weight, self.layer_norm.bias, self.eps, x.dtype)
-                x = torch.addcmul(shift, x, scale)
-            elif n is None:
-                x = self.layer_norm(x)
-            else:
-                x = masked_channel_norm(x, n, self.layer_norm.weight, self.layer_norm.bias, self.eps)
-        elif self.norm == "layer":
-            x = self.layer_norm(x.transpose(1, 2)).transpose(1, 2)
-        if not torch.is_grad_enabled():  # x is a fresh buffer: GELU in place saves a (B, C, T) allocation
-            return torch.ops.aten.gelu_(x)
-        return F.gelu(x)
-
-
-def masked_channel_norm(x, n, weight, bias, eps):
-    """GroupNorm with one group per channel whose statistics cover only each clip's first n[b] frames."""
-    B, C, T = x.shape
-    valid = (torch.arange(T, device=x.device)[None, :] < n[:, None]).to(torch.float32)[:, None, :]  # (B, 1, T)
-    xf = x.float()
-    count = n.clamp(min=1).to(torch.float32)[:, None, None]
-    mean = (xf * valid).sum(-1, keepdim=True) / count  # (B, C, 1)
-    var = ((xf - mean).square_() * valid).sum(-1, keepdim=True) / count
-    y = (xf - mean) * torch.rsqrt(var + eps)
-    return (y * weight[None, :, None] + bias[None, :, None]).to(x.dtype)
-
-
-def _norm_affine(stats, weight, bias, eps, dtype):
-    """GroupNorm with given statistics as y = x * scale + shift: (scale, shift) [B, C, 1] in dtype."""
-    mean, var = stats
-    scale = weight.double()[:, None] * torch.rsqrt(var.double()[..., None] + eps)  # (B, C, 1)
-    shift = bias.double()[:, None] - mean.double()[..., None] * scale
-    return scale.to(dtype), shift.to(dtype)
-
-
-class FeatureExtractor(nn.Module):
-    """The strided conv stack: waveform [B, L] -> conv features [B, C, T]."""
-
-    def __init__(self, cfg: MERTConfig):
-        super().__init__()
-        c_in, layers = 1, []
-        for i, (c, k, s) in enumerate(zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride)):
-            norm = "layer" if cfg.extractor_norm == "layer" else ("group" if i == 0 else None)
-            layers.append(ConvLayer(c_in, c, k, s, cfg.conv_bias, norm, cfg.norm_eps))
-            c_in = c
-        self.conv_layers = nn.ModuleList(layers)
-
-    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None, stats=None) -> torch.Tensor:
-        """wav [B, L] -> [B, C, T]; stats: conv 0's GroupNorm (mean, var) [B, C] to use instead of wav's own."""
-        x = wav[:, None, :]  # (B, 1, L)
-        n, first = lengths, 0
-        if lengths is None and not torch.is_grad_enabled() and self.conv_layers[0].norm == "group" \
-                and self.conv_layers[1].norm is None:
-            x, first = self._first_two_in_blocks(x, stats), 2
-        for i, layer in enumerate(self.conv_layers[first:], first):
-            n = None if n is None else conv_out_len(n, layer.kernel, layer.stride)
-            x = layer(x, n, stats if i == 0 else None)
-        return x
-
-    def norm_stats(self, wav: torch.Tensor, block: int = 1024):
-        """(mean, var) [B, C] float64 over time of conv 0's output for wav [B, L]: its GroupNorm's
-        statistics (None when conv 0 has no GroupNorm). Computed block by block, so conv 0's whole
-        output is never held: per-block mean and variance merged with Chan's formula."""
-        l0 = self.conv_layers[0]
-        if l0.norm != "group":
-            return None
-        x = wav[:, None, :] if wav.dim() == 2 else wav  # (B, 1, L)
-        w0, b0, k0, s0 = l0.conv.weight, l0.conv.bias, l0.kernel, l0.stride
-        T0 = conv_out_len(x.shape[-1], k0, s0)
-        n, mean, m2 = 0, None, None
-        for a in range(0, T0, block):
-            c = min(T0, a + block)
-            y = F.conv1d(x[..., a * s0:(c - 1) * s0 + k0], w0, b0, stride=s0)  # frames [a, c) of conv 0
-            var_b, mean_b = (t.double() for t in torch.var_mean(y, dim=-1, keepdim=True, correction=0))
-            if mean is None:
-                n, mean, m2 = c - a, mean_b, var_b * (c - a)
-                continue
-            nb = c - a
-            delta = mean_b - mean
-            mean = mean + delta * (nb / (n + nb))
-            m2 = m2 + var_b * nb + delta.square() * (n * nb / (n + nb))
-            n += nb
-        return mean[..., 0], (m2 / n)[..., 0]
-
-    def _first_two_in_blocks(self, x: torch.Tensor, stats=None, block: int = 1024) -> torch.Tensor:
-        """Layers 0 and 1 at inference, in blocks of time, so conv 0's whole output (the largest
-        activation: 512 channels at 4800 frames/s) is never held in memory.
-
-        Pass 1 (norm_stats) runs conv 0 block by block for the GroupNorm statistics, unless they are
-        given; pass 2 runs it again per block, normalises, applies GELU and feeds conv 1. conv 0 is
-        cheap (one input channel); its memory traffic is not.
-        """
-        l0, l1 = self.conv_layers[0], self.conv_layers[1]
-        w0, b0, k0, s0 = l0.conv.weight, l0.conv.bias, l0.kernel, l0.stride
-        B, L = x.shape[0], x.shape[-1]
-        T0 = conv_out_len(L, k0, s0)
-        T1 = conv_out_len(T0, l1.kernel, l1.stride)
-        if T1 < 1:
-            return l1(l0(x, None, stats), None)
-        if stats is None:
-            stats = self.norm_stats(x, block)
-        scale, shift = _norm_affine(stats, l0.layer_norm.weight, l0.layer_norm.bias, l0.eps, x.dtype)
-        out = x.new_empty(B, l1.conv.out_channels, T1)
-        step = block // l1.stride
-        for a in range(0, T1, step):
-            c = min(T1, a + step)
-            f0, f1 = a * l1.stride, (c - 1) * l1.stride + l1.kernel  # conv 0 frames that conv 1 needs
-            y = F.conv1d(x[..., f0 * s0:(f1 - 1) * s0 + k0], w0, b0, stride=s0)
-            y = torch.ops.aten.gelu_(torch.addcmul(shift, y, scale, out=y))
-            out[..., a:c] = l1(y, None)
-        return out
-
-
-class FeatureProjection(nn.Module):
-    """LayerNorm(conv dim) -> Linear(conv dim -> d) -> dropout."""
-
-    def __init__(self, cfg: MERTConfig):
-        super().__init__()
-        self.layer_norm = nn.LayerNorm(cfg.conv_dim[-1], eps=cfg.norm_eps) if cfg.proj_norm else None
-        self.projection = nn.Linear(cfg.conv_dim[-1], cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x):
-        if self.layer_norm is not None:
-            x = self.layer_norm(x)
-        return self.dropout(linear(x, self.projection))
-
-
-class WeightNormConv1d(nn.Module):
-    """Conv1d whose weight is g * v / ||v||, the norm taken over all dims but the kernel axis (dim=2).
-
-    Kept as explicit weight_g / weight_v parameters (fairseq's and older transformers' key layout) so
-    the file needs no torch parametrization machinery and loads every checkpoint layout directly.
-    """
-
-    def __init__(self, channels: int, kernel: int, groups: int):
-        super().__init__()
-        self.groups, self.padding = groups, kernel // 2
-        self.weight_v = nn.Parameter(torch.empty(channels, channels // groups, kernel))
-        self.weight_g = nn.Parameter(torch.empty(1, 1, kernel))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def weight(self) -> torch.Tensor:
-        v = self.weight_v
-        return v * (self.weight_g / v.norm(dim=(0, 1), keepdim=True))
-
-    def forward(self, x):
-        return F.conv1d(x, self.weight(), self.bias, padding=self.padding, groups=self.groups)
-
-
-class PositionalConvEmbedding(nn.Module):
-    """Relative positions from a wide grouped conv: x [B, T, d] -> GELU(conv(x)) [B, T, d]."""
-
-    def __init__(self, cfg: MERTConfig):
-        super().__init__()
-        self.conv = WeightNormConv1d(cfg.dim, cfg.pos_conv_kernel, cfg.pos_conv_groups)
-        self.trim = 1 if cfg.pos_conv_kernel % 2 == 0 else 0  # an even kernel with padding k//2 adds a frame
-
-    def forward(self, x):
-        y = self.conv(x.transpose(1, 2))  # (B, d, T + trim)
-        if self.trim:
-            y = y[:, :, :-self.trim]
-        return F.gelu(y).transpose(1, 2)
+# Attention and blocks. Attribute names follow transformers' HuBERT so that its state dicts map almost
+# 1:1 (the one difference: q/k/v are fused into attention.qkv).
 
 
 class Attention(nn.Module):
@@ -451,6 +219,133 @@ class Encoder(nn.Module):
         self.layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
         self.dropout = nn.Dropout(cfg.dropout)
+
+
+# -----------------------------------------------------------------------------
+# Front end: the strided conv extractor, the feature projection, the positional conv
+
+
+def conv_out_len(n, kernel: int, stride: int):
+    """Output length of an unpadded strided conv (0 where the input is shorter than the kernel)."""
+    if isinstance(n, torch.Tensor):
+        return torch.div(n - kernel, stride, rounding_mode="floor").add(1).clamp(min=0)
+    return max((n - kernel) // stride + 1, 0)
+
+
+class ConvLayer(nn.Module):
+    """One conv of the feature extractor, with its optional norm, then GELU."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, bias: bool, norm: str | None, eps: float):
+        super().__init__()
+        self.kernel, self.stride, self.norm, self.eps = kernel, stride, norm, eps
+        self.conv = nn.Conv1d(c_in, c_out, kernel, stride=stride, bias=bias)
+        if norm == "group":  # one group per channel: normalise each channel over time
+            self.layer_norm = nn.GroupNorm(c_out, c_out, eps=eps, affine=True)
+        elif norm == "layer":  # normalise each frame over channels
+            self.layer_norm = nn.LayerNorm(c_out, eps=eps)
+
+    def forward(self, x: torch.Tensor, n: torch.Tensor | None, stats=None) -> torch.Tensor:
+        """x [B, C_in, T_in] -> [B, C_out, T_out]; n [B] valid output frames (None: all valid).
+
+        stats: (mean, var) [B, C_out] float64 for the GroupNorm instead of this input's own (a long file
+        run in chunks normalises every chunk with the whole file's statistics, as one forward would)."""
+        if self.norm is None:
+            return conv1d_gelu(x, self.conv)
+        x = self.conv(x)
+        if self.norm == "group":
+            if stats is not None:
+                scale, shift = _norm_affine(stats, self.layer_norm.weight, self.layer_norm.bias, self.eps, x.dtype)
+                x = torch.addcmul(shift, x, scale)
+            elif n is None:
+                x = self.layer_norm(x)
+            else:
+                x = masked_channel_norm(x, n, self.layer_norm.weight, self.layer_norm.bias, self.eps)
+        elif self.norm == "layer":
+            x = self.layer_norm(x.transpose(1, 2)).transpose(1, 2)
+        if not torch.is_grad_enabled():  # x is a fresh buffer: GELU in place saves a (B, C, T) allocation
+            return torch.ops.aten.gelu_(x)
+        return F.gelu(x)
+
+
+class FeatureExtractor(nn.Module):
+    """The strided conv stack: waveform [B, L] -> conv features [B, C, T]."""
+
+    def __init__(self, cfg: MERTConfig):
+        super().__init__()
+        c_in, layers = 1, []
+        for i, (c, k, s) in enumerate(zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride)):
+            norm = "layer" if cfg.extractor_norm == "layer" else ("group" if i == 0 else None)
+            layers.append(ConvLayer(c_in, c, k, s, cfg.conv_bias, norm, cfg.norm_eps))
+            c_in = c
+        self.conv_layers = nn.ModuleList(layers)
+
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None, stats=None) -> torch.Tensor:
+        """wav [B, L] -> [B, C, T]; stats: conv 0's GroupNorm (mean, var) [B, C] to use instead of wav's own."""
+        x = wav[:, None, :]  # (B, 1, L)
+        n, first = lengths, 0
+        if lengths is None and not torch.is_grad_enabled() and self.conv_layers[0].norm == "group" \
+                and self.conv_layers[1].norm is None:
+            x, first = _first_two_in_blocks(self, x, stats), 2
+        for i, layer in enumerate(self.conv_layers[first:], first):
+            n = None if n is None else conv_out_len(n, layer.kernel, layer.stride)
+            x = layer(x, n, stats if i == 0 else None)
+        return x
+
+    def norm_stats(self, wav: torch.Tensor, block: int = 1024):
+        """(mean, var) [B, C] float64 over time of conv 0's output for wav [B, L] (its GroupNorm's), or None."""
+        return _norm_stats_in_blocks(self.conv_layers[0], wav, block)
+
+
+class FeatureProjection(nn.Module):
+    """LayerNorm(conv dim) -> Linear(conv dim -> d) -> dropout."""
+
+    def __init__(self, cfg: MERTConfig):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(cfg.conv_dim[-1], eps=cfg.norm_eps) if cfg.proj_norm else None
+        self.projection = nn.Linear(cfg.conv_dim[-1], cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return self.dropout(linear(x, self.projection))
+
+
+class WeightNormConv1d(nn.Module):
+    """Conv1d whose weight is g * v / ||v||, the norm taken over all dims but the kernel axis (dim=2).
+
+    Kept as explicit weight_g / weight_v parameters (fairseq's and older transformers' key layout) so
+    the file needs no torch parametrization machinery and loads every checkpoint layout directly.
+    """
+
+    def __init__(self, channels: int, kernel: int, groups: int):
+        super().__init__()
+        self.groups, self.padding = groups, kernel // 2
+        self.weight_v = nn.Parameter(torch.empty(channels, channels // groups, kernel))
+        self.weight_g = nn.Parameter(torch.empty(1, 1, kernel))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def weight(self) -> torch.Tensor:
+        v = self.weight_v
+        return v * (self.weight_g / v.norm(dim=(0, 1), keepdim=True))
+
+    def forward(self, x):
+        return F.conv1d(x, self.weight(), self.bias, padding=self.padding, groups=self.groups)
+
+
+class PositionalConvEmbedding(nn.Module):
+    """Relative positions from a wide grouped conv: x [B, T, d] -> GELU(conv(x)) [B, T, d]."""
+
+    def __init__(self, cfg: MERTConfig):
+        super().__init__()
+        self.conv = WeightNormConv1d(cfg.dim, cfg.pos_conv_kernel, cfg.pos_conv_groups)
+        self.trim = 1 if cfg.pos_conv_kernel % 2 == 0 else 0  # an even kernel with padding k//2 adds a frame
+
+    def forward(self, x):
+        y = self.conv(x.transpose(1, 2))  # (B, d, T + trim)
+        if self.trim:
+            y = y[:, :, :-self.trim]
+        return F.gelu(y).transpose(1, 2)
 
 
 # -----------------------------------------------------------------------------
@@ -696,18 +591,13 @@ class MERT(nn.Module):
         torch.save({"config": cfg, "model": state, **extra}, tmp)
         os.replace(tmp, path)
 
-    def save_pretrained(self, folder, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
-        """Write the encoder as a Hugging Face MERT-v1 folder that transformers' HubertModel loads (atomically).
-
-        config.json (a HubertConfig with MERT's fields beside it), model.safetensors (no safetensors package
-        needed) and preprocessor_config.json; the pretraining heads are left out, as in the official folders."""
-        return save_hf_folder(self.config, self.state_dict(), folder, dtype=dtype, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, path, map_location="cpu", **overrides) -> "MERT":
-        """Load a Hugging Face MERT folder or hub id (local cache only), a fairseq MERT .pt, or our own .pt.
+        """Load a Hugging Face MERT folder or hub id (local cache only) or our own .pt.
 
-        `overrides` replace config fields (e.g. attn_impl="math"). The model comes back in eval mode.
+        `overrides` replace config fields (e.g. attn_impl="math"). The model comes back in eval mode. A fairseq
+        checkpoint raises NeedsConvert: convert.from_pretrained reads it (and every format this reads).
         """
         cfg, state, src = load_checkpoint(path, map_location)
         cfg = replace(cfg, **overrides) if overrides else cfg
@@ -717,7 +607,7 @@ class MERT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Pretraining helpers: span masking and in-batch noise mixture
+# Span masking (fairseq's compute_mask_indices)
 
 
 def compute_mask_indices(B: int, T: int, mask_prob: float, mask_length: int, min_masks: int = 0,
@@ -752,45 +642,26 @@ def compute_mask_indices(B: int, T: int, mask_prob: float, mask_length: int, min
     return mask
 
 
-def mix_noise(wav: torch.Tensor, rng: np.random.Generator, prob: float = 0.5, n_segments=(1, 3),
-              seconds=(0.5, 1.0), sr: int = 24000, lengths=None) -> torch.Tensor:
-    """MERT's in-batch noise mixture (mert_model.py MERTModel.forward / inbatch_noise_augment).
-
-    Clip i gets noise when a uniform draw exceeds mixture_prob = 1 - prob (MERT's flag: 0.5, so prob
-    0.5): n ~ U{n_segments} segments (both ends included), each of U{round(seconds * sr)} samples (both
-    ends included), cut at a uniform start in [0, P - longest] of the pool, which is the batch's other
-    clips (their valid samples) laid end to end, so a segment may straddle two clips; each is added at
-    full volume at a uniform position inside clip i's valid samples. A clip whose pool or own length is
-    too short for the draw stays clean (MERT's try/except). Returns a new tensor: the teachers must see
-    the clean input. Padding (past lengths[b]) is never a noise source nor a target.
-    """
-    B, L = wav.shape
-    lengths = [L] * B if lengths is None else [int(n) for n in lengths]
-    lo, hi = (int(round(s * sr)) for s in seconds)
-    out = wav.clone()
-    for i in range(B):
-        if rng.random() <= 1.0 - prob:  # official: noise iff rand > mixture_prob
-            continue
-        pool = torch.cat([wav[j, :lengths[j]] for j in range(B) if j != i] or [wav.new_zeros(0)])  # (P,)
-        n = int(rng.integers(n_segments[0], n_segments[1] + 1))
-        if len(pool) - hi + 1 <= 0:
-            continue
-        starts = rng.integers(0, len(pool) - hi + 1, size=n)
-        durs = rng.integers(lo, hi + 1, size=n)
-        if int(durs.max()) > lengths[i]:
-            continue
-        for a, d in zip(starts.tolist(), durs.tolist()):
-            dst = int(rng.integers(0, lengths[i] - d + 1))
-            out[i, dst:dst + d] += pool[a:a + d]
-    return out
-
-
 # -----------------------------------------------------------------------------
 # Checkpoint loading
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be found, read or mapped onto the model; the message names the key or file."""
+
+
+class NeedsConvert(CheckpointError):
+    """A fairseq checkpoint (or another pickle beyond tensors): convert.py reads it, this file does not.
+
+    `path` is the file; `obj` what torch.load(weights_only=True) made of it, or None where it refused the
+    pickle (fairseq's pickled config and Dictionary objects), so that convert.py need not read it twice."""
+
+    def __init__(self, path, obj=None):
+        self.path, self.obj = Path(path), obj
+        what = "a fairseq checkpoint" if obj is not None else \
+            "a pickle with objects beyond tensors (as fairseq checkpoints are)"
+        super().__init__(f"{path}: {what}, which mert.py does not read; convert it once with "
+                         f"`python convert.py {path} OUT.pt`, or load it with convert.load_checkpoint")
 
 
 def load_state_strict(model: nn.Module, state: dict, src: str):
@@ -815,8 +686,9 @@ def load_state_strict(model: nn.Module, state: dict, src: str):
 def load_checkpoint(path, map_location="cpu", for_training: bool = False) -> tuple[MERTConfig, dict, str]:
     """Resolve `path` and read it into (config, state dict in our key layout, source description).
 
-    for_training (train.py --init): also map a fairseq checkpoint's pretraining heads, and leave out what a
-    source lacks (a Hugging Face folder without mask embedding) instead of filling it, so it starts fresh.
+    for_training (train.py --init): leave out what a source lacks (a Hugging Face folder without mask
+    embedding) instead of filling it, so it starts fresh. A fairseq file raises NeedsConvert;
+    convert.load_checkpoint reads it (its pretraining heads too, for training) and everything this reads.
     """
     p = Path(os.path.expanduser(str(path)))
     if not p.exists():
@@ -837,7 +709,7 @@ def load_checkpoint(path, map_location="cpu", for_training: bool = False) -> tup
         obj = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         # fairseq checkpoints pickle their config and Dictionary objects, which weights_only refuses.
-        obj = _restricted_torch_load(p, map_location)
+        raise NeedsConvert(p) from None
     except Exception as e:  # truncated zip, ...
         raise CheckpointError(f"{p}: cannot read checkpoint, truncated or damaged? ({_one_line(e)})") from None
     if not isinstance(obj, dict):
@@ -845,11 +717,16 @@ def load_checkpoint(path, map_location="cpu", for_training: bool = False) -> tup
     if "config" in obj and "model" in obj and isinstance(obj["config"], dict):
         cfg = MERTConfig.from_dict(obj["config"])
         return cfg, dict(obj["model"]), str(p)
-    if "model" in obj and isinstance(obj["model"], dict) and any(
-            k.startswith("encoder.layers.") and ".self_attn." in k for k in obj["model"]):
-        return _from_fairseq(obj, str(p), heads=for_training)
+    if is_fairseq(obj):
+        raise NeedsConvert(p, obj)
     raise CheckpointError(f"{p}: not a MERT checkpoint (ours needs 'config' and 'model'; "
                           f"fairseq needs 'model' with encoder.layers.*.self_attn.* keys)")
+
+
+def is_fairseq(obj) -> bool:
+    """Whether a loaded checkpoint dict has fairseq's layout: 'model' with encoder.layers.*.self_attn.* keys."""
+    return isinstance(obj, dict) and isinstance(obj.get("model"), dict) and any(
+        isinstance(k, str) and k.startswith("encoder.layers.") and ".self_attn." in k for k in obj["model"])
 
 
 def _one_line(e: BaseException) -> str:
@@ -955,7 +832,7 @@ def config_from_hf(hf: dict, src: str = "config.json") -> MERTConfig:
     return MERTConfig(**kw, n_codebooks=0, cqt_bins=0)  # the released weights carry no pretraining heads
 
 
-def _fuse_qkv(state: dict, q: str, k: str, v: str, out: str):
+def fuse_qkv(state: dict, q: str, k: str, v: str, out: str):
     """Concatenate separate q/k/v projection tensors into one fused qkv tensor (order q, k, v)."""
     for suffix in ("weight", "bias"):
         parts = [state.pop(f"{n}.{suffix}", None) for n in (q, k, v)]
@@ -998,447 +875,124 @@ def hf_state_to_ours(state: dict, cfg: MERTConfig, fill: bool = True) -> dict:
         state[pc + "weight_v"], state[pc + "weight_g"] = w, w.norm(dim=(0, 1), keepdim=True)
     for i in range(cfg.n_layers):
         a = f"encoder.layers.{i}.attention."
-        _fuse_qkv(state, a + "q_proj", a + "k_proj", a + "v_proj", a + "qkv")
+        fuse_qkv(state, a + "q_proj", a + "k_proj", a + "v_proj", a + "qkv")
     if "masked_spec_embed" not in state and fill:  # absent when mask_time_prob == 0; only pretraining uses it
         state["masked_spec_embed"] = torch.zeros(cfg.dim)
     return state
 
 
-# -- Hugging Face export -------------------------------------------------------
+# -----------------------------------------------------------------------------
+# CPU inference fast path. oneDNN's fused linear/conv + GELU kernels run the same fp32 arithmetic
+# 1.1-1.7x faster than torch's default CPU GEMM followed by a separate GELU pass (measured on a 2-core
+# AVX-512 machine, see bench.py). They have no autograd, so they serve only gradient-free CPU calls;
+# everything else takes the plain F.linear / F.conv1d path.
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-
-def write_safetensors(path, tensors: dict, metadata: dict | None = None):
-    """Write tensors as a .safetensors file with the standard library (no safetensors package).
-
-    Layout: an 8-byte little-endian header size N, N bytes of JSON header ({name: {"dtype", "shape",
-    "data_offsets": [begin, end]}} with begin/end relative to the data, plus "__metadata__"), padded with
-    spaces to a multiple of 8, then the raw little-endian tensor bytes back to back. Tensors go largest element
-    first, so every tensor starts at a multiple of its element size (8-aligned data start, 8-, 4-, 2-, 1-byte
-    tensors in that order).
-    """
-    if sys.byteorder != "little":
-        raise RuntimeError("write_safetensors writes little-endian bytes and runs only on little-endian machines")
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header, offset = {}, 0
-    for name in order:
-        t = tensors[name]
-        if t.dtype not in _ST_DTYPES:
-            raise ValueError(f"tensor {name}: dtype {t.dtype} has no safetensors code")
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for name in order:
-            t = tensors[name].detach().to("cpu").contiguous()
-            if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # the raw bytes, without a copy
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
+    and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+# oneDNN builds no bfloat16 primitive on CPUs without AVX-512 ("could not create a primitive descriptor")
+_ONEDNN_BF16 = _ONEDNN and getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
 
 
-def hf_config(cfg: MERTConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """config.json of the MERT-v1 Hugging Face layout for the encoder of cfg.
-
-    model_type "hubert": transformers' own HubertModel and AutoModel read it, no remote code needed. The
-    fields m-a-p's remote MERTConfig adds (configuration_MERT.py: sample_rate, feature_extractor_cqt(_bins),
-    deepnorm, attention_relax) stand beside the HuBERT ones with a plain MERT-v1's values, so the official
-    remote code reads it too. The fine-tuning fields (SpecAugment, CTC) carry MERT-v1-95M's values; the
-    encoder's outputs do not depend on them.
-    """
-    if cfg.norm_eps != 1e-5:  # modeling_hubert.py builds the conv extractor's norms with torch's default eps
-        raise CheckpointError(f"norm_eps {cfg.norm_eps}: transformers' HuBERT conv extractor norms use eps 1e-5")
-    return {
-        "architectures": ["HubertModel"], "model_type": "hubert", "torch_dtype": str(dtype).removeprefix("torch."),
-        "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "intermediate_size": cfg.ffn_dim, "hidden_act": "gelu", "do_stable_layer_norm": cfg.pre_ln,
-        "layer_norm_eps": cfg.norm_eps,
-        "num_feat_extract_layers": len(cfg.conv_dim), "conv_dim": list(cfg.conv_dim),
-        "conv_kernel": list(cfg.conv_kernel), "conv_stride": list(cfg.conv_stride), "conv_bias": cfg.conv_bias,
-        "feat_extract_norm": cfg.extractor_norm, "feat_extract_activation": "gelu",
-        "feat_proj_layer_norm": cfg.proj_norm,
-        "num_conv_pos_embeddings": cfg.pos_conv_kernel, "num_conv_pos_embedding_groups": cfg.pos_conv_groups,
-        "conv_pos_batch_norm": False,
-        "hidden_dropout": cfg.dropout, "attention_dropout": cfg.attn_dropout, "activation_dropout": cfg.act_dropout,
-        "feat_proj_dropout": cfg.dropout, "feat_extract_dropout": 0.0, "final_dropout": cfg.dropout,
-        "layerdrop": cfg.layerdrop, "initializer_range": 0.02,
-        "apply_spec_augment": True, "mask_time_prob": 0.05, "mask_time_length": 10, "mask_time_min_masks": 2,
-        "mask_feature_prob": 0.0, "mask_feature_length": 10, "mask_feature_min_masks": 0,
-        "ctc_loss_reduction": "sum", "ctc_zero_infinity": False, "use_weighted_layer_sum": False,
-        "classifier_proj_size": 256, "vocab_size": 32, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-        # m-a-p's MERTConfig fields
-        "sample_rate": cfg.sample_rate, "feature_extractor_cqt": False, "feature_extractor_cqt_bins": 336,
-        "deepnorm": False, "attention_relax": cfg.attn_relax if cfg.attn_relax > 0 else -1.0,
-    }
+def _fast(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # under autocast F.linear would cast the weight; the fused ops do not, so they take only matching dtypes
+    return _ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype \
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _ONEDNN_BF16)) \
+        and not torch.is_autocast_enabled("cpu") \
+        and not (torch.is_grad_enabled() and x.requires_grad)
 
 
-def hf_preprocessor_config(cfg: MERTConfig) -> dict:
-    """preprocessor_config.json: a Wav2Vec2FeatureExtractor at the model's rate, with MERT-v1's settings.
-
-    MERT-v1's shipped file sets do_normalize and return_attention_mask to true (quoted in yizhilll/MERT
-    issue #20), although pretraining read unnormalised audio (task.normalize: false in
-    mert_fairseq/config/pretrain/MERT_RVQ-VAE_CQT_95M.yaml), as train.py and extract.py do. We follow the
-    shipped file, so the processor behaves as it does for the official weights.
-    """
-    return {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1,
-            "sampling_rate": cfg.sample_rate, "padding_side": "right", "padding_value": 0.0,
-            "do_normalize": True, "return_attention_mask": True}
+def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
+    """layer(x), optionally followed by exact GELU, fused on the CPU inference path."""
+    if _fast(x, layer.weight) and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu" if gelu else "none",
+                                                  [None], "none")
+    y = F.linear(x, layer.weight, layer.bias)
+    return F.gelu(y) if gelu else y
 
 
-def ours_state_to_hf(state: dict) -> dict:
-    """Our encoder state dict -> transformers HubertModel keys; pretraining heads dropped.
+def conv1d_gelu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """GELU(conv(x)) for an unpadded strided conv, fused on the CPU inference path."""
+    if _fast(x, conv.weight) and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, [0], list(conv.stride), [1], 1,
+                                                       "gelu", [None], "none")
+    return F.gelu(conv(x))
 
-    Splits the fused qkv into q_proj/k_proj/v_proj and names the positional conv's weight norm as torch
-    parametrizations (original0 = g, original1 = v), the layout transformers 5 saves and loads without
-    renaming (transformers 4 renames it to weight_g/weight_v where its torch lacks parametrizations).
-    """
-    out = {}
-    pc = "encoder.pos_conv_embed.conv."
-    for k, v in state.items():
-        if k.startswith(("final_proj.", "label_embs", "cqt_head.")):
+
+# -----------------------------------------------------------------------------
+# The conv front end's GroupNorm arithmetic: over each clip's own frames in a padded batch, with given
+# statistics (a chunk of a long file), and at inference in blocks of time, so that conv 0's output
+# (512 channels at 4800 frames/s, the largest activation) is never held whole.
+
+
+def masked_channel_norm(x, n, weight, bias, eps):
+    """GroupNorm with one group per channel whose statistics cover only each clip's first n[b] frames."""
+    B, C, T = x.shape
+    valid = (torch.arange(T, device=x.device)[None, :] < n[:, None]).to(torch.float32)[:, None, :]  # (B, 1, T)
+    xf = x.float()
+    count = n.clamp(min=1).to(torch.float32)[:, None, None]
+    mean = (xf * valid).sum(-1, keepdim=True) / count  # (B, C, 1)
+    var = ((xf - mean).square_() * valid).sum(-1, keepdim=True) / count
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    return (y * weight[None, :, None] + bias[None, :, None]).to(x.dtype)
+
+
+def _norm_stats_in_blocks(l0, wav: torch.Tensor, block: int = 1024):
+    """FeatureExtractor.norm_stats for conv layer l0: the statistics of conv 0's GroupNorm (None when it has
+    none), computed block by block, so conv 0's whole output is never held: per-block mean and variance
+    merged with Chan's formula."""
+    if l0.norm != "group":
+        return None
+    x = wav[:, None, :] if wav.dim() == 2 else wav  # (B, 1, L)
+    w0, b0, k0, s0 = l0.conv.weight, l0.conv.bias, l0.kernel, l0.stride
+    T0 = conv_out_len(x.shape[-1], k0, s0)
+    n, mean, m2 = 0, None, None
+    for a in range(0, T0, block):
+        c = min(T0, a + block)
+        y = F.conv1d(x[..., a * s0:(c - 1) * s0 + k0], w0, b0, stride=s0)  # frames [a, c) of conv 0
+        var_b, mean_b = (t.double() for t in torch.var_mean(y, dim=-1, keepdim=True, correction=0))
+        if mean is None:
+            n, mean, m2 = c - a, mean_b, var_b * (c - a)
             continue
-        m = re.fullmatch(r"(encoder\.layers\.\d+\.attention\.)qkv\.(weight|bias)", k)
-        if m:
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
-                out[f"{m.group(1)}{name}.{m.group(2)}"] = part
-        elif k == pc + "weight_g":
-            out[pc + "parametrizations.weight.original0"] = v
-        elif k == pc + "weight_v":
-            out[pc + "parametrizations.weight.original1"] = v
-        else:
-            out[k] = v
+        nb = c - a
+        delta = mean_b - mean
+        mean = mean + delta * (nb / (n + nb))
+        m2 = m2 + var_b * nb + delta.square() * (n * nb / (n + nb))
+        n += nb
+    return mean[..., 0], (m2 / n)[..., 0]
+
+
+def _first_two_in_blocks(fx, x: torch.Tensor, stats=None, block: int = 1024) -> torch.Tensor:
+    """Layers 0 and 1 at inference, in blocks of time, so conv 0's whole output (the largest
+    activation: 512 channels at 4800 frames/s) is never held in memory.
+
+    Pass 1 (norm_stats) runs conv 0 block by block for the GroupNorm statistics, unless they are
+    given; pass 2 runs it again per block, normalises, applies GELU and feeds conv 1. conv 0 is
+    cheap (one input channel); its memory traffic is not.
+    """
+    l0, l1 = fx.conv_layers[0], fx.conv_layers[1]
+    w0, b0, k0, s0 = l0.conv.weight, l0.conv.bias, l0.kernel, l0.stride
+    B, L = x.shape[0], x.shape[-1]
+    T0 = conv_out_len(L, k0, s0)
+    T1 = conv_out_len(T0, l1.kernel, l1.stride)
+    if T1 < 1:
+        return l1(l0(x, None, stats), None)
+    if stats is None:
+        stats = fx.norm_stats(x, block)
+    scale, shift = _norm_affine(stats, l0.layer_norm.weight, l0.layer_norm.bias, l0.eps, x.dtype)
+    out = x.new_empty(B, l1.conv.out_channels, T1)
+    step = block // l1.stride
+    for a in range(0, T1, step):
+        c = min(T1, a + step)
+        f0, f1 = a * l1.stride, (c - 1) * l1.stride + l1.kernel  # conv 0 frames that conv 1 needs
+        y = F.conv1d(x[..., f0 * s0:(f1 - 1) * s0 + k0], w0, b0, stride=s0)
+        y = torch.ops.aten.gelu_(torch.addcmul(shift, y, scale, out=y))
+        out[..., a:c] = l1(y, None)
     return out
 
 
-def save_hf_folder(cfg: MERTConfig, state: dict, folder, dtype: torch.dtype = torch.float32,
-                   overwrite: bool = False) -> Path:
-    """Write the Hugging Face MERT-v1 layout (config.json, model.safetensors, preprocessor_config.json).
-
-    Written under a temporary name beside `folder` and renamed into place, so `folder` is either the old one
-    or the complete new one. A non-empty existing folder is replaced only with overwrite=True.
-    """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder}: exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"{folder}: folder exists and is not empty (overwrite it with --overwrite)")
-    config = hf_config(cfg, dtype)  # refuses what transformers cannot express, before anything is written
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ours_state_to_hf(state).items()}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config(cfg), indent=2) + "\n")
-        if folder.exists():
-            os.replace(folder, old)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if old.exists():
-                os.replace(old, folder)
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-# -- fairseq ------------------------------------------------------------------
-
-
-class _Inert:
-    """Stand-in for any class a checkpoint pickles that we do not admit: records its arguments, runs nothing."""
-
-    _qualname = "?"
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs, self.state = args, kwargs, None
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __call__(self, *args, **kwargs):  # a stand-in function "called" by REDUCE just records its args
-        return _Inert(*args, **kwargs)
-
-    def __repr__(self):
-        return f"<inert {self._qualname}>"
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits tensors and plain containers; any other global becomes an inert stand-in class."""
-
-    _allowed = {
-        ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
-        ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
-        ("torch", "Size"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) in self._allowed:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        return type(name, (_Inert,), {"_qualname": f"{module}.{name}"})
-
-
-class _RestrictedPickleModule:
-    """The pickle_module torch.load needs: our Unpickler plus a load() built on it."""
-
-    Unpickler = _RestrictedUnpickler
-    __name__ = "mert._RestrictedPickleModule"
-
-    @staticmethod
-    def load(f, **kw):
-        return _RestrictedUnpickler(f, **kw).load()
-
-
-def _restricted_torch_load(path: Path, map_location):
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False, pickle_module=_RestrictedPickleModule)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
-
-
-def _plain(v):
-    """Unwrap omegaconf value nodes pickled as inert stand-ins into plain values."""
-    while isinstance(v, _Inert):
-        st = v.state
-        if isinstance(st, dict) and "_val" in st:
-            v = st["_val"]
-        elif isinstance(st, dict) and "_content" in st:
-            v = st["_content"]
-        else:
-            return v
-    return v
-
-
-def _find_fairseq_model_cfg(obj, depth=0):
-    """Search a fairseq checkpoint's pickled cfg/args for the dict holding the model's hyperparameters."""
-    if depth > 12:
-        return None
-    obj = _plain(obj)
-    if isinstance(obj, _Inert):  # argparse.Namespace and the like: look at their attribute dict
-        obj = obj.state if isinstance(obj.state, dict) else (obj.state[0] if isinstance(obj.state, tuple) and obj.state else None)
-        if isinstance(obj, dict) and "__dict__" in obj:
-            obj = obj["__dict__"]
-    if isinstance(obj, dict):
-        if "encoder_embed_dim" in obj:
-            return {k: _plain(v) for k, v in obj.items()}
-        for key in ("model", "cfg", "args"):  # the usual places first
-            if key in obj:
-                found = _find_fairseq_model_cfg(obj[key], depth + 1)
-                if found:
-                    return found
-        for v in obj.values():
-            if isinstance(v, (dict, _Inert)):
-                found = _find_fairseq_model_cfg(v, depth + 1)
-                if found:
-                    return found
-    return None
-
-
-def _eval_layer_spec(spec: str) -> list:
-    """Evaluate fairseq's conv_feature_layers string ('[(512,10,5)] + [(512,3,2)] * 4 + ...') without eval()."""
-    def ev(node):
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return node.value
-        if isinstance(node, (ast.List, ast.Tuple)):
-            items = [ev(e) for e in node.elts]
-            return items if isinstance(node, ast.List) else tuple(items)
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
-            a, b = ev(node.left), ev(node.right)
-            return a + b if isinstance(node.op, ast.Add) else a * b
-        raise CheckpointError(f"unsupported conv_feature_layers expression: {spec!r}")
-    return ev(ast.parse(spec, mode="eval"))
-
-
-_FAIRSEQ_LAYER_KEYS = {
-    "self_attn.out_proj": "attention.out_proj", "self_attn_layer_norm": "layer_norm",
-    "fc1": "feed_forward.intermediate_dense", "fc2": "feed_forward.output_dense",
-    "final_layer_norm": "final_layer_norm",
-}
-# Everything under these prefixes belongs to the encoder and must map; other keys are pretraining heads.
-_FAIRSEQ_ENCODER_PREFIXES = ("feature_extractor.", "post_extract_proj.", "layer_norm.", "encoder.", "mask_emb")
-
-
-def fairseq_state_to_ours(sd: dict, cfg: MERTConfig) -> tuple[dict, list]:
-    """fairseq HuBERT/MERT keys -> ours (the mapping of transformers' official conversion); returns (state, ignored keys)."""
-    out, ignored = {}, []
-    for k, v in sd.items():
-        if not k.startswith(_FAIRSEQ_ENCODER_PREFIXES):
-            ignored.append(k)
-            continue
-        new = k
-        m = re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.(.+)", k)
-        if m:
-            i, rest = m.groups()
-            rest = {"0.weight": "conv.weight", "0.bias": "conv.bias", "2.weight": "layer_norm.weight",
-                    "2.bias": "layer_norm.bias", "2.1.weight": "layer_norm.weight",
-                    "2.1.bias": "layer_norm.bias"}.get(rest, rest)
-            new = f"feature_extractor.conv_layers.{i}.{rest}"
-        elif k.startswith("post_extract_proj."):
-            new = "feature_projection.projection." + k.split(".", 1)[1]
-        elif k.startswith("layer_norm."):
-            new = "feature_projection.layer_norm." + k.split(".", 1)[1]
-        elif k == "mask_emb":
-            new = "masked_spec_embed"
-        elif k.startswith("encoder.pos_conv.0."):
-            rest = k[len("encoder.pos_conv.0."):]
-            rest = {"parametrizations.weight.original0": "weight_g",
-                    "parametrizations.weight.original1": "weight_v"}.get(rest, rest)
-            new = "encoder.pos_conv_embed.conv." + rest
-        else:
-            m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", k)
-            if m:
-                i, mod, p = m.groups()
-                if mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-                    new = f"encoder.layers.{i}.attention.{mod.split('.')[1]}.{p}"
-                elif mod in _FAIRSEQ_LAYER_KEYS:
-                    new = f"encoder.layers.{i}.{_FAIRSEQ_LAYER_KEYS[mod]}.{p}"
-        out[new] = v
-    for i in range(cfg.n_layers):
-        a = f"encoder.layers.{i}.attention."
-        _fuse_qkv(out, a + "q_proj", a + "k_proj", a + "v_proj", a + "qkv")
-    return out, ignored
-
-
-def _from_fairseq(ckpt: dict, src: str, heads: bool = False) -> tuple[MERTConfig, dict, str]:
-    sd = ckpt["model"]
-    for key in ("post_extract_proj.weight", "encoder.layers.0.fc1.weight"):
-        if key not in sd:
-            raise CheckpointError(f"{src}: missing key {key} (not a fairseq MERT/HuBERT checkpoint?)")
-    fc = _find_fairseq_model_cfg({k: ckpt.get(k) for k in ("cfg", "args") if ckpt.get(k) is not None}) or {}
-    # Shapes settle what they can; the pickled config settles the rest (heads, pre-LN, strides).
-    dim = sd["post_extract_proj.weight"].shape[0]
-    n_layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
-    kw = dict(dim=dim, n_layers=n_layers, ffn_dim=sd["encoder.layers.0.fc1.weight"].shape[0],
-              n_heads=int(fc.get("encoder_attention_heads", dim // 64)),
-              pre_ln=bool(fc.get("layer_norm_first", dim >= 1024)),
-              conv_bias=bool(fc.get("conv_bias", "feature_extractor.conv_layers.0.0.bias" in sd)),
-              extractor_norm="layer" if (fc.get("extractor_mode") == "layer_norm"
-                                         or "feature_extractor.conv_layers.0.2.1.weight" in sd) else "group")
-    if fc.get("conv_feature_layers"):
-        spec = _eval_layer_spec(str(fc["conv_feature_layers"]))
-        kw.update(conv_dim=[c for c, _, _ in spec], conv_kernel=[k for _, k, _ in spec],
-                  conv_stride=[s for _, _, s in spec])
-    else:  # MERT's stack; verify the kernels against the weights below
-        convs = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.0\.weight", k)))
-        kw.update(conv_dim=[sd[f"feature_extractor.conv_layers.{i}.0.weight"].shape[0] for i in convs],
-                  conv_kernel=[sd[f"feature_extractor.conv_layers.{i}.0.weight"].shape[2] for i in convs],
-                  conv_stride=[5] + [2] * (len(convs) - 1))
-    pos = sd.get("encoder.pos_conv.0.weight_v", sd.get("encoder.pos_conv.0.parametrizations.weight.original1"))
-    if pos is not None:
-        kw.update(pos_conv_kernel=pos.shape[2], pos_conv_groups=dim // pos.shape[1])
-    for theirs, ours in (("dropout", "dropout"), ("attention_dropout", "attn_dropout"),
-                         ("activation_dropout", "act_dropout"), ("encoder_layerdrop", "layerdrop"),
-                         ("feature_grad_mult", "conv_grad_mult")):
-        if isinstance(fc.get(theirs), (int, float)):
-            kw[ours] = float(fc[theirs])
-    relax = fc.get("attention_relax", -1)
-    kw["attn_relax"] = float(relax) if isinstance(relax, (int, float)) and relax > 0 else 0.0
-    cfg = MERTConfig(**kw, n_codebooks=0, cqt_bins=0)  # the encoder; heads only when asked for (train.py --init)
-    state, ignored = fairseq_state_to_ours(sd, cfg)
-    if heads:
-        head_cfg, head_state = fairseq_heads_to_ours(ckpt, dim, src)
-        cfg = replace(cfg, **head_cfg)
-        state.update(head_state)
-        ignored = [k for k in ignored if not k.startswith(_FAIRSEQ_HEAD_KEYS)]
-    if ignored:
-        print(f"{src}: ignoring {len(ignored)} pretraining-head tensor(s): {', '.join(sorted(ignored)[:6])}"
-              + (" ..." if len(ignored) > 6 else ""), file=sys.stderr)
-    return cfg, state, src
-
-
-_FAIRSEQ_HEAD_KEYS = ("label_embs_concat", "final_proj.", "encoder_cqt_model.fc.")
-
-
-def _fairseq_dictionaries(ckpt: dict, src: str) -> list[list[str]] | None:
-    """The symbol lists of the label Dictionaries pickled in a fairseq checkpoint's task_state (None if absent)."""
-    ts = _plain(ckpt.get("task_state"))
-    dicts = ts.get("dictionaries") if isinstance(ts, dict) else None
-    if not dicts:
-        return None
-    out = []
-    for i, d in enumerate(dicts):
-        st = d.state if isinstance(d, _Inert) else d  # a Dictionary unpickles as an inert object holding its __dict__
-        symbols = st.get("symbols") if isinstance(st, dict) else None
-        if not isinstance(symbols, list) or not all(isinstance(x, str) for x in symbols):
-            raise CheckpointError(f"{src}: task_state dictionary {i} holds no list of symbols")
-        out.append(symbols)
-    return out
-
-
-def fairseq_heads_to_ours(ckpt: dict, dim: int, src: str) -> tuple[dict, dict]:
-    """A fairseq MERT checkpoint's pretraining heads in our layout: (config fields, tensors).
-
-    label_embs_concat stacks one table per codebook of len(Dictionary) rows: fairseq's 4 special symbols
-    (<s>, <pad>, </s>, <unk>) first, then the symbols of that codebook's dict.*.txt in file order. A label
-    "c" is encoded through the Dictionary (its index of the symbol "c"), so code c's row is gathered through
-    the pickled Dictionary, never assumed at c + 4; a code the Dictionary lacks was encoded as <unk> and gets
-    that row. The special rows, never a target, are dropped. (fairseq's NCE also scores them as negatives,
-    mert_model.py compute_pred; our loss scores the codes only.) final_proj is untied in MERT-v1
-    (untie_final_proj: true): codebook k uses output rows [k F, (k + 1) F), as mert_model.py chunks it; a
-    tied projection is copied to every codebook. The CQT head is encoder_cqt_model.fc (model_cqt_pred).
-    """
-    sd = ckpt["model"]
-    fields_, state = {"n_codebooks": 0, "cqt_bins": 0}, {}
-    table = sd.get("label_embs_concat")
-    if table is not None:
-        dicts = _fairseq_dictionaries(ckpt, src)
-        if dicts is None:
-            raise CheckpointError(f"{src}: label_embs_concat without the label dictionaries (task_state"
-                                  f"['dictionaries']) that say which row holds which code; cannot map the label tables")
-        sizes = [len(d) for d in dicts]
-        if sum(sizes) != table.shape[0]:
-            raise CheckpointError(f"{src}: label_embs_concat has {table.shape[0]} rows but the {len(dicts)} "
-                                  f"dictionaries hold {sum(sizes)} symbols")
-        rows_of = []
-        for symbols in dicts:
-            code_rows = {}
-            for i, sym in enumerate(symbols):
-                if sym.isdigit():
-                    code_rows.setdefault(int(sym), i)
-            if not code_rows:
-                raise CheckpointError(f"{src}: a label dictionary holds no integer codes (symbols {symbols[:6]} ...)")
-            unk = symbols.index("<unk>") if "<unk>" in symbols else 3
-            rows_of.append((code_rows, unk))
-        V = max(max(rows) for rows, _ in rows_of) + 1
-        F_, offset, embs = table.shape[1], 0, []
-        for k, ((code_rows, unk), n) in enumerate(zip(rows_of, sizes)):
-            absent = V - len(code_rows)
-            if absent:
-                print(f"{src}: codebook {k}: {absent} of codes 0..{V - 1} are not in its dictionary; they take its "
-                      f"<unk> row, as fairseq encoded them", file=sys.stderr)
-            idx = torch.tensor([offset + code_rows.get(c, unk) for c in range(V)])
-            embs.append(table.index_select(0, idx))
-            offset += n
-        state["label_embs"] = torch.stack(embs)  # (K, V, F): row c is code c
-        K = len(dicts)
-        w, b = sd.get("final_proj.weight"), sd.get("final_proj.bias")
-        if w is None or w.shape[1] != dim or w.shape[0] not in (F_, K * F_):
-            raise CheckpointError(f"{src}: final_proj.weight {None if w is None else tuple(w.shape)} does not fit "
-                                  f"{K} codebooks of final_dim {F_} on width {dim}")
-        if w.shape[0] == F_ and K > 1:  # tied: the same projection serves every codebook
-            w, b = w.repeat(K, 1), None if b is None else b.repeat(K)
-        state["final_proj.weight"] = w
-        state["final_proj.bias"] = b if b is not None else torch.zeros(w.shape[0])
-        fields_.update(n_codebooks=K, codebook_size=V, final_dim=F_)
-    if "encoder_cqt_model.fc.weight" in sd:
-        state["cqt_head.weight"] = sd["encoder_cqt_model.fc.weight"]
-        state["cqt_head.bias"] = sd["encoder_cqt_model.fc.bias"]
-        fields_["cqt_bins"] = sd["encoder_cqt_model.fc.weight"].shape[0]
-    return fields_, state
+def _norm_affine(stats, weight, bias, eps, dtype):
+    """GroupNorm with given statistics as y = x * scale + shift: (scale, shift) [B, C, 1] in dtype."""
+    mean, var = stats
+    scale = weight.double()[:, None] * torch.rsqrt(var.double()[..., None] + eps)  # (B, C, 1)
+    shift = bias.double()[:, None] - mean.double()[..., None] * scale
+    return scale.to(dtype), shift.to(dtype)

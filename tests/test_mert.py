@@ -10,8 +10,9 @@ import types
 import pytest
 import torch
 
+import convert
 from conftest import need, randomise_
-from mert import MERT, MERTConfig, CheckpointError, PRESETS
+from mert import MERT, MERTConfig, CheckpointError, NeedsConvert, PRESETS
 
 TOL = 1e-4
 
@@ -145,7 +146,9 @@ def test_fairseq_checkpoint_converts(pair, tmp_path, monkeypatch):
             monkeypatch.delitem(sys.modules, name)
     with pytest.raises(pickle.UnpicklingError):  # weights_only refuses it, as it should
         torch.load(path, weights_only=True)
-    conv = MERT.from_pretrained(path)
+    with pytest.raises(NeedsConvert, match=r"MERT-fairseq\.pt: .*`python convert\.py "):  # mert.py names convert.py
+        MERT.from_pretrained(path)
+    conv = convert.from_pretrained(path)
     assert conv.config.pre_ln == hf.config.do_stable_layer_norm
     assert conv.config.attn_relax == (32.0 if hf.config.do_stable_layer_norm else 0.0)
     wav = music(20000, seed=3)[None]
@@ -162,8 +165,10 @@ def test_restricted_unpickler_runs_nothing(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"model": {"encoder.layers.0.self_attn.k_proj.weight": torch.zeros(1)}, "cfg": Evil()}, path)
-    with pytest.raises(CheckpointError):
-        MERT.from_pretrained(path)  # loads inertly, then fails on missing keys
+    with pytest.raises(NeedsConvert):
+        MERT.from_pretrained(path)  # mert.py does not unpickle it at all
+    with pytest.raises(CheckpointError, match="missing key post_extract_proj.weight"):
+        convert.from_pretrained(path)  # loads inertly, then fails on missing keys
     assert not marker.exists()
 
 
@@ -254,7 +259,7 @@ def test_layer_selection_and_frames():
         m.extract(wav, layers=[9])
 
 
-# -- helpers that write the fairseq layout, independently of mert.py's reader -------------------------
+# -- helpers that write the fairseq layout, independently of convert.py's reader -------------------------
 
 
 def hf_to_fairseq(sd):
