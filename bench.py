@@ -453,7 +453,8 @@ def bench_train(args):
     """Step time, audio-seconds/s (and MFU and peak memory on a GPU) of a full pretraining step."""
     import teachers as teachers_lib
     import train
-    from mert import MERT, MERTConfig, compute_mask_indices, mix_noise
+    from mert import MERT, MERTConfig, compute_mask_indices
+    from train import mix_noise
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 import audio
-from mert import MERT, CheckpointError
+from mert import MERT, CheckpointError, NeedsConvert
 
 # The model extract.py uses when --ckpt is not given: a small model pretrained by this repository's own
 # pipeline on freely licensed music, shipped with it (README, "The shipped model").
@@ -112,6 +112,15 @@ def plan_chunks(n_frames: int, chunk: int, overlap: int) -> list[tuple[int, int,
         plan.append((s, chunk, lo, hi))
         lo = hi
     return plan
+
+
+def load_model(ckpt) -> MERT:
+    """MERT.from_pretrained; a fairseq checkpoint through convert.py, imported only for one."""
+    try:
+        return MERT.from_pretrained(ckpt)
+    except NeedsConvert:
+        import convert
+        return convert.from_pretrained(ckpt)
 
 
 def model_fingerprint(model: MERT) -> str:
@@ -517,7 +526,7 @@ def main(argv=None) -> int:
                 f"({' '.join(sorted(audio.AUDIO_EXTENSIONS))})")
             return 2
         device, dtype = pick_device(args.device), getattr(torch, args.dtype)
-        model = MERT.from_pretrained(ckpt)
+        model = load_model(ckpt)
         model_id = model_fingerprint(model)  # before the cast: the weights as the checkpoint holds them
         model = model.to(device=device, dtype=dtype)
         layers = parse_layers(args.layers, model.num_states)

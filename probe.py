@@ -179,9 +179,9 @@ def handmade_features(kind: str, frames: bool = False):
 
 
 def _load_model(ckpt) -> MERT:
-    """MERT.from_pretrained, with a bad checkpoint as a ProbeError."""
+    """extract.load_model (every format extract.py reads), with a bad checkpoint as a ProbeError."""
     try:
-        return MERT.from_pretrained(ckpt)
+        return extract.load_model(ckpt)
     except (CheckpointError, ValueError, RuntimeError, OSError) as e:
         raise ProbeError(str(e))
 

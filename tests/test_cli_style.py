@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = [["train.py"], ["train.py", "export"], ["extract.py"], ["probe.py"], ["rvq.py"], ["audio.py", "prepare"],
+COMMANDS = [["train.py"], ["train.py", "export"], ["convert.py"], ["extract.py"], ["probe.py"], ["rvq.py"], ["audio.py", "prepare"],
             ["teachers.py", "fit-mfcc"], ["teachers.py", "labels"], ["bench.py"]]
 
 

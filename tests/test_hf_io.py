@@ -1,4 +1,4 @@
-"""Models in and out: `train.py export --format hf` against transformers, and `train.py --init`.
+"""Models in and out: `convert.py --format hf` against transformers, fairseq checkpoints, and `train.py --init`.
 
 Export: our checkpoints (a trained tiny run, MERT-v1-95M's and -330M's configs cut to 2 layers, the shipped
 model) go through the command line into the Hugging Face MERT-v1 layout; transformers' HubertModel loads the
@@ -7,6 +7,8 @@ folder with no missing or unexpected keys and gives extract.py's hidden states (
 distinguishable special rows) gives the same first-step loss as the same weights in our own checkpoint.
 """
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +17,12 @@ import soundfile as sf
 import torch
 
 import audio
+import convert
 import extract
 import train
 from conftest import need, randomise_
-from mert import MERT, MERTConfig, load_checkpoint, ours_state_to_hf, write_safetensors, _read_safetensors
+from convert import load_checkpoint, ours_state_to_hf, save_pretrained, write_safetensors
+from mert import MERT, MERTConfig, _read_safetensors
 from test_mert import fake_fairseq_modules, hf_to_fairseq
 from test_train import MICRO, music  # noqa: F401  (music: the module-scoped folder of synthetic tracks)
 
@@ -59,7 +63,7 @@ def hf_states(folder, wav: np.ndarray):
 def check_export(ckpt, tmp_path, clip):
     """Export ckpt through the CLI, run extract.py on it and transformers on the export; compare; return errors."""
     out = tmp_path / "hf"
-    assert train.export([str(ckpt), str(out), "--format", "hf"]) == 0
+    assert convert.main([str(ckpt), str(out), "--format", "hf"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
     assert extract.main([str(clip), "-o", str(tmp_path / "feats"), "--ckpt", str(ckpt)]) == 0
     ours = torch.from_numpy(np.load(tmp_path / "feats" / (clip.stem + ".npy")))  # [n + 1, T, d]
@@ -114,14 +118,14 @@ def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(SystemExit) as e:
-        train.export([str(ckpt), str(out), "--format", "hf"])
+        convert.main([str(ckpt), str(out), "--format", "hf"])
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    assert train.export([str(ckpt), str(out), "--format", "hf", "--overwrite", "--dtype", "bfloat16"]) == 0
+    assert convert.main([str(ckpt), str(out), "--format", "hf", "--overwrite", "--dtype", "bfloat16"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left behind
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    assert train.export([str(tmp_path / "absent.pt"), str(tmp_path / "x"), "--format", "hf"]) == 1
+    assert convert.main([str(tmp_path / "absent.pt"), str(tmp_path / "x"), "--format", "hf"]) == 1
     assert "absent.pt: no such file" in capsys.readouterr().err
 
 
@@ -215,7 +219,7 @@ def test_init_from_fairseq_equals_the_same_weights_loaded_directly(known, music,
 
 def test_init_from_hf_folder_is_encoder_only_and_resume_wins(known, music, tmp_path, capsys):  # noqa: F811
     m, d = known
-    m.save_pretrained(tmp_path / "hf")
+    save_pretrained(m, tmp_path / "hf")
     m.save(tmp_path / "enc.pt", heads=False)  # the same encoder, no heads, in our format
     base = MICRO + ["--data", str(music), "--max_steps", "1", "--batch_size", "2"]
     train.main(base + ["--init", str(tmp_path / "hf"), "--out", str(tmp_path / "a")])
@@ -267,3 +271,34 @@ def test_fairseq_code_missing_from_its_dictionary_takes_the_unk_row(known, tmp_p
     want = m.label_embs.detach().clone()
     want[2, 7] = table[start + 3]  # fairseq encoded the label "7" as <unk>, row 3
     assert torch.equal(state["label_embs"], want)
+
+
+# -- convert.py's command line; fairseq files through extract.py ----------------------------------------------
+
+
+def test_convert_cli_writes_pt_and_hf_and_reads_fairseq(known, tmp_path, monkeypatch):
+    """`python convert.py` as a user runs it: a fairseq .pt to ours, ours to a Hugging Face folder, a bad input."""
+    m, d = known
+    fs = fairseq_checkpoint(m, tmp_path / "MERT-fairseq.pt", monkeypatch)
+    clip = song(tmp_path / "a.wav", frames=40)
+    want = m.extract(torch.from_numpy(audio.load(clip)))[:, 0]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, str(ROOT / "convert.py"), *map(str, args)], capture_output=True,
+                              text=True, cwd=tmp_path)
+
+    r = cli(fs, tmp_path / "enc.pt", "--dtype", "float32")  # fairseq needs no package: its classes stay inert
+    assert r.returncode == 0 and r.stdout.startswith(f"convert.py: {tmp_path / 'enc.pt'} ("), r.stdout + r.stderr
+    enc = MERT.from_pretrained(tmp_path / "enc.pt")
+    assert enc.config.n_codebooks == 0 and torch.equal(enc.extract(torch.from_numpy(audio.load(clip)))[:, 0], want)
+    r = cli(d / "ours.pt", tmp_path / "hf", "--format", "hf")
+    assert r.returncode == 0 and "Hugging Face MERT-v1 layout" in r.stdout, r.stdout + r.stderr
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors",
+                                                                    "preprocessor_config.json"]
+    assert torch.equal(MERT.from_pretrained(tmp_path / "hf").extract(torch.from_numpy(audio.load(clip)))[:, 0], want)
+    r = cli(tmp_path / "absent.pt", tmp_path / "x.pt")
+    assert r.returncode == 1 and r.stderr == f"convert.py: {tmp_path / 'absent.pt'}: no such file or folder\n"
+    assert not (tmp_path / "x.pt").exists()
+    # extract.py reads the fairseq file itself (through convert.py) and gives the known weights' features
+    assert extract.main([str(clip), "-o", str(tmp_path / "feats"), "--ckpt", str(fs)]) == 0
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "feats" / "a.npy")), want)
