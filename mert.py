@@ -353,7 +353,7 @@ class PositionalConvEmbedding(nn.Module):
 
 
 class MERT(nn.Module):
-    """The MERT encoder. `extract` gives all hidden states; `from_pretrained` loads any known checkpoint."""
+    """The MERT encoder. `extract` gives all hidden states; `from_pretrained` loads ours or a Hugging Face folder."""
 
     def __init__(self, cfg: MERTConfig):
         super().__init__()
