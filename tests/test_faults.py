@@ -17,6 +17,7 @@ import soundfile as sf
 import torch
 
 import audio
+import checkpoints
 import train
 from test_train import MICRO, ROOT
 
@@ -63,7 +64,7 @@ def assert_same_weights(a, b):
 
 
 def train_steps(out):
-    steps = [r["step"] for r in train.read_log(Path(out) / "log.jsonl") if "loss" in r]
+    steps = [r["step"] for r in checkpoints.read_log(Path(out) / "log.jsonl") if "loss" in r]
     return steps
 
 
@@ -78,7 +79,7 @@ def reference(tracks, tmp_path_factory):
 def die_after_checkpoint(monkeypatch, step, also=None):
     """Make the run stop dead (KeyboardInterrupt, as a kill) right after writing its step-`step` checkpoint;
     also(step) runs after every checkpoint."""
-    real = train.write_checkpoint
+    real = checkpoints.write_checkpoint
 
     def write(out, obj, keep):
         path = real(out, obj, keep)
@@ -88,7 +89,7 @@ def die_after_checkpoint(monkeypatch, step, also=None):
             raise KeyboardInterrupt
         return path
 
-    monkeypatch.setattr(train, "write_checkpoint", write)
+    monkeypatch.setattr(checkpoints, "write_checkpoint", write)
 
 
 # -- restarts: the same command continues; nothing is overwritten without an explicit flag
@@ -117,7 +118,7 @@ def test_rerun_resumes_and_the_log_holds_each_step_once(tracks, reference, tmp_p
     stdout = capsys.readouterr().out
     assert "resuming" in stdout and "at step 4" in stdout and f"final checkpoint {out / 'ckpt.pt'}" in stdout
     assert train_steps(out) == list(range(8))
-    events = [r for r in train.read_log(out / "log.jsonl") if "event" in r]
+    events = [r for r in checkpoints.read_log(out / "log.jsonl") if "event" in r]
     assert [e["event"] for e in events] == ["start", "resume"] and events[1]["step"] == 4
     assert_same_weights(out / "ckpt.pt", reference / "ckpt.pt")
     assert sorted(p.name for p in out.glob("ckpt*")) == ["ckpt.pt", "ckpt_6.pt", "ckpt_8.pt"]  # keep 2
@@ -267,7 +268,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tracks, reference, tmp_path, mo
     assert "step 4: could not write a checkpoint" in err and "No space left on device" in err
     assert "the newest one left is ckpt.pt" in err
     assert sorted(p.name for p in out.glob("ckpt*")) == ["ckpt.pt", "ckpt_2.pt"]  # no temp file left
-    assert train.read_checkpoint(out / "ckpt.pt")["step"] == 2
+    assert checkpoints.read_checkpoint(out / "ckpt.pt")["step"] == 2
     assert run(args) == 0  # disk space again: the same command continues from step 2
     assert_same_weights(out / "ckpt.pt", reference / "ckpt.pt")
 
@@ -319,7 +320,7 @@ def test_data_gone_bad_mid_run_is_named_once_skipped_and_resumes_exactly(kind, t
             monkeypatch.undo()
             assert run(BASE + ["--data", str(d), "--out", str(out)]) == 0  # resumed with the data still bad
         else:
-            monkeypatch.setattr(train, "write_checkpoint", _with_hook(train.write_checkpoint, also))
+            monkeypatch.setattr(checkpoints, "write_checkpoint", _with_hook(checkpoints.write_checkpoint, also))
             assert run(BASE + ["--data", str(d), "--out", str(out)]) == 0
             monkeypatch.undo()
         return out
@@ -397,7 +398,7 @@ def test_torchrun_restarts_after_a_worker_is_killed(tracks, torchrun_reference, 
     os.kill(workers[1], signal.SIGKILL)
     log, _ = p.communicate(timeout=300)
     assert p.returncode == 0, log[-3000:]
-    events = [r for r in train.read_log(out / "log.jsonl") if "event" in r]
+    events = [r for r in checkpoints.read_log(out / "log.jsonl") if "event" in r]
     assert [e["event"] for e in events] == ["start", "resume"], log[-3000:]  # restarted, and resumed
     assert 2 <= events[1]["step"] < 12
     assert train_steps(out) == list(range(12))

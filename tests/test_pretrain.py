@@ -3,7 +3,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mert import MERT, MERTConfig, compute_mask_indices, mix_noise
+from mert import MERT, MERTConfig, compute_mask_indices
+from train import mix_noise
 
 
 def fairseq_reference_masks(B, T, p, L, min_masks, lengths, rng):

@@ -21,7 +21,8 @@ import audio
 import rvq
 import teachers
 import train
-from mert import MERT, MERTConfig, compute_mask_indices, mix_noise
+from mert import MERT, MERTConfig, compute_mask_indices
+from train import mix_noise
 from test_train import MICRO
 
 SMALL = dict(dim=32, n_layers=2, n_heads=2, ffn_dim=64, conv_dim=(16,) * 7, pos_conv_groups=4,

@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import checkpoints
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,17 +61,17 @@ def test_loss_falls_and_bad_files_are_skipped(music, tmp_path, capfd):
 def test_resume_is_exact(music, tmp_path, monkeypatch):
     base = MICRO + ["--data", str(music), "--max_steps", "6", "--batch_size", "2", "--ckpt_interval", "3"]
     run(base + ["--out", str(tmp_path / "a")])
-    real_save = train.save_checkpoint
+    real_save = checkpoints.save
 
     def save_then_die(path, obj):
         real_save(path, obj)
-        if obj["step"] == 3:
+        if isinstance(obj, dict) and obj.get("step") == 3:
             raise KeyboardInterrupt  # the run is killed right after its step-3 checkpoint
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(base + ["--out", str(tmp_path / "b")])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save", real_save)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 3
     run(base + ["--out", str(tmp_path / "b"), "--resume"])
     a, b = states(tmp_path / "a" / "ckpt.pt"), states(tmp_path / "b" / "ckpt.pt")
@@ -116,12 +117,12 @@ def test_freeze_overlapping_prefixes_and_keep_copy(tmp_path, monkeypatch):
     assert len(frozen) == len(set(frozen)) == sum(n.startswith("encoder.") for n, _ in m.named_parameters())
     src = tmp_path / "ckpt.pt"
     src.write_bytes(b"one")
-    train.keep_copy(src, tmp_path / "ckpt_1.pt")
+    checkpoints.keep_copy(src, tmp_path / "ckpt_1.pt")
     def no_links(*a):
         raise OSError("no hard links here")
-    monkeypatch.setattr(train.os, "link", no_links)
-    train.keep_copy(src, tmp_path / "ckpt_2.pt")  # falls back to a copy
-    train.save_checkpoint(src, {"x": 1})  # replacing ckpt.pt must leave the kept files as they were
+    monkeypatch.setattr(checkpoints.os, "link", no_links)
+    checkpoints.keep_copy(src, tmp_path / "ckpt_2.pt")  # falls back to a copy
+    checkpoints.save(src, {"x": 1})  # replacing ckpt.pt must leave the kept files as they were
     assert (tmp_path / "ckpt_1.pt").read_bytes() == (tmp_path / "ckpt_2.pt").read_bytes() == b"one"
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -234,7 +235,7 @@ def test_bad_data_and_export_inputs_are_one_line_errors(music, tmp_path, capsys)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     for path, problem in ((tmp_path / "gone.pt", "no such file"), (text, ""), (tmp_path / "other.pt", "")):
         capsys.readouterr()
-        assert train.export([str(path), str(tmp_path / "enc.pt")]) == 1
+        assert train.main(["export", str(path), str(tmp_path / "enc.pt")]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"train.py export: {path}: {problem}") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "enc.pt").exists()
