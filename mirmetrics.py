@@ -105,7 +105,9 @@ def _absolute(roots: np.ndarray, bits: np.ndarray) -> np.ndarray:
     return (np.take_along_axis(bits, idx, 1) != 0).astype(np.int64)
 
 
-_MAJ8, _MIN8 = np.array([1, 0, 0, 0, 1, 0, 0, 1]), np.array([1, 0, 0, 1, 0, 0, 0, 1])
+# Pitch-class bits 0-7 (root up to the fifth, relative to the root) of a major and of a minor triad: what the
+# majmin level compares, so C:7 and A:min7/5 count as their triads.
+MAJ_TRIAD, MIN_TRIAD = np.array([1, 0, 0, 0, 1, 0, 0, 1]), np.array([1, 0, 0, 1, 0, 0, 0, 1])
 
 
 def compare_chords(ref_labels, est_labels, level: str) -> np.ndarray:
@@ -116,7 +118,7 @@ def compare_chords(ref_labels, est_labels, level: str) -> np.ndarray:
         score = (rr == er).astype(float)
     elif level == "majmin":  # root and the notes up to the fifth (indices 0-7) must agree
         score = ((rr == er) & (rb[:, :8] == eb[:, :8]).all(1)).astype(float)
-        scored = (rb[:, :8] == _MAJ8).all(1) | (rb[:, :8] == _MIN8).all(1) | ((rr < 0) & (rb == 0).all(1))
+        scored = (rb[:, :8] == MAJ_TRIAD).all(1) | (rb[:, :8] == MIN_TRIAD).all(1) | ((rr < 0) & (rb == 0).all(1))
         score[~scored] = -1
     elif level == "mirex":  # at least 3 shared pitch classes (an estimated X shares all 12, as in mir_eval)
         score = ((_absolute(rr, rb) * _absolute(er, eb)).sum(1) >= 3).astype(float)

@@ -493,9 +493,9 @@ def chord_class(label: str) -> int:
     root, bits, _ = mm.encode_chord(label)
     if root < 0:
         return 0 if label == "N" else -100
-    if (bits[:8] == mm._MAJ8).all():
+    if (bits[:8] == mm.MAJ_TRIAD).all():
         return 1 + root
-    if (bits[:8] == mm._MIN8).all():
+    if (bits[:8] == mm.MIN_TRIAD).all():
         return 13 + root
     return -100
 
