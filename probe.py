@@ -604,7 +604,8 @@ class FrameData:
         if self.task == "chords":
             pred, total = out.argmax(1), {lvl: [0.0, 0.0] for lvl in mm.CHORD_LEVELS}
             for c in clips:
-                iv, labels = mm.frames_to_segments([mm.MAJMIN_VOCAB[k] for k in pred[c["lo"]:c["hi"]]], c["times"], c["end"])
+                chords = [mm.MAJMIN_VOCAB[k] for k in pred[c["lo"]:c["hi"]]]
+                iv, labels = mm.frames_to_segments(chords, c["times"], c["end"])
                 for lvl, (ok, n) in mm.chord_scores(c["ann"][0], c["ann"][1], iv, labels).items():
                     total[lvl][0] += ok
                     total[lvl][1] += n

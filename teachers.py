@@ -49,9 +49,9 @@ TEACHER_NAMES = ("acoustic", "cqt", "mfcc", "randproj")
 _ALIASES = {"rvq": "acoustic", "encodec": "acoustic", "musical": "cqt", "random": "randproj",
             "bestrq": "randproj", "best-rq": "randproj"}
 
-__all__ = ["SAMPLE_RATE", "HOP", "LABEL_DEFAULTS", "model_frames", "Teacher", "AcousticTeacher", "MusicalTeacher", "MFCC", "MFCCKMeansTeacher",
-           "RandomProjectionTeacher", "Teachers", "build_teachers", "fit_mfcc_kmeans", "kmeans_pp",
-           "TEACHER_NAMES"]
+__all__ = ["SAMPLE_RATE", "HOP", "LABEL_DEFAULTS", "model_frames", "Teacher", "AcousticTeacher", "MusicalTeacher",
+           "MFCC", "MFCCKMeansTeacher", "RandomProjectionTeacher", "Teachers", "build_teachers", "fit_mfcc_kmeans",
+           "kmeans_pp", "TEACHER_NAMES"]
 
 
 # ----------------------------------------------------------------------------- common machinery
@@ -729,17 +729,19 @@ def main(argv: list | None = None) -> int:
                     help="crop start in seconds (training crops start on the 320-sample frame grid; snapped down to it)")
     lp.add_argument("--seconds", type=float, default=5.0,
                     help="crop length, as train.py --crop_seconds (default %(default)s)")
-    lp.add_argument("--teachers", default=LABEL_DEFAULTS["teachers"], help="as train.py --teachers (default %(default)s)")
+    lp.add_argument("--teachers", default=LABEL_DEFAULTS["teachers"],
+                    help="as train.py --teachers (default %(default)s)")
     lp.add_argument("--acoustic_ckpt", "--acoustic-ckpt", default=None,
                     help="as train.py --acoustic_ckpt (none: the random-projection teacher stands in)")
     lp.add_argument("--mfcc_ckpt", "--mfcc-ckpt", default=None, help="as train.py --mfcc_ckpt")
-    lp.add_argument("--n_q", "--n-q", type=int, default=LABEL_DEFAULTS["n_q"], help="as train.py --n_q (default %(default)s)")
+    lp.add_argument("--n_q", "--n-q", type=int, default=LABEL_DEFAULTS["n_q"],
+                    help="as train.py --n_q (default %(default)s)")
     lp.add_argument("--context", type=float, default=ACOUSTIC_CONTEXT_SECONDS,
                     help="as train.py --acoustic_context: seconds of audio before the crop that an LSTM acoustic "
                          "teacher encodes first (default %(default)s)")
     lp.add_argument("--cqt_log", "--cqt-log", action="store_true", help="as train.py --cqt_log true")
-    lp.add_argument("--seed", type=int, default=LABEL_DEFAULTS["seed"], help="as train.py --seed: seeds the random-projection teacher "
-                                                          "(default %(default)s)")
+    lp.add_argument("--seed", type=int, default=LABEL_DEFAULTS["seed"],
+                    help="as train.py --seed: seeds the random-projection teacher (default %(default)s)")
     lp.add_argument("--out", help="save the labels to this .npz (codes [n_q, T], cqt [T, 336]) instead of printing "
                                   "the codes")
     lp.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = torch default (default %(default)s)")
