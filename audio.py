@@ -28,13 +28,16 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import soundfile as sf
 
-__all__ = ["AudioError", "AudioWarning", "AUDIO_EXTENSIONS", "load", "info", "resample", "find_audio", "load_crop",
-           "read_manifest", "CropDataset", "RankBatches", "EpochBatches", "make_loader", "worker_init", "prepare",
-           "SHARD_FORMAT"]
+__all__ = ["SAMPLE_RATE", "AudioError", "AudioWarning", "AUDIO_EXTENSIONS", "load", "info", "resample", "find_audio",
+           "load_crop", "read_manifest", "CropDataset", "CropContext", "RankBatches", "EpochBatches", "make_loader",
+           "worker_init", "prepare", "SHARD_FORMAT", "one_line", "write_json"]
+
+SAMPLE_RATE = 24_000  # MERT's input rate: the default of every reader and of the shards
 
 
 class AudioError(Exception):
@@ -94,7 +97,7 @@ def undecodable_reason(path) -> str | None:
             f"convert it first, e.g. ffmpeg -i 'in{suffix}' 'out.flac'")
 
 
-def _oneline(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     """An exception's message on one line (libsndfile messages can span lines)."""
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -120,7 +123,7 @@ def info(path) -> tuple[int, int, int]:
 def _unreadable(path: Path, e: BaseException) -> AudioError:
     """The AudioError for a file libsndfile refused, with the fix when its suffix is a known container."""
     hint = undecodable_reason(path)
-    return AudioError(f"{path}: unreadable ({_oneline(e)})" + (f": {hint}" if hint else ""))
+    return AudioError(f"{path}: unreadable ({one_line(e)})" + (f": {hint}" if hint else ""))
 
 
 def _ogg_tail(path: Path) -> str | None:
@@ -209,7 +212,7 @@ def _mono(x: np.ndarray) -> np.ndarray:
     return mono
 
 
-def load(path, sr: int = 24000) -> np.ndarray:
+def load(path, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Read an audio file as float32 mono [samples] at `sr` Hz; any problem raises AudioError."""
     sr = _check_rate("sr", sr)  # a bad target rate is the caller's ValueError, not the file's fault
     path = Path(path)
@@ -235,7 +238,7 @@ def load(path, sr: int = 24000) -> np.ndarray:
     try:
         return resample(mono, file_sr, sr)
     except ValueError as e:  # the file's header gives a nonsense sample rate
-        raise AudioError(f"{path}: {_oneline(e)}") from None
+        raise AudioError(f"{path}: {one_line(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +449,7 @@ def _read_frames(path, lo: int, hi: int) -> np.ndarray:
                 f.seek(lo)
             x = f.read(hi - lo, dtype="float32", always_2d=True)
     except _READ_ERRORS as e:
-        raise AudioError(f"{path}: unreadable ({_oneline(e)})") from None
+        raise AudioError(f"{path}: unreadable ({one_line(e)})") from None
     if x.shape[0] != hi - lo:  # the header promised more than the data holds (truncated file)
         raise AudioError(f"{path}: truncated (read {x.shape[0]} of frames {lo}..{hi})")
     if not np.isfinite(x).all():
@@ -454,7 +457,7 @@ def _read_frames(path, lo: int, hi: int) -> np.ndarray:
     return _mono(x)
 
 
-def load_crop(path, start: int, length: int, sr: int = 24000, header=None) -> np.ndarray:
+def load_crop(path, start: int, length: int, sr: int = SAMPLE_RATE, header=None) -> np.ndarray:
     """load(path, sr)[start:start + length], reading only that region (plus the filter's reach).
 
     `header` is info(path) if the caller has it (saves one header read). Near the end the result
@@ -485,7 +488,7 @@ def load_crop(path, start: int, length: int, sr: int = 24000, header=None) -> np
     try:
         y = resample(x, file_sr, sr)
     except ValueError as e:  # nonsense rate in the header
-        raise AudioError(f"{path}: {_oneline(e)}") from None
+        raise AudioError(f"{path}: {one_line(e)}") from None
     return y[start - first:stop - first]
 
 
@@ -508,7 +511,7 @@ def read_manifest(path) -> list[Path]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise AudioError(f"{path}: unreadable manifest ({_oneline(e)})") from None
+        raise AudioError(f"{path}: unreadable manifest ({one_line(e)})") from None
     root = path.parent
     entries = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith(_MANIFEST_COMMENT)]
     if entries and "\t" not in entries[0]:
@@ -555,6 +558,19 @@ def _print_bad(msg: str) -> None:
     print(f"audio.py: skipping {msg}", file=sys.stderr, flush=True)
 
 
+class CropContext(NamedTuple):
+    """A batch of crops with the audio around them, as a teacher that looks beyond a crop reads it.
+
+    audio [B, offset + L + r] holds crop b at audio[b, offset:offset + L] (offset = the left context read,
+    CropDataset.context[0]), with left[b] / right[b] valid samples of its file before / after it (fewer near
+    the file's ends, zeros beyond); built from a batch of CropDataset.example dicts.
+    """
+    audio: Any     # torch.Tensor [B, offset + L + r]
+    offset: int    # where every crop starts in audio
+    left: Any      # int tensor [B]: valid samples before each crop
+    right: Any     # int tensor [B]: valid samples after each crop
+
+
 class CropDataset:
     """Random fixed-length crops at `sr` Hz, a pure function of (seed, index); map-style for DataLoader.
 
@@ -579,7 +595,7 @@ class CropDataset:
     """
 
     def __init__(self, sources, crop_samples: int, seed: int = 0, min_seconds: float = 3.0,
-                 sr: int = 24000, weight: str = "duration", on_bad=None, progress=None,
+                 sr: int = SAMPLE_RATE, weight: str = "duration", on_bad=None, progress=None,
                  max_attempts: int = 1000, hop: int = 1, context: tuple = (0, 0)):
         if isinstance(crop_samples, bool) or not isinstance(crop_samples, (int, np.integer)) or crop_samples <= 0:
             raise ValueError(f"crop_samples must be a positive int, got {crop_samples!r}")
@@ -669,7 +685,7 @@ class CropDataset:
                     raise ValueError(f"bad entry {[shard, off, n]}")
                 ends[shard] = max(ends.get(shard, 0), off + n)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise AudioError(f"{d / 'index.json'}: unusable shard index ({_oneline(e)})") from None
+            raise AudioError(f"{d / 'index.json'}: unusable shard index ({one_line(e)})") from None
         refs = []
         for name in shards:
             refs.append(len(self.shard_files))
@@ -730,7 +746,7 @@ class CropDataset:
             try:
                 size = os.stat(path).st_size
             except OSError as e:
-                raise AudioError(f"{path}: unreadable shard ({_oneline(e)})") from None
+                raise AudioError(f"{path}: unreadable shard ({one_line(e)})") from None
             if size < need:
                 self._maps.pop(path, None)
                 raise AudioError(f"{path}: missing or truncated shard ({size} of {need} bytes)")
@@ -739,7 +755,7 @@ class CropDataset:
                 try:
                     m = self._maps[path] = np.memmap(path, dtype="<i2", mode="r")
                 except (OSError, ValueError) as e:
-                    raise AudioError(f"{path}: unreadable shard ({_oneline(e)})") from None
+                    raise AudioError(f"{path}: unreadable shard ({one_line(e)})") from None
             a = int(self.offset[item]) + start
             b = int(self.offset[item]) + min(start + n, int(self.length[item]))
             return m[a:b].astype(np.float32) * np.float32(1 / 32768)
@@ -1024,14 +1040,14 @@ def _prepare_worker_init():
     _limit_blas_threads(1)
 
 
-def _write_json(path: Path, obj, indent: int | None = None) -> None:
+def write_json(path: Path, obj, indent: int | None = None) -> None:
     """json.dumps(obj) to path via path.tmp and a rename: readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=indent))
     os.replace(tmp, path)
 
 
-def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr: int = 24000,
+def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr: int = SAMPLE_RATE,
             workers: int = 1, on_bad=None, progress=None) -> dict:
     """Convert audio files (folders, files, manifests) into shards under `out`; see the notes above.
 
@@ -1085,7 +1101,7 @@ def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr
         fh.close()
         name = f"shard-{shard:05d}"
         os.replace(out / f"{name}.bin.tmp", out / f"{name}.bin")
-        _write_json(out / f"{name}.json", {"format": SHARD_FORMAT, "sample_rate": sr, "files": current})
+        write_json(out / f"{name}.json", {"format": SHARD_FORMAT, "sample_rate": sr, "files": current})
         entries.extend(current)
         shard, fh, pos, current = shard + 1, None, 0, []
 
@@ -1127,7 +1143,7 @@ def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr
             (out / f"shard-{shard:05d}.bin.tmp").unlink(missing_ok=True)
     shards = sorted({e[1] for e in entries})
     names = [f"shard-{s:05d}.bin" for s in range(max(shards, default=-1) + 1)]
-    _write_json(out / "index.json", {"format": SHARD_FORMAT, "sample_rate": sr, "dtype": "int16",
+    write_json(out / "index.json", {"format": SHARD_FORMAT, "sample_rate": sr, "dtype": "int16",
                                      "scale": 32768, "shards": names, "files": entries})
     return {"files": len(entries), "seconds": sum(e[3] for e in entries) / sr, "shards": len(shards),
             "new": new, "short": short, "bad": bad, "clipped_files": sum(e[4] > 0 for e in entries)}

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
+SR = 24_000  # MERT's sample rate: every signal here is made at it
 
 # -----------------------------------------------------------------------------
 # measurement helpers
@@ -78,7 +79,7 @@ def in_subprocess(*args) -> dict:
 def music_like(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     """A deterministic music-like test signal [batch, n] (tones, onsets, noise) at a realistic level."""
     g = np.random.default_rng(seed)
-    t = np.arange(n) / 24000
+    t = np.arange(n) / SR
     out = np.zeros((batch, n), np.float32)
     for b in range(batch):
         f0 = 110 * 2 ** (g.integers(0, 24) / 12)
@@ -134,7 +135,7 @@ def bench_extract(args):
     rows = []
     with torch.inference_mode():
         for B, sec in cases:
-            x = music_like(int(sec * 24000), B)
+            x = music_like(int(sec * SR), B)
             t = interleaved_medians({"hf": lambda: hf(x), "ours": lambda: ours(x)}, args.repeat)
             rows.append(ratio_row(f"time {B}x{sec:g}s", t["hf"], t["ours"], "s"))
             print(rows[-1], flush=True)
@@ -153,7 +154,7 @@ def _bench_long_song(root: Path, folder: Path, args) -> str:
     """extract.py on a 10-minute song with --chunk 30: peak RSS of the whole process."""
     import soundfile as sf
     song = root / "song10min.wav"
-    sf.write(song, music_like(600 * 24000)[0].numpy(), 24000, subtype="PCM_16")
+    sf.write(song, music_like(600 * SR)[0].numpy(), SR, subtype="PCM_16")
     t0 = time.perf_counter()
     with open(root / "extract.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(HERE / "extract.py"), str(song), "-o", str(root / "feats"),
@@ -175,7 +176,7 @@ def _bench_long_song(root: Path, folder: Path, args) -> str:
 # -----------------------------------------------------------------------------
 # cqt: cqt.CQT vs nnAudio's CQT (CQT1992v2) and librosa.cqt, MERT's settings
 
-CQT_ARGS = dict(sr=24000, hop_length=320, fmin=32.7, n_bins=336, bins_per_octave=48)
+CQT_ARGS = dict(sr=SR, hop_length=320, fmin=32.7, n_bins=336, bins_per_octave=48)
 CQT_CASES = {"1x30s": (1, 30.0), "8x5s": (8, 5.0), "1x10min": (1, 600.0)}
 
 
@@ -197,7 +198,7 @@ def _cqt_candidate(name: str):
 
 def _cqt_signal(case: str) -> torch.Tensor:
     batch, seconds = CQT_CASES[case]
-    return music_like(int(seconds * 24000), batch)
+    return music_like(int(seconds * SR), batch)
 
 
 def _available(module: str) -> bool:
@@ -246,7 +247,7 @@ def _cqt_mem_child(name: str, case: str, threads: int) -> dict:
     with torch.inference_mode():
         box = {}
         build = peak_rss_rise(lambda: box.setdefault("fn", _cqt_candidate(name)))
-        box["fn"](music_like(24000, 1))  # first-call allocations stay out of the figure
+        box["fn"](music_like(SR, 1))  # first-call allocations stay out of the figure
         run = peak_rss_rise(lambda: box["fn"](x))
     return {"build_mb": build, "run_mb": run}
 
@@ -315,7 +316,7 @@ def bench_data(args):
         c0, w0 = time.process_time(), time.perf_counter()
         summary = audio.prepare(sources, tmp / "shards", workers=1, progress=False)
         prep_cpu, prep_wall = time.process_time() - c0, time.perf_counter() - w0
-        crop = int(crop_s * 24000)
+        crop = int(crop_s * SR)
         results = {"shards": (_time_crops(audio.CropDataset([tmp / "shards"], crop, seed=0), range(n_shard),
                                           args.repeat), n_shard)}
         for name, src in raw_sets.items():
@@ -362,7 +363,7 @@ def _encodec_weights(path: Path) -> Path:
         torch.manual_seed(0)
         ref = encodec.EncodecModel.encodec_model_24khz(pretrained=False)
         with torch.no_grad():
-            frames = ref.encoder(music_like(14 * 24000, 1)[:, None])[0].T      # (1050, 128)
+            frames = ref.encoder(music_like(14 * SR, 1)[:, None])[0].T      # (1050, 128)
             for k, layer in enumerate(ref.quantizer.vq.layers):
                 # speed does not depend on the values; scale later codebooks like shrinking residuals
                 pick = torch.randperm(frames.shape[0], generator=torch.Generator().manual_seed(k))[:1024]
@@ -380,7 +381,7 @@ def _small_model(ckpt):
     torch.manual_seed(0)
     model = rvq.RVQVAE(rvq.PRESETS["small"])
     with torch.no_grad():
-        model.quantizer.init_(model.encoder(music_like(20 * 24000, 1)[:, None]))
+        model.quantizer.init_(model.encoder(music_like(20 * SR, 1)[:, None]))
     return model.eval()
 
 
@@ -408,7 +409,7 @@ def bench_rvq(args):
     rows = []
     with torch.inference_mode():
         for B, sec in RVQ_CASES:
-            x = music_like(int(sec * 24000), B)
+            x = music_like(int(sec * SR), B)
             assert torch.equal(peer(x), ours(x)), "encodec24k codes differ from the encodec package"
             t = interleaved_medians({"peer": lambda: peer(x), "ours": lambda: ours(x),
                                      "small": lambda: small(x)}, args.repeat)
@@ -434,9 +435,9 @@ def _rvq_mem_child(argv):
     which, weights, B, sec, threads, ckpt = argv[1], Path(argv[2]), int(argv[3]), float(argv[4]), int(argv[5]), argv[6]
     torch.set_num_threads(threads)
     run = _rvq_candidate(which, weights, ckpt or None)
-    x = music_like(int(sec * 24000), B)
+    x = music_like(int(sec * SR), B)
     with torch.inference_mode():
-        run(music_like(24000, 1))                  # first-call allocations stay out of the figure
+        run(music_like(SR, 1))                  # first-call allocations stay out of the figure
         mb = peak_rss_rise(lambda: run(x))
     print(json.dumps({"mb": mb}))
 
@@ -464,7 +465,7 @@ def bench_train(args):
     for size in sizes:
         tc = train.TrainConfig(**{**train.TRAIN_PRESETS[size], "size": size})
         B = args.batch or (TRAIN_BATCH[size] if cuda else 4)
-        crop = int(round(tc.crop_seconds * 24000))
+        crop = int(round(tc.crop_seconds * SR))
         teach = teachers_lib.build_teachers("randproj,cqt", device=device, log=lambda *a: None).to(device)
         torch.manual_seed(0)
         cfg = MERTConfig.from_preset(size, n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size,
@@ -509,9 +510,9 @@ def _child(argv):
         which, folder, B, sec, threads = argv[1], Path(argv[2]), int(argv[3]), float(argv[4]), int(argv[5])
         torch.set_num_threads(threads)
         run = _load_extract_candidate(which, folder)
-        x = music_like(int(sec * 24000), B)
+        x = music_like(int(sec * SR), B)
         with torch.inference_mode():
-            run(music_like(24000, 1))  # first-call allocations (kernels, caches) stay out of the figure
+            run(music_like(SR, 1))  # first-call allocations (kernels, caches) stay out of the figure
             mb = peak_rss_rise(lambda: run(x))
         print(json.dumps({"mb": mb}))
     elif what == "rvq_mem":

@@ -153,7 +153,7 @@ def _publish(tmp: Path, dst: Path, record: dict):
     always has its own record beside it, and a record without its array only means "not done"."""
     record["bytes"] = tmp.stat().st_size
     dst.unlink(missing_ok=True)
-    audio._write_json(record_path(dst), record, indent=1)
+    audio.write_json(record_path(dst), record, indent=1)
     os.replace(tmp, dst)
 
 
@@ -410,7 +410,7 @@ def extract_files(model: MERT, jobs: list[tuple[Path, Path]], layers: list[int],
                     n_done += 1
                     bar.update(1)
             except OSError as e:
-                drop(w, f"{w.path}: cannot write ({audio._oneline(e)})")
+                drop(w, f"{w.path}: cannot write ({audio.one_line(e)})")
         pending.clear()
 
     for src, dst in todo:
@@ -436,7 +436,7 @@ def extract_files(model: MERT, jobs: list[tuple[Path, Path]], layers: list[int],
         try:
             w = PoolWriter(src, dst, shape, record, pool) if pool != "none" else NpyWriter(src, dst, shape, record)
         except OSError as e:
-            fail(f"{dst}: cannot write ({audio._oneline(e)})")
+            fail(f"{dst}: cannot write ({audio.one_line(e)})")
             bar.update(1)
             continue
         plan = plan_chunks(n_frames, chunk, overlap)
@@ -531,7 +531,7 @@ def main(argv=None) -> int:
         model = model.to(device=device, dtype=dtype)
         layers = parse_layers(args.layers, model.num_states)
     except (audio.AudioError, CheckpointError, ValueError, RuntimeError) as e:
-        err(audio._oneline(e))
+        err(audio.one_line(e))
         return 2
     try:
         t0 = time.time()

@@ -4,6 +4,9 @@
     event_f_measure(ref_times, est_times, window=0.07)                 # beat (70 ms) or onset (50 ms) F-measure
     note_scores(ref_intervals, ref_hz, est_intervals, est_hz)          # note onset F-measure, with and without pitch
     labels_at(intervals, labels, times)                                # segment labels at frame times
+    roc_auc(y, scores), average_precision(y, scores)                   # tagging, one binary column
+    pick_peaks(act, radius), frames_to_segments(labels, times, end)    # frame-wise outputs -> annotations
+    best_threshold(score, key)                                         # an activation threshold chosen on data
 
 Decisions, each as mir_eval does it (tests/test_metrics.py compares every metric with mir_eval itself):
 - Chord labels follow Harte et al.'s grammar (`C:maj`, `A:min7/5`, `Eb:(3,5)`, `G:7(*5,b9)`, `N`, `X`) and are
@@ -17,6 +20,8 @@ Decisions, each as mir_eval does it (tests/test_metrics.py compares every metric
   (mir_eval's evaluate() drops those before 5 s; its f_measure() does not).
 - Notes match when their onsets are within 50 ms (distances rounded to 0.1 ms, as mir_eval does) and, for the
   note F-measure, their pitches within 50 cents; offsets are not scored.
+- Event scores over a data set are the mean of each piece's (MIREX's averaging); chord recall is summed over
+  pieces, duration-weighted.
 """
 
 import re
@@ -105,7 +110,9 @@ def _absolute(roots: np.ndarray, bits: np.ndarray) -> np.ndarray:
     return (np.take_along_axis(bits, idx, 1) != 0).astype(np.int64)
 
 
-_MAJ8, _MIN8 = np.array([1, 0, 0, 0, 1, 0, 0, 1]), np.array([1, 0, 0, 1, 0, 0, 0, 1])
+# Pitch-class bits 0-7 (root up to the fifth, relative to the root) of a major and of a minor triad: what the
+# majmin level compares, so C:7 and A:min7/5 count as their triads.
+MAJ_TRIAD, MIN_TRIAD = np.array([1, 0, 0, 0, 1, 0, 0, 1]), np.array([1, 0, 0, 1, 0, 0, 0, 1])
 
 
 def compare_chords(ref_labels, est_labels, level: str) -> np.ndarray:
@@ -116,7 +123,7 @@ def compare_chords(ref_labels, est_labels, level: str) -> np.ndarray:
         score = (rr == er).astype(float)
     elif level == "majmin":  # root and the notes up to the fifth (indices 0-7) must agree
         score = ((rr == er) & (rb[:, :8] == eb[:, :8]).all(1)).astype(float)
-        scored = (rb[:, :8] == _MAJ8).all(1) | (rb[:, :8] == _MIN8).all(1) | ((rr < 0) & (rb == 0).all(1))
+        scored = (rb[:, :8] == MAJ_TRIAD).all(1) | (rb[:, :8] == MIN_TRIAD).all(1) | ((rr < 0) & (rb == 0).all(1))
         score[~scored] = -1
     elif level == "mirex":  # at least 3 shared pitch classes (an estimated X shares all 12, as in mir_eval)
         score = ((_absolute(rr, rb) * _absolute(er, eb)).sum(1) >= 3).astype(float)
@@ -130,6 +137,23 @@ def compare_chords(ref_labels, est_labels, level: str) -> np.ndarray:
 
 
 CHORD_LEVELS = ("root", "majmin", "mirex")
+
+NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+# MIREX's majmin vocabulary: N and the 24 major and minor triads.
+MAJMIN_VOCAB = ["N"] + [f"{n}:maj" for n in NOTE_NAMES] + [f"{n}:min" for n in NOTE_NAMES]
+
+
+def majmin_index(label: str) -> int | None:
+    """A chord's index in MAJMIN_VOCAB: N is 0, a chord whose notes up to the fifth are a major or minor triad
+    (C:7, A:min7/5) is that triad; None for the others (dim, aug, sus, X), which the majmin level does not name."""
+    root, bits, _ = encode_chord(label)
+    if root < 0:
+        return 0 if label == NO_CHORD else None
+    if (bits[:8] == MAJ_TRIAD).all():
+        return 1 + root
+    if (bits[:8] == MIN_TRIAD).all():
+        return 13 + root
+    return None
 
 
 def _fit_span(iv: np.ndarray, labels: list, t_min: float, t_max: float, fill: str):
@@ -241,6 +265,11 @@ def event_f_measure(ref, est, window: float = 0.07, min_time: float = 0.0) -> tu
     return _f(max_matching(edges, len(ref)), len(ref), len(est))
 
 
+def mean_beat_f(refs: list, ests: list, window: float = 0.07, min_time: float = 0.0) -> float:
+    """Mean over pieces of event_f_measure's F (mir_eval scores each file; MIREX averages the files)."""
+    return float(np.mean([event_f_measure(r, e, window, min_time)[0] for r, e in zip(refs, ests)]))
+
+
 def note_scores(ref_iv, ref_hz, est_iv, est_hz, onset_tol: float = 0.05, pitch_tol: float = 50.0) -> dict:
     """Note-level scores without offsets: onset_f ignores pitch (mir_eval.transcription.onset_precision_recall_f1);
     note_f also needs the pitch within pitch_tol cents (precision_recall_f1_overlap with offset_ratio=None)."""
@@ -256,6 +285,43 @@ def note_scores(ref_iv, ref_hz, est_iv, est_hz, onset_tol: float = 0.05, pitch_t
         f, p, r = _f(max_matching(edges, len(ref_on)), len(ref_on), len(est_on))
         out.update({f"{name}_f": f, f"{name}_p": p, f"{name}_r": r})
     return out
+
+
+def mean_note_scores(refs: list, ests: list) -> dict:
+    """Mean over pieces of note_scores' onset_f and note_f; each piece's ref and est are (intervals, Hz)."""
+    scores = [note_scores(r[0], r[1], e[0], e[1]) for r, e in zip(refs, ests)]
+    return {k: float(np.mean([s[k] for s in scores])) for k in ("onset_f", "note_f")}
+
+
+# ----------------------------------------------------------------------------- frame-wise outputs to annotations
+
+# activation thresholds to choose from (low ones too: sparse onset targets give small activations)
+THRESHOLDS = np.r_[0.01, 0.02, 0.03, np.round(np.arange(0.05, 0.96, 0.05), 2)]
+
+
+def pick_peaks(act: np.ndarray, radius: int) -> np.ndarray:
+    """Local maxima along time of act [T, ...]: the first frame of the largest value within +-radius frames."""
+    pad = np.full((radius,) + act.shape[1:], -np.inf)
+    win = np.lib.stride_tricks.sliding_window_view(np.concatenate([pad, act, pad]), 2 * radius + 1, axis=0)
+    return (act > win[..., :radius].max(-1)) & (act >= win[..., radius:].max(-1))
+
+
+def best_threshold(score, key: str, thresholds=THRESHOLDS) -> tuple[float, dict]:
+    """(threshold, its scores): the threshold whose scores, score(th) -> dict, are best at `key` (the lowest
+    among equals); choose it on validation data and apply it to the test data."""
+    by_th = {th: score(th) for th in thresholds}
+    best = max(thresholds, key=lambda th: (by_th[th][key], -th))
+    return float(best), by_th[best]
+
+
+def frames_to_segments(labels: list, times: np.ndarray, end: float):
+    """Frame labels -> (intervals, labels): a segment per run, cut half-way between frame centres; the first
+    starts at 0 and the last runs to `end` (the clip's end)."""
+    change = [t for t in range(1, len(labels)) if labels[t] != labels[t - 1]]
+    cuts = [(times[t - 1] + times[t]) / 2 for t in change]
+    starts = np.array([0.0] + cuts)
+    ends = np.array(cuts + [max(end, times[-1])])
+    return np.stack([starts, ends], 1), [labels[0]] + [labels[t] for t in change]
 
 
 # ----------------------------------------------------------------------------- segments at frame times
@@ -278,6 +344,40 @@ def frame_accuracy(ref: list, est: list) -> tuple[int, int]:
     """(frames where est equals ref, frames with a reference label): ref None is unannotated and not counted."""
     n = sum(r is not None for r in ref)
     return sum(r is not None and r == e for r, e in zip(ref, est)), n
+
+
+# ----------------------------------------------------------------------------- tagging
+
+
+def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
+    """Area under the ROC curve for one binary column (Mann-Whitney with average ranks for ties)."""
+    pos = y > 0.5
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    start = 0
+    for i in range(1, len(s) + 1):  # average the ranks of tied scores
+        if i == len(s) or sorted_s[i] != sorted_s[start]:
+            ranks[order[start:i]] = 0.5 * (start + i - 1) + 1
+            start = i
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(y: np.ndarray, s: np.ndarray) -> float:
+    """Average precision for one binary column: sum over score thresholds of (recall step) x precision."""
+    n_pos = int((y > 0.5).sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="mergesort")
+    y, s = y[order] > 0.5, s[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # last index of each distinct score
+    tp = np.cumsum(y)[last]
+    precision = tp / (last + 1)
+    recall_step = np.diff(np.r_[0, tp]) / n_pos
+    return float((recall_step * precision).sum())
 
 
 # ----------------------------------------------------------------------------- annotation files
@@ -369,6 +469,11 @@ def midi_to_hz(m):
     return 440.0 * 2.0 ** ((np.asarray(m, float) - 69) / 12)
 
 
+def hz_to_midi(hz) -> np.ndarray:
+    """Hz -> the nearest MIDI note number(s), int."""
+    return np.round(69 + 12 * np.log2(np.asarray(hz) / 440.0)).astype(int)
+
+
 def read_notes(path, unit: str = "hz"):
     """`onset offset pitch` lines -> (intervals [n, 2], pitches in Hz [n]); unit 'hz' (MIREX) or 'midi'."""
     iv, pitch = [], []
@@ -384,3 +489,15 @@ def read_notes(path, unit: str = "hz"):
         pitch.append(p)
     pitch = np.array(pitch, float)
     return np.array(iv, float).reshape(-1, 2), midi_to_hz(pitch) if unit == "midi" else pitch
+
+
+def read_annotation(kind: str, path, pitch_unit: str = "hz"):
+    """The annotation file of one piece for a kind of task: chords and segments (read_segments), beats
+    (read_beats) or notes (read_notes, pitches in `pitch_unit`)."""
+    if kind in ("chords", "segments"):
+        return read_segments(path, chords=kind == "chords")
+    if kind == "beats":
+        return read_beats(path)
+    if kind == "notes":
+        return read_notes(path, pitch_unit)
+    raise ValueError(f"unknown annotation kind {kind!r}")

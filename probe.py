@@ -41,12 +41,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import audio
-import cqt
 import extract
 import mirmetrics as mm
-import teachers
+import teachers  # the hand-made baselines (CQT, MFCC) and MERT's framing
 from mert import MERT, CheckpointError
+
+audio = extract.audio  # the reader extract.py decodes with: clips are read the same way in both
+SAMPLE_RATE, HOP = teachers.SAMPLE_RATE, teachers.HOP  # MERT's input rate and frame hop (the baselines' too)
 
 TASKS = ("classify", "tag", "regress")
 FRAME_TASKS = ("chords", "beats", "notes", "segments")
@@ -163,7 +164,7 @@ def handmade_features(kind: str, frames: bool = False):
     """'cqt': log1p |CQT| (MERT's 336-bin CQT); 'mfcc': 39-d MFCC+deltas. Per clip the mean and std over time
     [1, 2 * dim], or with frames=True every frame [1, frames, dim], frame t centred on 320 t / 24000 s."""
     if kind == "cqt":
-        op = cqt.CQT(sr=24000, hop_length=320, fmin=32.7, n_bins=336, bins_per_octave=48, output="magnitude")
+        op = teachers.MusicalTeacher().cqt  # MERT's CQT target, as linear magnitude
         fn = lambda w: torch.log1p(op(w)[0].T)  # noqa: E731  (frames, 336)
     else:
         op = teachers.MFCC()
@@ -188,7 +189,7 @@ def _load_model(ckpt) -> MERT:
 
 # Frame grid (hop, centre of frame 0, sample rate) of extract.py's features for every MERT conv stack (hop 320,
 # receptive field 400 at 24 kHz); features read with --feats are taken to follow it.
-MERT_GRID = (320, 200.0, 24000)
+MERT_GRID = (HOP, teachers.MODEL_FIELD / 2, SAMPLE_RATE)
 
 
 def _layer_spec(args) -> str:
@@ -205,7 +206,7 @@ def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[
         root, name = Path(args.feats), f"features in {args.feats}"
     else:
         if args.features in ("cqt", "mfcc"):
-            key, grid = args.features, (320, 0.0, 24000)  # CQT and MFCC frames are centred on 320 t
+            key, grid = args.features, (HOP, 0.0, SAMPLE_RATE)  # CQT and MFCC frames are centred on 320 t
             name = f"{args.features} {'frames' if frames else 'statistics'} baseline"
         else:
             ckpt = args.ckpt or extract.DEFAULT_CKPT
@@ -236,7 +237,7 @@ def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[
             fn = handmade_features(args.features, frames)
             for src, dst in todo:
                 try:
-                    feats = fn(audio.load(src, sr=24000))
+                    feats = fn(audio.load(src, sr=SAMPLE_RATE))
                 except audio.AudioError as e:
                     print(f"error: {e}", file=sys.stderr)
                     continue
@@ -288,44 +289,13 @@ def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[
 # ----------------------------------------------------------------------------- metrics
 
 
-def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
-    """Area under the ROC curve for one binary column (Mann-Whitney with average ranks for ties)."""
-    pos = y > 0.5
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    start = 0
-    for i in range(1, len(s) + 1):  # average the ranks of tied scores
-        if i == len(s) or sorted_s[i] != sorted_s[start]:
-            ranks[order[start:i]] = 0.5 * (start + i - 1) + 1
-            start = i
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def average_precision(y: np.ndarray, s: np.ndarray) -> float:
-    """Average precision for one binary column: sum over score thresholds of (recall step) x precision."""
-    n_pos = int((y > 0.5).sum())
-    if n_pos == 0:
-        return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    y, s = y[order] > 0.5, s[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # last index of each distinct score
-    tp = np.cumsum(y)[last]
-    precision = tp / (last + 1)
-    recall_step = np.diff(np.r_[0, tp]) / n_pos
-    return float((recall_step * precision).sum())
-
-
 def metrics(task: str, y: np.ndarray, out: np.ndarray) -> dict:
     """Task metrics from targets and probe outputs (logits, or predictions in target units for regress)."""
     if task == "classify":
         return {"accuracy": float((out.argmax(1) == y).mean())}
     if task == "tag":
-        aucs = [roc_auc(y[:, c], out[:, c]) for c in range(y.shape[1])]
-        aps = [average_precision(y[:, c], out[:, c]) for c in range(y.shape[1])]
+        aucs = [mm.roc_auc(y[:, c], out[:, c]) for c in range(y.shape[1])]
+        aps = [mm.average_precision(y[:, c], out[:, c]) for c in range(y.shape[1])]
         return {"roc_auc": float(np.nanmean(aucs)), "average_precision": float(np.nanmean(aps))}
     ss_tot = float(((y - y.mean()) ** 2).sum())
     return {"r2": 1.0 - float(((y - out[:, 0]) ** 2).sum()) / max(ss_tot, 1e-12)}
@@ -480,52 +450,26 @@ class ClipData:
 
 # ----------------------------------------------------------------------------- frame tasks
 
-NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
-# The probe's chord vocabulary: N and the 24 major and minor triads, MIREX's majmin vocabulary (the level most
-# chord recognition results are reported at, and one with enough examples per class in any dataset). Reference
-# chords are scored as written (mirmetrics reads the whole grammar); for training, a chord whose notes up to the
-# fifth are a major or minor triad (C:7, A:min7/5) is that triad, and others (dim, aug, sus, X) are not trained on.
-CHORD_VOCAB = ["N"] + [f"{n}:maj" for n in NOTE_NAMES] + [f"{n}:min" for n in NOTE_NAMES]
+# The probe's chord classes are MIREX's majmin vocabulary (mm.MAJMIN_VOCAB: N and the 24 major and minor triads,
+# the level most chord recognition results are reported at, and one with enough examples per class in any
+# dataset). Reference chords are scored as written (mirmetrics reads the whole grammar); for training, a chord
+# whose notes up to the fifth are a major or minor triad (C:7, A:min7/5) is that triad, and others (dim, aug, sus,
+# X) are not trained on.
 
 
 def chord_class(label: str) -> int:
-    """A reference chord's index in CHORD_VOCAB, or -100 (no training target)."""
-    root, bits, _ = mm.encode_chord(label)
-    if root < 0:
-        return 0 if label == "N" else -100
-    if (bits[:8] == mm._MAJ8).all():
-        return 1 + root
-    if (bits[:8] == mm._MIN8).all():
-        return 13 + root
-    return -100
+    """A reference chord's index in mm.MAJMIN_VOCAB, or -100 (no training target)."""
+    i = mm.majmin_index(label)
+    return -100 if i is None else i
 
 
-# activation thresholds tried on the validation split (low ones too: sparse onset targets give small activations)
-THRESHOLDS = np.r_[0.01, 0.02, 0.03, np.round(np.arange(0.05, 0.96, 0.05), 2)]
 PEAK_RADIUS_S = {"beats": 0.1, "notes": 0.05}  # a peak is the largest activation within this many seconds
-
-
-def pick_peaks(act: np.ndarray, radius: int) -> np.ndarray:
-    """Local maxima along time of act [T, ...]: the first frame of the largest value within +-radius frames."""
-    pad = np.full((radius,) + act.shape[1:], -np.inf)
-    win = np.lib.stride_tricks.sliding_window_view(np.concatenate([pad, act, pad]), 2 * radius + 1, axis=0)
-    return (act > win[..., :radius].max(-1)) & (act >= win[..., radius:].max(-1))
 
 
 def frame_times(n: int, grid: tuple) -> np.ndarray:
     """Centre times (s) of n frames on a grid: (hop in samples, centre of frame 0 in samples, sample rate)."""
     hop, first, sr = grid
     return (first + hop * np.arange(n)) / sr
-
-
-def frames_to_segments(labels: list, times: np.ndarray, end: float):
-    """Frame labels -> (intervals, labels): a segment per run, cut half-way between frame centres; the first
-    starts at 0 and the last runs to `end` (the clip's end)."""
-    change = [t for t in range(1, len(labels)) if labels[t] != labels[t - 1]]
-    cuts = [(times[t - 1] + times[t]) / 2 for t in change]
-    starts = np.array([0.0] + cuts)
-    ends = np.array(cuts + [max(end, times[-1])])
-    return np.stack([starts, ends], 1), [labels[0]] + [labels[t] for t in change]
 
 
 class FrameData:
@@ -546,7 +490,7 @@ class FrameData:
                 c["end"] = c["times"][-1] + self.frame_s / 2
         train = [c for c in clips if c["split"] == "train"]
         if task == "chords":
-            self.classes = CHORD_VOCAB
+            self.classes = mm.MAJMIN_VOCAB
         elif task == "segments":
             self.classes = sorted({lab for c in train for lab in c["ann"][1]})
         elif task == "beats":  # downbeats when every beat file numbers its beats in the bar
@@ -556,11 +500,11 @@ class FrameData:
                       "beats only, no downbeats", file=sys.stderr)
             self.classes = ["beat", "downbeat"] if numbered == len(clips) else ["beat"]
         else:
-            midi = np.concatenate([self._midi(c["ann"][1]) for c in train])
+            midi = np.concatenate([mm.hz_to_midi(c["ann"][1]) for c in train])
             if not len(midi):
                 raise ProbeError(f"{args.labels}: no notes in the training split")
             self.low = int(midi.min())
-            self.classes = [f"{NOTE_NAMES[m % 12]}{m // 12 - 1}" for m in range(self.low, int(midi.max()) + 1)]
+            self.classes = [f"{mm.NOTE_NAMES[m % 12]}{m // 12 - 1}" for m in range(self.low, int(midi.max()) + 1)]
         self.n_out = len(self.classes)
         self.clips, x, y = {}, {}, {}
         for s in ("train", "valid", "test"):
@@ -580,10 +524,6 @@ class FrameData:
             v[:, -1] = 0  # past a clip's edge the context is the mean frame
         self.y = y
         self.ctx = {s: self._context_index(self.clips[s]) for s in x}
-
-    @staticmethod
-    def _midi(hz: np.ndarray) -> np.ndarray:
-        return np.round(69 + 12 * np.log2(np.asarray(hz) / 440.0)).astype(int)
 
     def _mark(self, col: np.ndarray, times: np.ndarray, events: np.ndarray):
         """Target 1 at the frame holding each event, 0.5 at its neighbours (a little tolerance for the timing, as
@@ -611,7 +551,7 @@ class FrameData:
             if self.n_out == 2:
                 self._mark(y[:, 1], times, ann[0][ann[1] == 1])
         else:
-            for (onset, _), m in zip(ann[0], self._midi(ann[1])):
+            for (onset, _), m in zip(ann[0], mm.hz_to_midi(ann[1])):
                 if self.low <= m < self.low + self.n_out:
                     self._mark(y[:, m - self.low], times, [onset])
         return y
@@ -664,7 +604,8 @@ class FrameData:
         if self.task == "chords":
             pred, total = out.argmax(1), {lvl: [0.0, 0.0] for lvl in mm.CHORD_LEVELS}
             for c in clips:
-                iv, labels = frames_to_segments([CHORD_VOCAB[k] for k in pred[c["lo"]:c["hi"]]], c["times"], c["end"])
+                chords = [mm.MAJMIN_VOCAB[k] for k in pred[c["lo"]:c["hi"]]]
+                iv, labels = mm.frames_to_segments(chords, c["times"], c["end"])
                 for lvl, (ok, n) in mm.chord_scores(c["ann"][0], c["ann"][1], iv, labels).items():
                     total[lvl][0] += ok
                     total[lvl][1] += n
@@ -677,7 +618,7 @@ class FrameData:
             return {"accuracy": mm.ratio(ok, n)}, {}
         act = 1 / (1 + np.exp(-out.astype(np.float64)))
         radius = max(1, round(PEAK_RADIUS_S[self.task] / self.frame_s))
-        peaks = [np.where(pick_peaks(act[c["lo"]:c["hi"]], radius), act[c["lo"]:c["hi"]], 0.0) for c in clips]
+        peaks = [np.where(mm.pick_peaks(act[c["lo"]:c["hi"]], radius), act[c["lo"]:c["hi"]], 0.0) for c in clips]
         names = ("beat_f", "downbeat_f")[:self.n_out] if self.task == "beats" else ("note_f",)
         thresholds = dict(thresholds or {})
         res = {}
@@ -685,38 +626,24 @@ class FrameData:
             if name in thresholds:
                 scores = self._events(clips, peaks, name, thresholds[name])
             else:  # the threshold that scores best on this (the validation) split
-                by_th = {th: self._events(clips, peaks, name, th) for th in THRESHOLDS}
-                thresholds[name] = float(max(THRESHOLDS, key=lambda th: (by_th[th][name], -th)))
-                scores = by_th[thresholds[name]]
+                thresholds[name], scores = mm.best_threshold(lambda th: self._events(clips, peaks, name, th), name)
             res.update({k: v for k, v in scores.items() if k in METRICS[self.task]})
         return res, thresholds
 
     def _events(self, clips, peaks, name: str, th: float) -> dict:
-        """Mean over clips of the event F-measures at one threshold (mir_eval scores each file; MIREX averages)."""
+        """The event F-measures (mean over clips) of the peaks at or above one threshold."""
         if self.task == "beats":
             col = 0 if name == "beat_f" else 1
-            fs = []
-            for c, pk in zip(clips, peaks):
-                ref = c["ann"][0] if col == 0 else c["ann"][0][c["ann"][1] == 1]
-                est = c["times"][pk[:, col] >= th]
-                fs.append(mm.event_f_measure(ref, est, 0.07, self.args.min_beat_time)[0])
-            return {name: float(np.mean(fs))}
-        scores = []
+            refs = [c["ann"][0] if col == 0 else c["ann"][0][c["ann"][1] == 1] for c in clips]
+            ests = [c["times"][pk[:, col] >= th] for c, pk in zip(clips, peaks)]
+            return {name: mm.mean_beat_f(refs, ests, 0.07, self.args.min_beat_time)}
+        ests = []
         for c, pk in zip(clips, peaks):
             t, p = np.nonzero(pk >= th)
             on = c["times"][t]
-            est_iv = np.stack([on, on + self.frame_s], 1)  # offsets are neither predicted nor scored
-            scores.append(mm.note_scores(c["ann"][0], c["ann"][1], est_iv, mm.midi_to_hz(self.low + p)))
-        return {k: float(np.mean([s[k] for s in scores])) for k in ("onset_f", "note_f")}
-
-
-def load_annotation(task: str, path: Path, args):
-    """The annotation file of one clip for a frame task (AnnotationError if it is malformed)."""
-    if task in ("chords", "segments"):
-        return mm.read_segments(path, chords=task == "chords")
-    if task == "beats":
-        return mm.read_beats(path)
-    return mm.read_notes(path, args.pitch_unit)
+            # offsets are neither predicted nor scored
+            ests.append((np.stack([on, on + self.frame_s], 1), mm.midi_to_hz(self.low + p)))
+        return mm.mean_note_scores([c["ann"] for c in clips], ests)
 
 
 # ----------------------------------------------------------------------------- main
@@ -819,7 +746,7 @@ def run(args) -> dict:
         for i, (_, label) in enumerate(items):
             ann = Path(label)
             try:
-                anns[i] = load_annotation(task, ann if ann.is_absolute() else csv_path.parent / ann, args)
+                anns[i] = mm.read_annotation(task, ann if ann.is_absolute() else csv_path.parent / ann, args.pitch_unit)
             except mm.AnnotationError as e:
                 print(f"error: {e}", file=sys.stderr)
         ok = [i for i in range(len(items)) if anns[i] is not None]

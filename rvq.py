@@ -128,11 +128,16 @@ class Conv(nn.Module):
             overhang = k - s
             right = overhang if self.causal else overhang // 2
             return y[..., overhang - right: y.shape[-1] - right]
-        pad_total = (k - 1) * d + 1 - s
-        extra = -(-x.shape[-1] // s) * s - x.shape[-1]
+        left, right = self.padding(x.shape[-1])
+        return F.conv1d(_reflect_pad(x, left, right), self.weight(), self.bias, s, 0, d)
+
+    def padding(self, length: int = 0) -> tuple[int, int]:
+        """(left, right) samples a forward conv pads an input of `length` with (the diagram above)."""
+        k_eff = (self.kernel - 1) * self.dilation + 1
+        pad_total = k_eff - self.stride
+        extra = -(-length // self.stride) * self.stride - length
         left = pad_total if self.causal else pad_total - pad_total // 2
-        x = _reflect_pad(x, left, pad_total - left + extra)
-        return F.conv1d(x, self.weight(), self.bias, s, 0, d)
+        return left, pad_total - left + extra
 
 
 def _reflect_pad(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
@@ -199,6 +204,21 @@ class Encoder(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:  # (B, 1, L) -> (B, D, ceil(L/hop))
         return self.layers(wav)
+
+    def reach(self) -> tuple[int, int]:
+        """(left, right) samples of input beyond a frame's own hop that its convolutions see (exact; an LSTM,
+        if any, sees the whole past on top): frame t depends on samples [t·hop - left, (t+1)·hop + right)."""
+        lo, hi = 0, 0                                      # input span of frame 0, walked back layer by layer
+        hop = 1
+        for layer in reversed(self.layers):
+            conv = layer.conv1 if isinstance(layer, ResBlock) else layer  # a ResBlock's 1x1 convs reach no further
+            if not isinstance(conv, Conv):
+                continue
+            left, _ = conv.padding()
+            lo = lo * conv.stride - left
+            hi = hi * conv.stride - left + (conv.kernel - 1) * conv.dilation
+            hop *= conv.stride
+        return -lo, max(0, hi - (hop - 1))
 
 
 class Decoder(nn.Module):

@@ -9,7 +9,7 @@ rvq.py), MusicalTeacher (CQT magnitude, cqt.py), MFCCKMeansTeacher (HuBERT itera
 RandomProjectionTeacher (BEST-RQ, a stand-in for the acoustic teacher that needs no checkpoint).
 
 Decisions:
-- Labels are cut to the model's frame count T = (L - 400) // 320 + 1; each teacher's own framing
+- Labels are cut to the model's frame count T = (L - 400) // 320 + 1 (model_frames); each teacher's own framing
   puts every label within half a frame of its model frame (diagram below, at `Teacher`).
 - The acoustic teacher labels a crop in context: it also encodes audio before (and, by its convs'
   reach, after) the crop and drops those frames, so a crop's codes are the whole file's codes, as
@@ -41,17 +41,25 @@ import rvq
 
 SAMPLE_RATE = 24_000
 HOP = 320                                   # samples per label frame: 75 Hz at 24 kHz
+MODEL_FIELD = 400                           # samples one MERT frame sees (its conv stack's receptive field)
 ACOUSTIC_CONTEXT_SECONDS = 10.0             # audio before a crop an LSTM acoustic teacher encodes first (docs/recipe.md)
+# The run's labelling defaults, one copy: `teachers.py labels` and train.py's TrainConfig both take them.
+LABEL_DEFAULTS = {"teachers": "rvq+cqt", "n_q": 8, "seed": 1337}
 TEACHER_NAMES = ("acoustic", "cqt", "mfcc", "randproj")
 _ALIASES = {"rvq": "acoustic", "encodec": "acoustic", "musical": "cqt", "random": "randproj",
             "bestrq": "randproj", "best-rq": "randproj"}
 
-__all__ = ["Teacher", "AcousticTeacher", "MusicalTeacher", "MFCC", "MFCCKMeansTeacher",
-           "RandomProjectionTeacher", "Teachers", "build_teachers", "fit_mfcc_kmeans", "kmeans_pp",
-           "TEACHER_NAMES"]
+__all__ = ["SAMPLE_RATE", "HOP", "LABEL_DEFAULTS", "model_frames", "Teacher", "AcousticTeacher", "MusicalTeacher",
+           "MFCC", "MFCCKMeansTeacher", "RandomProjectionTeacher", "Teachers", "build_teachers", "fit_mfcc_kmeans",
+           "kmeans_pp", "TEACHER_NAMES"]
 
 
 # ----------------------------------------------------------------------------- common machinery
+
+def model_frames(samples: int) -> int:
+    """MERT's frame count for a crop of `samples`: (L - 400) // 320 + 1 (374 for 5 s); labels are cut to it."""
+    return (samples - MODEL_FIELD) // HOP + 1
+
 
 class Teacher(nn.Module):
     """Base class: a frozen label producer; subclasses set `key` and implement `_labels(wav) -> frames`.
@@ -91,9 +99,8 @@ class Teacher(nn.Module):
     def forward(self, wav: torch.Tensor, n_frames: int, context=None) -> dict:
         """wav [B, L] float at 24 kHz -> {key: labels cut to n_frames frames}.
 
-        context: None, or (audio [B, offset + L + r], offset, left [B], right [B]) holding each crop at
-        audio[:, offset:offset + L] with left[b] / right[b] valid samples of the file around it (what
-        CropDataset.example reads); each teacher labels the crop from it (see _labels_in_context).
+        context: None, or an audio.CropContext (audio, offset, left, right) holding each crop with the file
+        around it; each teacher labels the crop from it (see _labels_in_context).
         """
         if wav.dim() != 2:
             raise ValueError(f"{type(self).__name__} expects wav of shape [B, samples], got {list(wav.shape)}")
@@ -173,28 +180,14 @@ class AcousticTeacher(Teacher):
     def _labels(self, wav: torch.Tensor) -> torch.Tensor:
         return self.model.encode(wav, n_q=self.n_q)         # (B, n_q, ceil(L / 320)) int64
 
-    def reach(self) -> tuple[int, int]:
-        """(left, right) samples of input that the encoder's convolutions let one code frame see
-        beyond its own 320 (exact; the LSTM, if any, sees the whole past on top)."""
-        lo, hi = 0, 0                                       # input range of code frame 0, walked back to samples
-        for layer in reversed(self.model.encoder.layers):
-            conv = layer.conv1 if isinstance(layer, rvq.ResBlock) else layer
-            if not isinstance(conv, rvq.Conv):
-                continue
-            k_eff = (conv.kernel - 1) * conv.dilation + 1
-            pad = k_eff - conv.stride
-            pad_left = pad if conv.causal else pad - pad // 2
-            lo, hi = lo * conv.stride - pad_left, hi * conv.stride - pad_left + k_eff - 1
-        return -lo, max(0, hi - (HOP - 1))
-
     def context(self, seconds: float = 0.0) -> tuple[int, int]:
         """Audio around a crop needed for its codes to equal the whole file's codes at every frame.
 
-        The convolutions reach a fixed span (reach(), rounded up to frames): exact. The LSTM of an
+        The convolutions reach a fixed span (rvq's Encoder.reach(), rounded up to frames): exact. The LSTM of an
         EnCodec-like encoder carries state from the file's start; `seconds` of left context (rounded up
         to frames) give it time to converge, which is exact in practice but not by construction
         (docs/recipe.md measures it). Without an LSTM `seconds` is not needed and not used."""
-        left, right = self.reach()
+        left, right = self.model.encoder.reach()
         if self.model.cfg.lstm:
             left = max(left, int(math.ceil(seconds * SAMPLE_RATE)))
         return -(-left // HOP) * HOP, -(-right // HOP) * HOP
@@ -525,7 +518,7 @@ class Teachers(nn.Module):
     def forward(self, wav: torch.Tensor, n_frames: int, context=None) -> dict:
         """wav [B, L] at 24 kHz -> {"codes": LongTensor [B, K, n_frames]} and/or {"cqt": FloatTensor [B, n_frames, 336]}.
 
-        context: (audio, offset, left, right) as in Teacher.forward, for the teachers that use it."""
+        context: an audio.CropContext as in Teacher.forward, for the teachers that use it."""
         out = {}
         for t in self.teachers.values():
             out.update(t(wav, n_frames, context))
@@ -534,7 +527,7 @@ class Teachers(nn.Module):
 
 def build_teachers(names: list | str = "acoustic,cqt", acoustic_ckpt: str | os.PathLike | None = None,
                    mfcc_ckpt: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                   seed: int = 0, n_q: int = 8, log=None, cqt_log: bool = False) -> Teachers:
+                   seed: int = 0, n_q: int = LABEL_DEFAULTS["n_q"], log=None, cqt_log: bool = False) -> Teachers:
     """Teachers by name ("acoustic", "cqt", "mfcc", "randproj"; a list or a comma-separated string) on `device`.
 
     "acoustic" without `acoustic_ckpt` falls back to "randproj" (8 x 1024 codes, seeded with `seed`)
@@ -668,12 +661,13 @@ def _labels_command(args) -> int:
     except audio.AudioError as e:
         print(e, file=sys.stderr)
         return 1
-    T = (crop - 400) // HOP + 1        # the model's frames (MERT's conv stack: 400-sample receptive field, hop 320)
+    T = model_frames(crop)
     if T < 1:
-        print(f"{args.file}: a crop of {crop} samples is shorter than one model frame (400)", file=sys.stderr)
+        print(f"{args.file}: a crop of {crop} samples is shorter than one model frame ({MODEL_FIELD})",
+              file=sys.stderr)
         return 1
     left = context[0]
-    ctx = (ex["audio"][None], left, torch.tensor([ex["left"]]), torch.tensor([ex["right"]]))
+    ctx = audio.CropContext(ex["audio"][None], left, torch.tensor([ex["left"]]), torch.tensor([ex["right"]]))
     y = teach(ex["audio"][None, left:left + crop], T, context=ctx)
     t0 = start / SAMPLE_RATE
     print(f"{args.file}: crop at {t0:g} s (sample {start}, frame {start // HOP}), {crop / SAMPLE_RATE:g} s, {T} frames; "
@@ -735,17 +729,19 @@ def main(argv: list | None = None) -> int:
                     help="crop start in seconds (training crops start on the 320-sample frame grid; snapped down to it)")
     lp.add_argument("--seconds", type=float, default=5.0,
                     help="crop length, as train.py --crop_seconds (default %(default)s)")
-    lp.add_argument("--teachers", default="rvq+cqt", help="as train.py --teachers (default %(default)s)")
+    lp.add_argument("--teachers", default=LABEL_DEFAULTS["teachers"],
+                    help="as train.py --teachers (default %(default)s)")
     lp.add_argument("--acoustic_ckpt", "--acoustic-ckpt", default=None,
                     help="as train.py --acoustic_ckpt (none: the random-projection teacher stands in)")
     lp.add_argument("--mfcc_ckpt", "--mfcc-ckpt", default=None, help="as train.py --mfcc_ckpt")
-    lp.add_argument("--n_q", "--n-q", type=int, default=8, help="as train.py --n_q (default %(default)s)")
+    lp.add_argument("--n_q", "--n-q", type=int, default=LABEL_DEFAULTS["n_q"],
+                    help="as train.py --n_q (default %(default)s)")
     lp.add_argument("--context", type=float, default=ACOUSTIC_CONTEXT_SECONDS,
                     help="as train.py --acoustic_context: seconds of audio before the crop that an LSTM acoustic "
                          "teacher encodes first (default %(default)s)")
     lp.add_argument("--cqt_log", "--cqt-log", action="store_true", help="as train.py --cqt_log true")
-    lp.add_argument("--seed", type=int, default=1337, help="as train.py --seed: seeds the random-projection teacher "
-                                                          "(default %(default)s)")
+    lp.add_argument("--seed", type=int, default=LABEL_DEFAULTS["seed"],
+                    help="as train.py --seed: seeds the random-projection teacher (default %(default)s)")
     lp.add_argument("--out", help="save the labels to this .npz (codes [n_q, T], cqt [T, 336]) instead of printing "
                                   "the codes")
     lp.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = torch default (default %(default)s)")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import mirmetrics as mm
 import probe
 from mert import MERT, MERTConfig
 
@@ -152,14 +153,14 @@ def test_flag_aliases_and_help():
 
 def test_chord_vocabulary_peaks_and_segments():
     """The 25-class training targets, peak picking and frame-to-segment conversion by hand."""
-    assert probe.CHORD_VOCAB[probe.chord_class("A:min7/5")] == "A:min"
-    assert probe.CHORD_VOCAB[probe.chord_class("Db:7")] == "C#:maj" and probe.chord_class("N") == 0
+    assert mm.MAJMIN_VOCAB[probe.chord_class("A:min7/5")] == "A:min"
+    assert mm.MAJMIN_VOCAB[probe.chord_class("Db:7")] == "C#:maj" and probe.chord_class("N") == 0
     assert probe.chord_class("C:dim") == probe.chord_class("C:sus4") == probe.chord_class("X") == -100
     act = np.array([0.1, 0.9, 0.9, 0.2, 0.8, 0.1, 0.1, 0.7])
-    assert np.flatnonzero(probe.pick_peaks(act, 1)).tolist() == [1, 4, 7]  # a plateau peaks once, at its start
-    assert np.flatnonzero(probe.pick_peaks(act, 3)).tolist() == [1]
+    assert np.flatnonzero(mm.pick_peaks(act, 1)).tolist() == [1, 4, 7]  # a plateau peaks once, at its start
+    assert np.flatnonzero(mm.pick_peaks(act, 3)).tolist() == [1]
     times = probe.frame_times(4, probe.MERT_GRID)
     assert times.tolist() == pytest.approx([200 / 24000, 520 / 24000, 840 / 24000, 1160 / 24000])
-    iv, labels = probe.frames_to_segments(["N", "C:maj", "C:maj", "N"], times, 0.06)
+    iv, labels = mm.frames_to_segments(["N", "C:maj", "C:maj", "N"], times, 0.06)
     assert labels == ["N", "C:maj", "N"] and iv[0, 0] == 0 and iv[-1, 1] == 0.06
     assert iv[1].tolist() == pytest.approx([(times[0] + times[1]) / 2, (times[2] + times[3]) / 2])

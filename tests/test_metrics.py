@@ -1,4 +1,5 @@
-"""mirmetrics.py against mir_eval 0.8.2 itself, on generated and adversarial annotations, and its file readers."""
+"""mirmetrics.py against mir_eval 0.8.2 itself, on generated and adversarial annotations, and its file readers;
+the tagging metrics and the threshold choice by hand."""
 import warnings
 
 import numpy as np
@@ -219,3 +220,20 @@ def test_annotation_readers_name_file_and_line(tmp_path):
         mm.read_notes(notes)
     with pytest.raises(mm.AnnotationError, match="absent.lab: cannot read"):
         mm.read_segments(tmp_path / "absent.lab")
+
+
+def test_roc_auc_and_average_precision_by_hand():
+    y = np.array([1, 0, 1, 0])
+    s = np.array([0.9, 0.8, 0.7, 0.1])
+    assert mm.roc_auc(y, s) == pytest.approx(3 / 4)  # positive-negative pairs ranked right: 3 of 4
+    assert mm.average_precision(y, s) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert mm.roc_auc(np.array([1, 0]), np.array([0.5, 0.5])) == 0.5  # a tie counts half
+    # tied scores form one threshold: precision 2/3 at recall 1 for the block of three
+    assert mm.average_precision(np.array([1, 0, 1]), np.array([0.5, 0.5, 0.5])) == pytest.approx(2 / 3)
+    assert np.isnan(mm.roc_auc(np.ones(3), np.arange(3.0)))
+
+
+def test_best_threshold_picks_the_best_score_and_the_lowest_among_equals():
+    score = {0.1: 0.5, 0.2: 0.8, 0.3: 0.8, 0.4: 0.1}
+    th, scores = mm.best_threshold(lambda t: {"f": score[t], "t": t}, "f", thresholds=[0.1, 0.2, 0.3, 0.4])
+    assert th == 0.2 and scores == {"f": 0.8, "t": 0.2}

@@ -1,4 +1,5 @@
 """rvq.py: EnCodec code parity, framing, loading, RVQ training mechanics, DDP codebook sync, exact resume."""
+import dataclasses
 import importlib.machinery
 import sys
 import types
@@ -164,6 +165,28 @@ def test_framing_and_roundtrip(tmp_path):
     assert torch.equal(again.encode(x, n_q=3), codes)
     with pytest.raises(ValueError, match="shape"):
         model.encode(x[:, None])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_encoder_reach_is_exact(causal):
+    """Encoder.reach() is the exact input span of a frame: a sample just inside it moves the frame's latent,
+    one just outside does not (checked on samples, not re-derived from the formula)."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(rvq.PRESETS["small"], causal=causal)     # no LSTM: the convs' span is all
+    enc = rvq.RVQVAE(cfg).encoder.double().eval()
+    left, right = enc.reach()
+    assert left > 0 and (right == 0) == causal
+    t, hop = 20, cfg.hop
+    x = music_like(1, 48 * hop, seed=5).double()[:, None]
+    with torch.no_grad():
+        base = enc(x)[0, :, t]
+
+        def moved(i):
+            y = x.clone()
+            y[0, 0, i] += 1.0
+            return not torch.equal(enc(y)[0, :, t], base)
+        assert moved(t * hop - left) and not moved(t * hop - left - 1)
+        assert moved((t + 1) * hop - 1 + right) and not moved((t + 1) * hop + right)
 
 
 def test_codebook_training_mechanics():

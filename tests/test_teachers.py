@@ -15,7 +15,7 @@ from teachers import (AcousticTeacher, MFCC, MFCCKMeansTeacher, MusicalTeacher, 
 
 SR = 24_000
 L5 = 5 * SR
-T5 = (L5 - 400) // 320 + 1          # the model's frame count for a 5 s crop (mert.py's conv stack)
+T5 = 374                            # the model's frame count for a 5 s crop (mert.py's conv stack)
 
 
 def rich(batch: int, samples: int, seed: int) -> torch.Tensor:
@@ -36,8 +36,16 @@ def cqt_teacher():
     return MusicalTeacher()
 
 
-def test_model_frame_count():
-    assert T5 == 374
+def test_model_frames_is_the_models_real_frame_count():
+    """teachers.model_frames (what labels are cut to) against the frames a MERT conv stack really gives."""
+    from mert import MERT, MERTConfig
+    torch.manual_seed(0)
+    model = MERT(MERTConfig.from_preset("tiny", n_layers=1)).eval()
+    for n in (400, 719, 720, 1039, SR + 123, L5):
+        with torch.no_grad():
+            got = model.extract(torch.randn(1, n), layers=[0]).shape[2]
+        assert got == teachers.model_frames(n), n
+    assert teachers.model_frames(L5) == T5 == 374
 
 
 # ----------------------------------------------------------------------------- acoustic
@@ -253,7 +261,7 @@ def test_crop_codes_equal_whole_file_codes_at_every_frame():
     whole = model.encode(song[None].double(), n_q=8)[0]                 # (8, 8 * 75)
     ctx = teacher.context(3.0)
     assert ctx == (3 * SR, 0)                                          # causal: nothing after the crop matters
-    assert teacher.context(0.0)[0] == -(-teacher.reach()[0] // 320) * 320 > 0
+    assert teacher.context(0.0)[0] == -(-model.encoder.reach()[0] // 320) * 320 > 0
     starts = (5 * SR + 320 * 3, 0, 1 * SR + 320 * 7, 4 * SR)  # full, no, partial and full context, in one batch
     cs = [_crop_with_context(song, start, crop, ctx) for start in starts]
     audio = torch.cat([c[0] for c in cs])
