@@ -44,7 +44,6 @@ import torch.nn.functional as F
 import extract
 import mirmetrics as mm
 import teachers  # the hand-made baselines (CQT, MFCC) and MERT's framing
-from mert import MERT, CheckpointError
 
 audio = extract.audio  # the reader extract.py decodes with: clips are read the same way in both
 SAMPLE_RATE, HOP = teachers.SAMPLE_RATE, teachers.HOP  # MERT's input rate and frame hop (the baselines' too)
@@ -179,11 +178,11 @@ def handmade_features(kind: str, frames: bool = False):
     return features
 
 
-def _load_model(ckpt) -> MERT:
+def _load_model(ckpt) -> "extract.MERT":
     """extract.load_model (every format extract.py reads), with a bad checkpoint as a ProbeError."""
     try:
         return extract.load_model(ckpt)
-    except (CheckpointError, ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError) as e:  # mert.CheckpointError is a ValueError
         raise ProbeError(str(e))
 
 
@@ -248,7 +247,7 @@ def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[
         elif todo:  # the checkpoint is loaded only when some clip still needs its features
             if args.features == "random":
                 torch.manual_seed(args.seed)
-                model = MERT(cfg).eval()
+                model = extract.MERT(cfg).eval()
             else:
                 model = loaded or _load_model(ckpt)  # loaded once, when the frame grid needed its config
             model = model.to(extract.pick_device(args.device))

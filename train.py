@@ -110,11 +110,13 @@ class TrainConfig:
     val_data: str = _f("", "held-out audio for the validation loss (space- or comma-separated)",
                        MAY_CHANGE, **PATHS)
     out: str = _f("runs/tiny", "run folder for checkpoints and the JSONL log", MACHINE)
-    teachers: str = _f("rvq+cqt", "label producers joined by '+': rvq, randproj, mfcc, cqt")
+    teachers: str = _f(teachers_lib.LABEL_DEFAULTS["teachers"],
+                       "label producers joined by '+': rvq, randproj, mfcc, cqt")
     acoustic_ckpt: str = _f("", "RVQ teacher checkpoint (ours or EnCodec 24 kHz); empty: the random-projection "
                                 "teacher stands in")
     mfcc_ckpt: str = _f("", "MFCC k-means teacher file (`python teachers.py fit-mfcc`)")
-    n_q: int = _f(8, "codebooks of the rvq/randproj teacher to predict, the first n_q (MERT: 8)")
+    n_q: int = _f(teachers_lib.LABEL_DEFAULTS["n_q"],
+                  "codebooks of the rvq/randproj teacher to predict, the first n_q (MERT: 8)")
     acoustic_context: float = _f(teachers_lib.ACOUSTIC_CONTEXT_SECONDS,
                                  "seconds of audio before each crop that an acoustic teacher with an LSTM encodes "
                                  "first, so the crop's codes equal the whole file's (MERT encodes whole files); the "
@@ -152,7 +154,7 @@ class TrainConfig:
                             "run's history); a resume falls back to an older one when the newest is damaged",
                          MAY_CHANGE, type=_keep_count, metavar="K")
     max_bad_steps: int = _f(5, "consecutive non-finite steps that stop the run", MAY_CHANGE)
-    seed: int = _f(1337, "seed of crops, masks, noise and initialisation")
+    seed: int = _f(teachers_lib.LABEL_DEFAULTS["seed"], "seed of crops, masks, noise and initialisation")
     num_workers: int = _f(2, "data loader processes per device", MACHINE)
     device: str = _f("auto", "auto, cpu, cuda", MACHINE)
     dtype: str = _f("auto", "auto, float32 or bfloat16 (autocast; auto: bfloat16 on CUDA, float32 elsewhere)",
@@ -194,7 +196,7 @@ EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoi
 
 
 def mix_noise(wav: torch.Tensor, rng: np.random.Generator, prob: float = 0.5, n_segments=(1, 3),
-              seconds=(0.5, 1.0), sr: int = 24000, lengths=None) -> torch.Tensor:
+              seconds=(0.5, 1.0), sr: int = audio.SAMPLE_RATE, lengths=None) -> torch.Tensor:
     """MERT's in-batch noise mixture (mert_model.py MERTModel.forward / inbatch_noise_augment).
 
     Clip i gets noise when a uniform draw exceeds mixture_prob = 1 - prob (MERT's flag: 0.5, so prob
@@ -310,12 +312,12 @@ def data_position(g: int, tc: TrainConfig, ds: audio.CropDataset) -> dict:
 
 
 def prepare_batch(batch: dict, context: tuple, device: torch.device) -> tuple:
-    """A loader batch (CropDataset.example dicts) -> (wav [B, L] clean crops, lengths [B] list, the teachers' context
-    (audio, offset, left, right) or None)."""
+    """A loader batch (CropDataset.example dicts) -> (wav [B, L] clean crops, lengths [B] list, the teachers'
+    audio.CropContext or None)."""
     buf = batch["audio"].to(device, non_blocking=True)  # (B, left + L + right)
     L = buf.shape[1] - context[0] - context[1]
     wav = buf[:, context[0]:context[0] + L]
-    ctx = (buf, context[0], batch["left"], batch["right"]) if context != (0, 0) else None
+    ctx = audio.CropContext(buf, context[0], batch["left"], batch["right"]) if context != (0, 0) else None
     return wav, batch["length"].tolist(), ctx
 
 
@@ -642,7 +644,7 @@ def save_checkpoint(out: Path, ck: dict, keep: int) -> str | None:
         checkpoints.write_checkpoint(out, ck, keep)
     except OSError as e:  # full disk, quota, I/O error: the previous checkpoints are untouched
         prev = checkpoints.checkpoint_candidates(out)
-        failed = (f"train.py: step {ck['step']}: could not write a checkpoint in {out} ({audio._oneline(e)}); the "
+        failed = (f"train.py: step {ck['step']}: could not write a checkpoint in {out} ({audio.one_line(e)}); the "
                   f"newest one left is {prev[0].name if prev else 'none'}")
         print(failed + "; training goes on and tries again at the next checkpoint", file=sys.stderr, flush=True)
         return failed
@@ -668,7 +670,7 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
     # -- teachers, then the data (crops on the label frame grid, with the audio around them the teachers need)
     teach = build_teachers(tc, device, print0)
     context = teach.context(tc.acoustic_context)
-    crop = int(round(tc.crop_seconds * 24000))
+    crop = int(round(tc.crop_seconds * audio.SAMPLE_RATE))
     train_ds, val_ds = load_data(tc, proc, crop, context)
     data_id = {"n_files": train_ds.n_files, "seconds": round(float(train_ds.seconds), 3)}
     if keep_data_table(proc, train_ds, out, bool(plan["resume"])):
@@ -703,7 +705,7 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
     print0(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | world {world} | micro-batch "
            f"{tc.batch_size} | accumulation {accum} | {total} clips x {tc.crop_seconds} s per step "
            f"({total * tc.crop_seconds / 3600:.2f} h of audio) | sampling {tc.sampling} | teacher context "
-           f"{context[0] / 24000:g} s + {context[1] / 24000:g} s | device {device} | bf16 {use_bf16}")
+           f"{context[0] / audio.SAMPLE_RATE:g} s + {context[1] / audio.SAMPLE_RATE:g} s | device {device} | bf16 {use_bf16}")
     if frozen:
         print0(f"frozen at initialisation: {', '.join(frozen)}")
     raw_model = model
@@ -772,7 +774,7 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
             # and the step's gradient divided by the frames masked over all micro-batches and ranks
             (loss * n).backward()
             sums["n"] += n
-            sums["seconds"] += float(batch["length"].sum()) / 24000  # epoch batches are cut to their shortest clip
+            sums["seconds"] += float(batch["length"].sum()) / audio.SAMPLE_RATE  # epoch batches are cut to their shortest clip
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * n
         means = reduce_step(sums, proc)
@@ -933,7 +935,7 @@ def print_config(argv=None) -> int:
     out = {"train": asdict(tc), "model": asdict(cfg), "world_size": world, "micro_batch": tc.batch_size,
            "accumulation": accum, "global_batch": {"clips": total, "seconds_per_clip": tc.crop_seconds,
                                                    "audio_hours": round(total * tc.crop_seconds / 3600, 3)},
-           "teacher_context_seconds": [left / 24000, right / 24000]}
+           "teacher_context_seconds": [left / audio.SAMPLE_RATE, right / audio.SAMPLE_RATE]}
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(out, indent=1))
     return 0
