@@ -32,8 +32,10 @@ Design choices:
   mel_std (their float32 values survive `model.to(torch.bfloat16)`, as in the reference); only a freshly
   built model computes the Hann window and the HTK mel filterbank (torchaudio's defaults) itself.
 - Attention is F.scaled_dot_product_attention, non-causal and unmasked, only.
-- Padded batches: clips of each distinct length run together and alone (`lengths`), as the reference
-  does, so every clip gets exactly the features it gets on its own; padded frames come back as zeros.
+- Padded batches (`lengths`): the clips of each distinct length run together, apart from the others, as
+  in the reference, so no clip sees another's padding: a clip whose length is its own gets exactly the
+  features it gets alone, clips sharing a length get them to float rounding (matmuls block differently
+  for several rows than for one: ~4e-6 in float32 here); padded frames come back as zeros.
 
 Layout: config, the modules, `MERT2`, then the checkpoint reader and writer (a standard-library
 safetensors reader/writer and the local Hugging Face cache lookup; nothing is ever downloaded).
@@ -421,8 +423,9 @@ class MERT2(nn.Module):
 
         `layers` (indices 0..24) returns only those states, in that order, and stops after the deepest;
         state 0 is the downsampler output, state i the output of block i. `lengths` [B] gives each clip's
-        true sample count in a right-padded batch: clips of each distinct length run together and alone,
-        so every clip gets exactly the features it gets on its own (what lies past a length is never read).
+        true sample count in a right-padded batch: the clips of each distinct length run together and apart
+        from the rest, so each gets the features it gets alone (exactly if no other clip has its length, to
+        float rounding if some do); what lies past a length is never read.
         """
         cfg = self.config
         if wav.dim() == 1:
