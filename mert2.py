@@ -39,7 +39,7 @@ Design choices:
 
 Layout: config, the modules, `MERT2`, then the checkpoint reader and writer (a standard-library
 safetensors reader/writer and the local Hugging Face cache lookup; nothing is ever downloaded).
-Imports only torch, numpy and the standard library; copy it into your project as is.
+Imports only torch and the standard library; copy it into your project as is.
 """
 
 import json
@@ -49,7 +49,6 @@ import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -260,7 +259,8 @@ class ConvNeXtStage(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int, depth: int, eps: float):
         super().__init__()
         if c_in != c_out or stride > 1:  # else the reference's nn.Identity: no keys
-            self.resampling_layer = _Slots({0: nn.LayerNorm(c_in, eps=eps), 2: nn.Conv1d(c_in, c_out, 2, stride=stride)})
+            self.resampling_layer = _Slots({0: nn.LayerNorm(c_in, eps=eps),
+                                            2: nn.Conv1d(c_in, c_out, 2, stride=stride)})
         else:
             self.resampling_layer = None
         self.convnext_layers = nn.ModuleList(ConvNeXtLayer(c_out, eps) for _ in range(depth))
@@ -522,7 +522,8 @@ def hf_cache_snapshot(repo_id: str) -> Path:
     snaps, ref = repo / "snapshots", repo / "refs" / "main"
     if ref.exists() and (snaps / ref.read_text().strip()).is_dir():
         return snaps / ref.read_text().strip()
-    found = sorted((d for d in snaps.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime) if snaps.is_dir() else []
+    found = sorted((d for d in snaps.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime) \
+        if snaps.is_dir() else []
     if found:
         return found[-1]
     raise MERT2Error(f"{repo_id}: not in the local Hugging Face cache ({root}); nothing is downloaded at run time "

@@ -133,7 +133,8 @@ def summarise(states: torch.Tensor, lengths: list) -> dict:
     mean = torch.zeros(S, B, D)
     for b, n in enumerate(lengths):
         t = n // 960
-        idx = torch.cat([torch.arange(KEEP_FRAMES), t // 2 + torch.arange(KEEP_FRAMES), t - KEEP_FRAMES + torch.arange(KEEP_FRAMES)])
+        k = torch.arange(KEEP_FRAMES)
+        idx = torch.cat([k, t // 2 + k, t - KEEP_FRAMES + k])
         frames[:, b] = states[:, b, idx]
         mean[:, b] = states[:, b, :t].mean(1)
     return {"frames": frames, "proj": states @ projection(D), "chan_mean": mean}

@@ -209,7 +209,8 @@ def test_loads_from_folder_file_hub_cache_and_bin(small, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert torch.equal(mert2.MERT2.from_pretrained("m-a-p/MERT-v2-30s").extract(wav), want)
     assert mert2.is_mert2("m-a-p/MERT-v2-30s")
-    _one_line_error(lambda: mert2.MERT2.from_pretrained("m-a-p/MERT-v2-FullSong"), "not in the local Hugging Face cache")
+    _one_line_error(lambda: mert2.MERT2.from_pretrained("m-a-p/MERT-v2-FullSong"),
+                    "not in the local Hugging Face cache")
     # pytorch_model.bin
     binf = tmp_path / "bin"
     binf.mkdir()
