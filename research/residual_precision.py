@@ -7,7 +7,9 @@ Under autocast the pre-LN stream x = x + attn(LN(x)) stays in the dtype the feat
 fp16: the sum of two half-precision tensors is half precision); "fp32 residual" casts it to float32 before the
 first layer, so every later sum promotes to float32 while the matmuls still run in half precision. fairseq's
 fp16 run (MERT's) kept the stream in fp16. Reports relative L2 errors against a float64 forward/backward of the
-same weights, input, masks and targets: the last hidden state, the loss, and the whole gradient.
+same weights, input, masks and targets: the last hidden state, the loss, and the whole gradient. The conv
+front end runs in float32 in every row (on a CPU without AVX-512 its bf16 convolutions are emulated and take
+tens of minutes); the feature projection, transformer and heads run as in training.
 """
 import argparse
 import sys
@@ -31,6 +33,13 @@ def run(model: MERT, wav, targets, mask, dtype, fp32_residual: bool):
     """(last hidden state, loss, flat gradient) under autocast `dtype` (None: the model's own dtype)."""
     model.zero_grad(set_to_none=True)
     hook = None
+    front = model.feature_extractor.forward
+    if not hasattr(front, "fp32"):  # the conv front end in float32 for every row (see the docstring)
+        def fp32_front(*a, **k):
+            with torch.autocast("cpu", enabled=False):
+                return front(*a, **k)
+        fp32_front.fp32 = True
+        model.feature_extractor.forward = fp32_front
     if fp32_residual:  # the stream enters the first layer as float32; x + half -> float32 from then on
         hook = model.encoder.layers[0].register_forward_pre_hook(lambda m, a: (a[0].float(), *a[1:]))
     ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
