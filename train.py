@@ -164,8 +164,8 @@ class TrainConfig:
                             "as MERT trained (fairseq fp16); float32: none; auto: bfloat16 on CUDA, float32 elsewhere. "
                             "Weights, optimiser and the loss terms stay float32", MACHINE,
                     choices=("auto", "float32", "bfloat16", "float16"))
-    compile: bool = _f(False, "torch.compile the model (under DDP: the DDP-wrapped model, as PyTorch recommends)",
-                       MACHINE)
+    compile: bool = _f(False, "torch.compile the model, in place and before DDP wraps it (PyTorch's \"Where to apply "
+                              "torch.compile?\"); checkpoints are saved from the plain model", MACHINE)
     dist_timeout: float = _f(60.0, "minutes a collective may wait under torchrun before the run fails (torch's NCCL "
                                    "default is 10): rank 0 alone writes a 330m checkpoint of 3.8 GB with its "
                                    "optimiser state and fsyncs it, or CRC-checks and reads it on resume, while the "

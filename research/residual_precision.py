@@ -77,7 +77,7 @@ def main():
     print(f"330m shape, {args.layers} layers, {args.clips} x {args.seconds} s of {EXAMPLE.name}, vs float64 "
           f"(loss {ref[1].item():.4f}); relative L2 errors:")
     print(f"{'precision':<34} {'last hidden':>12} {'loss':>10} {'gradient':>10}")
-    for name, dtype, fp32_res in (("float32", None, False), ("bfloat16, bf16 residual (ours before)", torch.bfloat16,
+    for name, dtype, fp32_res in (("float32", None, False), ("bfloat16, bf16 residual (ours)", torch.bfloat16,
                                                                 False),
                                   ("bfloat16, fp32 residual", torch.bfloat16, True),
                                   ("float16, fp16 residual (fairseq's)", torch.float16, False),
