@@ -511,18 +511,23 @@ class MERT(nn.Module):
         return (sq * frame_mask).sum() / (frame_mask.sum() * feats.shape[-1])
 
     def _frame_losses(self, x, sel, targets, parts, suffix):
-        """Summed code cross-entropies + cqt_weight * CQT MSE over the frames sel [B, T] of x; parts gain suffix."""
+        """Summed code cross-entropies + cqt_weight * CQT MSE over the frames sel [B, T] of x; parts gain suffix.
+
+        Heads and losses run in float32 even under autocast: bf16 cosine logits / 0.1 err by up to ~0.03
+        (fairseq's fp16 run took the cosine in float32), and the heads are a sliver of a step's work."""
         T, loss = x.shape[1], 0.0
-        xs = x[sel]  # (N, d)
-        if "codes" in targets:
-            ce = self.code_loss(xs, targets["codes"][..., :T].transpose(1, 2)[sel])
-            for k, v in enumerate(ce):
-                parts[f"ce_{k}{suffix}"] = v.detach()
-            parts["ce" + suffix] = ce.sum()
-            loss = loss + parts["ce" + suffix]
-        if "cqt" in targets:
-            parts["cqt" + suffix] = F.mse_loss(self.cqt_head(xs).float(), targets["cqt"][:, :T][sel].float())
-            loss = loss + self.config.cqt_weight * parts["cqt" + suffix]
+        with torch.autocast(x.device.type, enabled=False):
+            xs = x[sel]  # (N, d)
+            if "codes" in targets:
+                ce = self.code_loss(xs, targets["codes"][..., :T].transpose(1, 2)[sel])
+                for k, v in enumerate(ce):
+                    parts[f"ce_{k}{suffix}"] = v.detach()
+                parts["ce" + suffix] = ce.sum()
+                loss = loss + parts["ce" + suffix]
+            if "cqt" in targets:
+                pred = _head(self.cqt_head, xs)  # (N, cqt_bins)
+                parts["cqt" + suffix] = F.mse_loss(pred, targets["cqt"][:, :T][sel].to(pred.dtype))
+                loss = loss + self.config.cqt_weight * parts["cqt" + suffix]
         return loss
 
     def code_loss(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -535,10 +540,12 @@ class MERT(nn.Module):
         K, Fd = cfg.n_codebooks, cfg.final_dim
         if codes.shape[-1] != K:
             raise ValueError(f"targets have {codes.shape[-1]} codebooks, the model's heads {K}")
-        z = F.normalize(self.final_proj(x).view(-1, K, Fd).float(), dim=-1).transpose(0, 1)  # (K, N, F)
-        e = F.normalize(self.label_embs.float(), dim=-1)  # (K, V, F)
-        logits = torch.bmm(z, e.transpose(1, 2)) / cfg.logit_temp  # (K, N, V)
-        return F.cross_entropy(logits.flatten(0, 1), codes.t().reshape(-1), reduction="none").view(K, -1).mean(1)
+        with torch.autocast(x.device.type, enabled=False):  # float32 logits and cross-entropy under any autocast
+            z = _head(self.final_proj, x).view(-1, K, Fd)
+            z = F.normalize(z, dim=-1).transpose(0, 1)  # (K, N, F)
+            e = F.normalize(self.label_embs.to(z.dtype), dim=-1)  # (K, V, F)
+            logits = torch.bmm(z, e.transpose(1, 2)) / cfg.logit_temp  # (K, N, V)
+            return F.cross_entropy(logits.flatten(0, 1), codes.t().reshape(-1), reduction="none").view(K, -1).mean(1)
 
     @torch.inference_mode()
     def extract(self, wav: torch.Tensor, lengths=None, layers=None, norm_stats=None) -> torch.Tensor:
@@ -608,6 +615,12 @@ class MERT(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Span masking (fairseq's compute_mask_indices)
+
+
+def _head(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) in float32 at least (float64 in a float64 model), whatever x's and the layer's dtype."""
+    dt = torch.promote_types(layer.weight.dtype, torch.float32)
+    return F.linear(x.to(dt), layer.weight.to(dt), None if layer.bias is None else layer.bias.to(dt))
 
 
 def compute_mask_indices(B: int, T: int, mask_prob: float, mask_length: int, min_masks: int = 0,

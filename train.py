@@ -30,10 +30,12 @@ Design notes:
 
 import argparse
 import contextlib
+import datetime
 import functools
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -50,8 +52,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import audio
 import checkpoints
 import teachers as teachers_lib
-from mert import (MERT, MERTConfig, PRESETS, CheckpointError, NeedsConvert, compute_mask_indices, load_checkpoint,
-                  load_state_strict)
+from mert import (MERT, MERTConfig, PRESETS, CheckpointError, NeedsConvert, _not_a_torch_file, compute_mask_indices,
+                  load_checkpoint, load_state_strict)
 
 # -----------------------------------------------------------------------------
 # configs
@@ -112,8 +114,9 @@ class TrainConfig:
     out: str = _f("runs/tiny", "run folder for checkpoints and the JSONL log", MACHINE)
     teachers: str = _f(teachers_lib.LABEL_DEFAULTS["teachers"],
                        "label producers joined by '+': rvq, randproj, mfcc, cqt")
-    acoustic_ckpt: str = _f("", "RVQ teacher checkpoint (ours or EnCodec 24 kHz); empty: the random-projection "
-                                "teacher stands in")
+    acoustic_ckpt: str = _f("", "the rvq teacher's checkpoint: EnCodec 24 kHz's encodec_24khz-d7cc33bc.th (MERT's "
+                                "teacher) or an rvq.py one. Required by 95m and 330m unless --teachers names another "
+                                "code teacher (randproj, mfcc); tiny without it: randproj stands in")
     mfcc_ckpt: str = _f("", "MFCC k-means teacher file (`python teachers.py fit-mfcc`)")
     n_q: int = _f(teachers_lib.LABEL_DEFAULTS["n_q"],
                   "codebooks of the rvq/randproj teacher to predict, the first n_q (MERT: 8)")
@@ -157,9 +160,18 @@ class TrainConfig:
     seed: int = _f(teachers_lib.LABEL_DEFAULTS["seed"], "seed of crops, masks, noise and initialisation")
     num_workers: int = _f(2, "data loader processes per device", MACHINE)
     device: str = _f("auto", "auto, cpu, cuda", MACHINE)
-    dtype: str = _f("auto", "auto, float32 or bfloat16 (autocast; auto: bfloat16 on CUDA, float32 elsewhere)",
-                    MACHINE)
-    compile: bool = _f(False, "torch.compile the model", MACHINE)
+    dtype: str = _f("auto", "autocast precision: bfloat16; float16 with dynamic loss scaling (torch.amp.GradScaler), "
+                            "as MERT trained (fairseq fp16); float32: none; auto: bfloat16 on CUDA, float32 elsewhere. "
+                            "Weights, optimiser and the loss terms stay float32", MACHINE,
+                    choices=("auto", "float32", "bfloat16", "float16"))
+    compile: bool = _f(False, "torch.compile the model, in place and before DDP wraps it (PyTorch's \"Where to apply "
+                              "torch.compile?\"); checkpoints are saved from the plain model", MACHINE)
+    dist_timeout: float = _f(60.0, "minutes a collective may wait under torchrun before the run fails (torch's NCCL "
+                                   "default is 10): rank 0 alone writes a 330m checkpoint of 3.8 GB with its "
+                                   "optimiser state and fsyncs it, or CRC-checks and reads it on resume, while the "
+                                   "other ranks wait; at 5-10 MB/s on a busy shared file system that is 6-13 "
+                                   "minutes, so 60 leaves a margin while a hung rank still ends the job",
+                             MACHINE)
     # fairseq likewise restores save_dir/checkpoint_last.pt by default (checkpoint.restore_file in
     # fairseq/dataclass/configs.py)
     resume: str = _f("auto", "auto: continue the run in OUT if there is one, else start it (what a restarted job "
@@ -174,13 +186,16 @@ class TrainConfig:
 TRAIN_PRESETS = {
     "tiny": dict(max_steps=2000, warmup_steps=200, lr=5e-4, grad_clip=10.0, batch_size=8, crop_seconds=5.0,
                  eval_interval=200, ckpt_interval=200, out="runs/tiny"),
-    # MERT_RVQ-VAE_CQT_95M.yaml as scripts/run_training.sh runs it: 8 GPUs, max_tokens 1.8M samples ->
-    # 15 clips of 5 s, cut to a multiple of 8 by fairseq's batch_by_size (required_batch_size_multiple)
-    # = 8 per GPU, update_freq 1: 64 clips per update
-    "95m": dict(lr=5e-4, grad_clip=10.0, crop_seconds=5.0, noise_max_seconds=1.0, batch_size=8,
-                total_batch_size=64, out="runs/95m"),
-    # MERT_RVQ-VAE_CQT_330M.yaml: 64 GPUs, max_tokens 920k (run_training.sh) -> 7 clips of 5.12 s per
-    # GPU, update_freq 8: 7 x 64 x 8 = 3,584 clips (5.1 h of audio) per update
+    # yizhilll/MERT mert_fairseq/config/pretrain/MERT_RVQ-VAE_CQT_95M.yaml: max_tokens 2000000 (line 41)
+    # samples per GPU at max_sample_size 120000 (line 31, 5 s) -> 16 clips (fairseq's batch_by_size keeps
+    # 16, a multiple of required_batch_size_multiple 8), distributed_world_size 64 (line 19), no update_freq:
+    # 16 x 64 = 1,024 clips per update. scripts/run_training.sh is an 8-GPU demo (max_tokens 1.8M -> 15
+    # clips cut to 8 by that multiple: 64 clips); --total_batch_size 64 --batch_size 8 gives it.
+    "95m": dict(lr=5e-4, grad_clip=10.0, crop_seconds=5.0, noise_max_seconds=1.0, batch_size=16,
+                total_batch_size=1024, out="runs/95m"),
+    # MERT_RVQ-VAE_CQT_330M.yaml: max_tokens 900000 (line 46; run_training.sh 920000) at max_sample_size
+    # 122880 (line 35, 5.12 s) -> 7 clips per GPU either way (8 would be 983,040), world size 64 (line 19),
+    # update_freq 8 (line 61): 7 x 64 x 8 = 3,584 clips (5.1 h of audio) per update
     "330m": dict(lr=1.5e-3, grad_clip=1.0, crop_seconds=5.12, noise_max_seconds=1.5, batch_size=7,
                  total_batch_size=3584, out="runs/330m"),
 }
@@ -188,6 +203,9 @@ HEAD_FIELDS = ("n_codebooks", "codebook_size", "cqt_bins")  # MERTConfig fields 
 # The fields that shape an encoder's weights and outputs: --init takes them from its source.
 ARCH_FIELDS = ("dim", "n_layers", "n_heads", "ffn_dim", "pre_ln", "conv_dim", "conv_kernel", "conv_stride", "conv_bias",
                "extractor_norm", "proj_norm", "pos_conv_kernel", "pos_conv_groups", "norm_eps", "sample_rate")
+TEACHER_FLAG_NAMES = ("rvq", "randproj", "mfcc", "cqt")  # --teachers' names (teachers.py's aliases work too)
+FLAG_NAME = {"acoustic": "rvq"}  # teachers.py's name -> the one --teachers and the docs use
+NEEDS_ACOUSTIC = ("95m", "330m")  # sizes that refuse to run without EnCodec's (or an rvq.py) codes: check_teachers
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; run the command again
 
 
@@ -233,6 +251,35 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
     return tc.lr * max(0.0, (tc.max_steps - step) / max(1, tc.max_steps - tc.warmup_steps))
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Precision(NamedTuple):
+    """How the forward runs: autocast's dtype (float32: no autocast), the context, the loss scaler (float16 only)."""
+    dtype: torch.dtype
+    autocast: object
+    scaler: object
+    text: str
+
+
+def precision(tc: TrainConfig, device: torch.device, world: int, accum: int) -> Precision:
+    """--dtype resolved for this device: bfloat16 or float16 autocast, or float32.
+
+    float16 gets dynamic loss scaling as fairseq's fp16 trainer (fairseq/optim/fp16_optimizer.py, MERT's
+    yamls set common.fp16): initial scale 2^7 (fp16_init_scale), halved on every overflow (tolerance 0) and
+    doubled after 2^14 / (world size x update_freq) steps without one (the default fp16_scale_window)."""
+    name = tc.dtype if tc.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = DTYPES[name]
+    if dtype == torch.float32:
+        return Precision(dtype, contextlib.nullcontext(), None, "float32")
+    scaler, text = None, f"{name} autocast (float32 weights, optimiser and loss terms)"
+    if dtype == torch.float16:
+        window = max(1, 2 ** 14 // (world * accum))
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 7, growth_interval=window)
+        text = f"float16 autocast with loss scaling (initial scale 128, doubled after {window} steps without overflow)"
+    return Precision(dtype, torch.autocast(device.type, dtype=dtype), scaler, text)
 
 
 def freeze_parameters(model: torch.nn.Module, prefixes: str) -> list[str]:
@@ -321,11 +368,80 @@ def prepare_batch(batch: dict, context: tuple, device: torch.device) -> tuple:
     return wav, batch["length"].tolist(), ctx
 
 
+def usage_error(msg: str):
+    """A mistake on the command line: one line on stderr, exit 2."""
+    print(f"train.py: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def teacher_names(spec: str) -> list[str]:
+    """--teachers "rvq+cqt" -> teachers.py's names ["acoustic", "cqt"]; an unknown or repeated name exits 2."""
+    given = [n.strip().lower() for n in spec.replace("+", ",").split(",") if n.strip()]
+    names = [teachers_lib._ALIASES.get(n, n) for n in given]
+    for g, n in zip(given, names):
+        if n not in teachers_lib.TEACHER_NAMES:
+            usage_error(f"--teachers {spec}: unknown teacher {g!r}; choose from {', '.join(TEACHER_FLAG_NAMES)}, "
+                        f"joined by '+' (MERT: rvq+cqt)")
+    if not names or len(set(names)) != len(names):
+        usage_error(f"--teachers {spec!r}: name each teacher once, joined by '+' (MERT: rvq+cqt)")
+    return names
+
+
+def check_teachers(tc: TrainConfig) -> None:
+    """The teacher flags before anything is built: names, the files they need, and no silent stand-in for EnCodec.
+
+    95m and 330m reproduce MERT, whose code targets are EnCodec 24 kHz's: without --acoustic_ckpt they refuse
+    rather than train a cluster on random-projection codes; naming randproj or mfcc in --teachers is the way to
+    ask for another code teacher. Reading the files fully happens in build_teachers (errors exit 2 there too)."""
+    names = teacher_names(tc.teachers)
+    if "acoustic" in names and not tc.acoustic_ckpt and tc.size in NEEDS_ACOUSTIC:
+        usage_error(f"--size {tc.size} trains on EnCodec 24 kHz's codes: pass --acoustic_ckpt "
+                    f"encodec_24khz-d7cc33bc.th (README: where to get it) or an rvq.py checkpoint, or name another "
+                    f"code teacher explicitly (--teachers randproj+cqt)")
+    if "mfcc" in names and not tc.mfcc_ckpt:
+        usage_error("--teachers mfcc needs --mfcc_ckpt (fit one: python teachers.py fit-mfcc --data DIR --out "
+                    "mfcc_km.pt)")
+    for flag, path, used in (("--acoustic_ckpt", tc.acoustic_ckpt, "acoustic" in names),
+                             ("--mfcc_ckpt", tc.mfcc_ckpt, "mfcc" in names)):
+        if path and used:
+            if not Path(path).is_file():
+                usage_error(f"{flag} {path}: " + ("a folder, not a checkpoint file" if Path(path).is_dir()
+                                                  else "no such file"))
+            why = _not_a_torch_file(Path(path))
+            if why:
+                usage_error(f"{flag} {path}: {why}")
+
+
+def _read_teacher_file(flag: str, path: str, read):
+    """read(path), or exit 2 naming the flag and the file when it is not the checkpoint it should be."""
+    try:
+        return read(path)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
+        usage_error(f"{flag} {path}: not a usable checkpoint ({audio.one_line(e)})")
+
+
+def _read_mfcc(path: str) -> dict:
+    """An MFCC k-means checkpoint's dict, checked by building the teacher from it (ValueError if it is not one)."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise ValueError(f"holds a {type(obj).__name__}, not an MFCC k-means checkpoint")
+    teachers_lib.MFCCKMeansTeacher(obj)
+    return obj
+
+
 def build_teachers(tc: TrainConfig, device, log) -> teachers_lib.Teachers:
-    """The run's teachers, frozen, on `device`."""
-    return teachers_lib.build_teachers(tc.teachers.replace("+", ","), acoustic_ckpt=tc.acoustic_ckpt or None,
-                                       mfcc_ckpt=tc.mfcc_ckpt or None, device=device, seed=tc.seed, n_q=tc.n_q,
-                                       cqt_log=tc.cqt_log, log=log).to(device).eval()
+    """The run's teachers, frozen, on `device`; a checkpoint that does not load exits 2 naming its flag."""
+    names = teacher_names(tc.teachers)
+    acoustic = mfcc = None
+    if "acoustic" in names and tc.acoustic_ckpt:
+        acoustic = _read_teacher_file("--acoustic_ckpt", tc.acoustic_ckpt, teachers_lib.rvq.load)
+    if "mfcc" in names and tc.mfcc_ckpt:
+        mfcc = _read_teacher_file("--mfcc_ckpt", tc.mfcc_ckpt, _read_mfcc)
+    try:
+        return teachers_lib.build_teachers(names, acoustic_ckpt=acoustic, mfcc_ckpt=mfcc, device=device, seed=tc.seed,
+                                           n_q=tc.n_q, cqt_log=tc.cqt_log, log=log).to(device).eval()
+    except ValueError as e:  # e.g. --n_q beyond the checkpoint's codebooks, two code teachers
+        usage_error(f"--teachers {tc.teachers} (--n_q {tc.n_q}): {e}")
 
 
 def fresh_model_config(tc: TrainConfig, teach, model_over: dict, log) -> tuple[MERTConfig, dict | None]:
@@ -448,7 +564,7 @@ def setup_process(tc: TrainConfig) -> Proc:
     store, rank, world = next(dist.rendezvous("env://"))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"mert/attempt{attempt}/", store),
-                            rank=rank, world_size=world)
+                            rank=rank, world_size=world, timeout=datetime.timedelta(minutes=tc.dist_timeout))
     return Proc(True, rank, world, device)
 
 
@@ -663,8 +779,8 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
     for note in plan["notes"]:
         print0(f"train.py: {note}")
     total, accum = resolve_batch(tc, world)
-    use_bf16 = (tc.dtype == "bfloat16") or (tc.dtype == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    prec = precision(tc, device, world, accum)
+    autocast, scaler = prec.autocast, prec.scaler
     out, ckpt_path = Path(tc.out), Path(tc.out) / "ckpt.pt"
 
     # -- teachers, then the data (crops on the label frame grid, with the audio around them the teachers need)
@@ -691,6 +807,8 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
     else:
         cfg, init_state = fresh_model_config(tc, teach, model_over, print0)
     model, optimizer, frozen = build_model(tc, cfg, init_state, state, plan["resume"], device)
+    if scaler is not None and state is not None and "scaler" in state:  # the loss scale the run had reached
+        scaler.load_state_dict(state["scaler"])
     step = start_step = state["step"] if state is not None else 0
     if state is not None and data_id is None:
         data_id = state.get("data")
@@ -705,15 +823,21 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
     print0(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | world {world} | micro-batch "
            f"{tc.batch_size} | accumulation {accum} | {total} clips x {tc.crop_seconds} s per step "
            f"({total * tc.crop_seconds / 3600:.2f} h of audio) | sampling {tc.sampling} | teacher context "
-           f"{context[0] / audio.SAMPLE_RATE:g} s + {context[1] / audio.SAMPLE_RATE:g} s | device {device} | bf16 {use_bf16}")
+           f"{context[0] / audio.SAMPLE_RATE:g} s + {context[1] / audio.SAMPLE_RATE:g} s | device {device} | precision {prec.text}")
     if frozen:
         print0(f"frozen at initialisation: {', '.join(frozen)}")
-    raw_model = model
+    raw_model = model  # saved, evaluated and measured; DDP and compile only wrap its calls
     if tc.compile:
-        model = torch.compile(model)
+        # in place, on the inner module, then DDP around it: PyTorch's "Where to apply torch.compile?" (its
+        # DDP example compiles the module passed to DDP); the state dict keeps its names (no _orig_mod.)
+        raw_model.compile()
     if ddp:
+        # layerdrop leaves layers without gradients on some steps (find_unused_parameters); otherwise the graph
+        # is the same every step (static_graph), but torch 2.13's static graph breaks on a backward without
+        # sync (reducer.cpp expect_autograd_hooks_ assert; pytorch/pytorch#143580): only without accumulation
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=cfg.layerdrop > 0)
+                    find_unused_parameters=cfg.layerdrop > 0, static_graph=cfg.layerdrop == 0 and accum == 1,
+                    gradient_as_bucket_view=True)  # gradients live in the buckets: no copy, less memory
 
     # SIGTERM (Slurm, Kubernetes, torchrun passing one on) finishes the step: see StopFlag. Installed
     # before the loader starts its workers, which ignore it (_loader_worker_init).
@@ -746,7 +870,8 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
             save_failed = save_checkpoint(out, {
                 "config": asdict(cfg), "train_config": asdict(tc), "model": raw_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step, "data": data_id, "run_id": plan["run_id"],
-                "position": data_position(step * accum * world, tc, train_ds)}, tc.keep_ckpts)
+                "position": data_position(step * accum * world, tc, train_ds),
+                **({"scaler": scaler.state_dict()} if scaler is not None else {})}, tc.keep_ckpts)
         if stop_now:
             if ddp:
                 dist.barrier()  # nobody exits before rank 0 has written
@@ -772,13 +897,15 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
             loss, parts, n = forward_micro(model, raw_model, teach, batch, g, tc, context, autocast)
             # fairseq (hubert_criterion.py + trainer): each micro-batch's loss is summed over its masked frames,
             # and the step's gradient divided by the frames masked over all micro-batches and ranks
-            (loss * n).backward()
+            (loss * n if scaler is None else scaler.scale(loss * n)).backward()
             sums["n"] += n
             sums["seconds"] += float(batch["length"].sum()) / audio.SAMPLE_RATE  # epoch batches are cut to their shortest clip
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * n
         means = reduce_step(sums, proc)
         n_total, seconds, loss_sum = means.pop("n"), means.pop("seconds").item(), means.pop("loss")  # all ranks
+        if scaler is not None:  # the accumulated gradient back to true scale (and inf/NaN noted) before clipping
+            scaler.unscale_(optimizer)
         grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
         if grads:  # DDP averaged the ranks' sums: times world / frames = the frame-weighted mean
             torch._foreach_mul_(grads, world / n_total.clamp(min=1).item())
@@ -786,10 +913,21 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
         # one all-reduce: a non-finite step on any rank is skipped by all; a SIGTERM on any rank stops all
         nonfinite, stopping = any_rank(proc, not bool(torch.isfinite(loss_sum) & torch.isfinite(gnorm)),
                                        stop.requested)
+        # float16: an overflow in the scaled backward (finite loss) is the loss scaler's business, as in fairseq:
+        # skip the step, halve the scale, and do not count it as a bad step
+        overflow = scaler is not None and nonfinite and bool(torch.isfinite(loss_sum))
         if not nonfinite:
             set_fairseq_eps(optimizer, tc)
-            optimizer.step()
+            optimizer.step()  # unscale_ above has checked for inf/NaN; every rank agreed on nonfinite
             bad_in_row = 0
+        elif overflow:
+            old_scale = scaler.get_scale()
+            print0(f"step {step}: float16 gradient overflow; step skipped, loss scale {old_scale:g} -> "
+                   f"{old_scale * scaler.get_backoff_factor():g}")
+            if old_scale * scaler.get_backoff_factor() < 1e-4:  # fairseq's min_loss_scale
+                print0(f"train.py: the float16 loss scale fell below 1e-4; stopping. Lower --lr, use --dtype "
+                       f"bfloat16, or resume from {ckpt_path}")
+                raise SystemExit(3)
         else:
             bad_in_row += 1
             print0(f"step {step}: non-finite loss or gradient ({loss_sum.item()}, grad norm {gnorm.item()}); step "
@@ -798,6 +936,8 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
                 print0(f"train.py: {bad_in_row} non-finite steps in a row; stopping. Lower --lr, check the data, "
                        f"or resume from {ckpt_path}")
                 raise SystemExit(3)
+        if scaler is not None:
+            scaler.update()  # backs off after an overflow, grows after growth_interval clean steps
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -880,8 +1020,9 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         add(f, f.metadata["help"])
     p.add_argument("--print_config", "--print-config", action="store_true", default=None,
-                   help="print the resolved training and model configs, the accumulation and the global batch as "
-                        "JSON and exit (for WORLD_SIZE devices, 1 outside torchrun); --data is not needed")
+                   help="print the resolved training and model configs, the teachers and their checkpoints, the "
+                        "accumulation and the global batch as JSON and exit (for WORLD_SIZE devices, 1 outside "
+                        "torchrun); --data is not needed, the teacher flags are checked as for a run")
     for f in fields(MERTConfig):
         if f.name not in TrainConfig.__dataclass_fields__:
             add(f, f"model: MERTConfig.{f.name}")
@@ -920,6 +1061,9 @@ def configs_from(given: dict, require_data: bool = True) -> tuple[TrainConfig, d
         raise SystemExit("train.py: --acoustic_context must be >= 0 seconds")
     if tc.batch_size < 1 or tc.max_steps < 0 or tc.crop_seconds <= 0.02:
         raise SystemExit("train.py: --batch_size must be >= 1, --max_steps >= 0 and --crop_seconds > 0.02")
+    if tc.dist_timeout <= 0:
+        usage_error(f"--dist_timeout must be > 0 minutes, not {tc.dist_timeout:g}")
+    check_teachers(tc)
     return tc, model_over
 
 
@@ -935,6 +1079,8 @@ def print_config(argv=None) -> int:
     out = {"train": asdict(tc), "model": asdict(cfg), "world_size": world, "micro_batch": tc.batch_size,
            "accumulation": accum, "global_batch": {"clips": total, "seconds_per_clip": tc.crop_seconds,
                                                    "audio_hours": round(total * tc.crop_seconds / 3600, 3)},
+           "teachers": {FLAG_NAME.get(n, n): (tc.acoustic_ckpt if n == "acoustic" else tc.mfcc_ckpt if n == "mfcc"
+                                               else None) for n in teach.names},
            "teacher_context_seconds": [left / audio.SAMPLE_RATE, right / audio.SAMPLE_RATE]}
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(out, indent=1))

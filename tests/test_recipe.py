@@ -212,7 +212,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_print_config_shows_the_official_global_batch(capsys, monkeypatch):
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--size", "330m", "--print_config"], cwd=ROOT,
+    code = ["--teachers", "randproj+cqt"]  # 95m and 330m refuse to run without a named code teacher
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--size", "330m", "--print_config"] + code, cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     c = json.loads(r.stdout)
@@ -223,18 +224,18 @@ def test_print_config_shows_the_official_global_batch(capsys, monkeypatch):
     assert (c["model"]["dim"], c["model"]["n_layers"], c["model"]["final_dim"]) == (1024, 24, 128)
     for world, accum in ((8, 64), (64, 8)):
         monkeypatch.setenv("WORLD_SIZE", str(world))
-        assert train.main(["--size", "330m", "--print_config"]) == 0
+        assert train.main(["--size", "330m", "--print_config"] + code) == 0
         c = json.loads(capsys.readouterr().out)
         assert (c["accumulation"], c["global_batch"]["clips"]) == (accum, 3584)
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert train.main(["--size", "95m", "--print-config"]) == 0  # 8 clips of 5 s x 8 GPUs (run_training.sh)
+    assert train.main(["--size", "95m", "--print-config"] + code) == 0  # 16 clips of 5 s x 64 GPUs (95M.yaml)
     c = json.loads(capsys.readouterr().out)
-    assert (c["global_batch"]["clips"], c["accumulation"], c["train"]["crop_seconds"]) == (64, 8, 5.0)
-    assert train.main(["--size", "95m", "--print_config", "--total_batch_size", "16", "--batch_size", "4"]) == 0
+    assert (c["global_batch"]["clips"], c["accumulation"], c["train"]["crop_seconds"]) == (1024, 64, 5.0)
+    assert train.main(["--size", "95m", "--print_config", "--total_batch_size", "16", "--batch_size", "4"] + code) == 0
     assert json.loads(capsys.readouterr().out)["accumulation"] == 4  # --total_batch_size still overrides
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(SystemExit, match="not a multiple"):
-        train.main(["--size", "330m", "--print_config"])
+        train.main(["--size", "330m", "--print_config"] + code)
 
 
 # -- 6. weight decay: fairseq's Adam (decoupled, AdamW-like) on every parameter
@@ -367,7 +368,7 @@ def test_labels_command_prints_what_training_trains_on(files, tmp_path, monkeypa
 def test_default_run_folder_follows_the_size():
     """Without --out a 330m run must not land in (and, with --resume auto, refuse or continue) runs/tiny."""
     for size in ("tiny", "95m", "330m"):
-        tc, _ = train.resolve_configs(["--size", size], require_data=False)
+        tc, _ = train.resolve_configs(["--size", size, "--teachers", "randproj+cqt"], require_data=False)
         assert tc.out == f"runs/{size}"
 
 
