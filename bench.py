@@ -15,6 +15,7 @@ the rise of the peak resident set size over the resident size after set-up, via 
 import argparse
 import importlib.machinery
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -280,57 +281,96 @@ def _synth_files(root: Path, n_files: int, seconds: float, sr: int = 44100) -> l
     return files
 
 
-def _time_crops(ds, indices, repeat: int) -> tuple:
-    """Median (CPU seconds, wall seconds) of reading ds[i] for all indices, over `repeat` runs."""
-    ds[indices[0]]  # opens shard maps, warms the page cache and the imports
-    cpu, wall = [], []
+def _small_codes_ckpt(root: Path) -> Path:
+    """A cheap teacher for the reader's benchmark: rvq.py's `small` architecture, random, 8 x 1024 codes (reading
+    codes costs the same whichever teacher made them)."""
+    import dataclasses
+    import rvq
+    path = root / "small_random.pt"
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(rvq.PRESETS["small"], kmeans_iters=1)
+    m = rvq.RVQVAE(cfg).eval()
+    with torch.no_grad():
+        m.quantizer.init_(m.encoder(music_like(2 * SR, 1)[:, None]))
+    rvq.save_atomic({"config": dataclasses.asdict(cfg), "model": m.state_dict()}, path)
+    return path
+
+
+def _time_batches(ds, batch: int, n_batches: int, repeat: int) -> float:
+    """Median CPU seconds (this process) per training batch of `batch` examples through audio.make_loader (epoch
+    batches, collated), over `repeat` runs of the same n_batches batches (page cache warm)."""
+    import audio
+    next(iter(audio.make_loader(ds, batch, sampling="epoch")))  # opens shard maps, warms the imports
+    cpu = []
     for _ in range(repeat):
-        c0, w0 = time.process_time(), time.perf_counter()
-        for i in indices:
-            ds[i]
+        it = iter(audio.make_loader(ds, batch, sampling="epoch", num_batches=n_batches))
+        c0 = time.process_time()
+        for _ in range(n_batches):
+            next(it)
         cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    return statistics.median(cpu), statistics.median(wall)
+    return statistics.median(cpu) / n_batches
+
+
+# the 330m preset per GPU and optimiser step: 7 clips of 5.12 s per micro-batch, 8 micro-batches (64 GPUs)
+DATA_330M = dict(batch=7, accum=8, crop_seconds=5.12, context_seconds=10.0)
+# The model's time for those 56 clips on an H100, estimated: 874 GFLOP per clip (train.estimate_flops_per_clip)
+# x 56 = 49 TFLOP, at 31-40% MFU of 989 TFLOP/s: 0.16-0.125 s; the same rate as 1-1.3 s for the 448 clips a GPU
+# steps through on one 8-GPU node (accumulation 64). `bench.py gpu` measures it. Workers scale with the ratio.
+STEP_ESTIMATES = (0.16, 0.125)
 
 
 def bench_data(args):
-    """Audio-seconds per second per core that CropDataset delivers from shards and from raw files.
+    """CPU-seconds of loading per GPU per optimiser step of the 330m preset from raw FLAC, WAV and MP3 (crops with
+    10 s of context for the on-the-fly teacher), shards (the same) and shards with codes (no context), and the
+    loader workers per GPU that keeps up with a given step time.
 
-    One thread, as in a DataLoader worker (workers are processes: a machine delivers about this times
-    the cores given to them). Per CPU-second (process time, little disturbed by other load) and per
-    wall-second, median of --repeat runs over the same indices (page cache warm).
+    One thread, as a DataLoader worker (audio.worker_init); process time, little disturbed by other load; the
+    real access pattern (CropDataset.example with its context, collated batches of 7), median of --repeat runs.
     """
     import shutil
     import audio
+    import teachers
     audio.worker_init(0)
+    torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
-    crop_s, n_shard, n_raw = 5.0, 400, 24
+    b, accum, crop_s, ctx_s = (DATA_330M[k] for k in ("batch", "accum", "crop_seconds", "context_seconds"))
+    crop, ctx = int(crop_s * SR), -(-int(ctx_s * SR) // 320) * 320   # the context on the 320-sample grid
     try:
         if args.data:
-            sources, raw_sets = [args.data], {"raw": [args.data]}
+            sources, raw_sets = [args.data], {"raw (yours)": [args.data]}
         else:
+            # 30 s songs, 44.1 kHz stereo as most collections are: a crop with 10 s before it reads 15.12 s
             files = _synth_files(tmp / "raw", 12, 30.0)
-            sources, raw_sets = [tmp / "raw"], {"raw (mixed)": [tmp / "raw"]}
-            for ext in ("wav", "flac", "mp3"):
-                raw_sets[f"raw {ext}"] = [f for f in files if f.suffix == f".{ext}"]
+            sources, raw_sets = [tmp / "raw"], {}
+            for ext in ("flac", "wav", "mp3"):
+                raw_sets[f"raw {ext.upper()}"] = [f for f in files if f.suffix == f".{ext}"]
         c0, w0 = time.process_time(), time.perf_counter()
         summary = audio.prepare(sources, tmp / "shards", workers=1, progress=False)
         prep_cpu, prep_wall = time.process_time() - c0, time.perf_counter() - w0
-        crop = int(crop_s * SR)
-        results = {"shards": (_time_crops(audio.CropDataset([tmp / "shards"], crop, seed=0), range(n_shard),
-                                          args.repeat), n_shard)}
-        for name, src in raw_sets.items():
-            results[name] = _time_crops(audio.CropDataset(src, crop, seed=0), range(n_raw), args.repeat), n_raw
+        coder = teachers.FileCoder(_small_codes_ckpt(tmp), n_q=8, device="cpu")
+        audio.prepare(sources, tmp / "shards_codes", workers=1, progress=False, codes=coder)
+        kw = dict(crop_samples=crop, seed=0, hop=320)
+        cases = {name: (audio.CropDataset(src, context=(ctx, 0), **kw), 3) for name, src in raw_sets.items()}
+        cases["shards"] = (audio.CropDataset([tmp / "shards"], context=(ctx, 0), **kw), 30)
+        cases["shards + codes"] = (audio.CropDataset([tmp / "shards_codes"], codes=True, **kw), 30)
+        rows = {}
+        for name, (ds, n) in cases.items():
+            per_batch = _time_batches(ds, b, n, args.repeat)
+            read = ds.context[0] + crop  # samples read per crop (fewer within 10 s of a file's start)
+            rows[name] = (per_batch * accum, b * read / SR / per_batch)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"data: {crop_s:g} s crops at 24 kHz from {summary['files']} files ({summary['seconds'] / 3600:.2f} h); "
-          f"one thread; median of {args.repeat} runs")
-    print(f"  {'source':<12} {'audio-s/CPU-s':>14} {'audio-s/wall-s':>15} {'shards are':>11}")
-    base = None
-    for name, ((cpu, wall), n) in results.items():
-        per_cpu, per_wall = n * crop_s / cpu, n * crop_s / wall
-        base = base or per_cpu
-        print(f"  {name:<12} {per_cpu:>14.0f} {per_wall:>15.0f} {base / per_cpu:>10.1f}x")
+    print(f"data: the 330m preset per GPU-step ({b} clips x {crop_s:g} s x accumulation {accum}; on the fly each crop "
+          f"reads {ctx_s:g} s of context before it, with codes from the shards none); one thread, process time, "
+          f"median of {args.repeat}; {summary['files']} files, {summary['seconds'] / 3600:.2f} h")
+    head = "".join(f" {f'{t:g} s':>7}" for t in STEP_ESTIMATES)
+    print(f"  {'source':<15} {'audio-s/CPU-s':>14} {'CPU-s/GPU-step':>15}   workers per GPU, model step of{head}")
+    for name, (cpu_step, rate) in rows.items():
+        workers = "".join(f" {math.ceil(cpu_step / t):>7d}" for t in STEP_ESTIMATES)
+        print(f"  {name:<15} {rate:>14.0f} {cpu_step:>15.3f}   {'':<30}{workers}")
+    print(f"  model step: an H100's time for those {b * accum} clips of 330m, estimated from FLOPs (49 TFLOP at 31-40% "
+          f"MFU; = 1-1.3 s for the {b * 64} clips of accumulation 64 on one 8-GPU node); `python bench.py gpu` "
+          f"measures it. Workers = CPU-s / model step, rounded up, each a process with a core of its own")
     print(f"  one-time prepare (decode + resample + write, 1 process): {summary['seconds'] / prep_cpu:.0f} "
           f"audio-s/CPU-s, {summary['seconds'] / prep_wall:.0f} audio-s/wall-s")
 
@@ -444,63 +484,168 @@ def _rvq_mem_child(argv):
 
 
 # -----------------------------------------------------------------------------
-# train: one optimiser step of pretraining, teachers included
+# train: train.py's own step (its functions, the frame-weighted micro-batch loop), split into data, teachers, model
 
 
-TRAIN_BATCH = {"tiny": 8, "95m": 32, "330m": 16}  # clips per device (GPU runs); --batch overrides
+def _encodec_ckpt(root: Path, width: int = 32) -> Path:
+    """rvq.py's encodec24k architecture (causal SEANet, 2-layer LSTM) with random weights and 8 codebooks of 1024
+    seeded on its latents of a music-like signal, saved as an rvq.py checkpoint (width: the first conv's channels,
+    32 as EnCodec; smaller only for the CPU check)."""
+    import dataclasses
+    import rvq
+    path = root / f"encodec24k_random_w{width}.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(rvq.PRESETS["encodec24k"], n_filters=width, n_q=8, kmeans_iters=2)
+        m = rvq.RVQVAE(cfg).eval()
+        with torch.no_grad():  # speed does not depend on the values; seeded codebooks give varied codes
+            m.quantizer.init_(m.encoder(music_like(3 * SR, 1)[:, None]))
+        rvq.save_atomic({"config": dataclasses.asdict(cfg), "model": m.state_dict()}, path)
+    return path
+
+
+def _train_data(root: Path, ckpt: Path, n_files: int, seconds: float, device) -> dict:
+    """Synthetic songs at 24 kHz prepared twice: plain shards (teachers on the fly) and shards with the teacher's
+    codes (`prepare --codes`); {"fly": folder, "codes": folder}."""
+    import soundfile as sf
+    import audio
+    import teachers
+    songs = root / "songs"
+    songs.mkdir(parents=True, exist_ok=True)
+    for k in range(n_files):
+        if not (songs / f"s{k:03d}.wav").exists():
+            sf.write(songs / f"s{k:03d}.wav", music_like(int(seconds * SR), 1, seed=k)[0].numpy(), SR, subtype="PCM_16")
+    audio.prepare([songs], root / "shards", progress=False)
+    coder = teachers.FileCoder(ckpt, n_q=8, device=str(device))
+    audio.prepare([songs], root / "shards_codes", progress=False, codes=coder)
+    return {"fly": root / "shards", "codes": root / "shards_codes"}
+
+
+class _Timed:
+    """The teachers, timed: each call's wall time (the device synchronised around it) is added to .seconds."""
+
+    def __init__(self, fn, device: torch.device):
+        self.fn, self.device, self.seconds = fn, device, 0.0
+
+    def __call__(self, *a, **k):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = self.fn(*a, **k)
+        _sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_train_step(size: str, data: Path, ckpt: Path, device: torch.device, batch: int = 0, accum: int = 1,
+                    steps: int = 5, dtype: str = "bfloat16", model_over: dict | None = None, crop_seconds: float = 0,
+                    context_seconds: float | None = None, root: Path | None = None) -> dict:
+    """train.py's step, timed: its config (train.configs_from), teachers (train.build_teachers), data (train.load_data,
+    train.make_loader), model and optimiser (train.build_model), and per micro-batch train.forward_micro with the
+    loop's frame-weighted gradient (loss x masked frames, summed, divided by the step's frames), clipping and
+    fairseq's Adam step. Median over `steps` steps (after 2 warm-up steps) of the step's wall time and its data
+    (the loader's next(), in this process), teachers (their calls, synchronised) and model (the rest) parts."""
+    import audio
+    import train
+    given = {"size": size, "data": str(data), "out": str(root or data.parent), "teachers": "rvq+cqt",
+             "acoustic_ckpt": str(ckpt), "num_workers": 0, "device": device.type, "dtype": dtype}
+    given.update({"batch_size": batch} if batch else {})
+    given.update({"crop_seconds": crop_seconds} if crop_seconds else {})
+    given.update({"acoustic_context": context_seconds} if context_seconds is not None else {})
+    tc, over = train.configs_from(given)
+    tc.total_batch_size = tc.batch_size * accum
+    proc, quiet = train.Proc(False, 0, 1, device), (lambda *a, **k: None)
+    teach = train.build_teachers(tc, device, quiet)
+    crop = int(round(tc.crop_seconds * audio.SAMPLE_RATE))
+    ds, _ = train.load_data(tc, proc, crop, teach)
+    if ds.codes_info is not None:
+        teach.code_teacher.cpu()  # as train.py: the codes come from the shards
+    cfg, _ = train.fresh_model_config(tc, teach, {**over, **(model_over or {})}, quiet)
+    model, opt, _ = train.build_model(tc, cfg, None, None, None, device)
+    model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else torch.autocast(
+        device.type, enabled=False)
+    loader, timed = train.make_loader(ds, tc, proc, 0, []), _Timed(teach, device)
+    rows = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(2 + steps):
+        timed.seconds, data_s = 0.0, 0.0
+        _sync(device)
+        t0 = time.perf_counter()
+        sums = {"n": 0.0, "loss": 0.0}
+        for micro in range(accum):
+            g = train.micro_index(step, micro, accum, 1, 0)
+            torch.manual_seed(hash((tc.seed, g)) % (2 ** 62))
+            t = time.perf_counter()
+            batch_ = next(loader)
+            data_s += time.perf_counter() - t
+            loss, _, n = train.forward_micro(model, model, timed, batch_, g, tc, ds.context, autocast)
+            (loss * n).backward()
+            sums["n"] += n
+            sums["loss"] += loss.detach().float() * n
+        n_total = train.reduce_step(sums, proc)["n"]
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, 1 / n_total.clamp(min=1).item())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        train.set_fairseq_eps(opt, tc)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if step >= 2:
+            rows.append((time.perf_counter() - t0, data_s, timed.seconds))
+    total, data_s, teach_s = (statistics.median(r[i] for r in rows) for i in range(3))
+    model_s = statistics.median(r[0] - r[1] - r[2] for r in rows)
+    clips = tc.batch_size * accum
+    out = {"size": size, "route": "codes from shards" if ds.codes_info is not None else "teachers on the fly",
+           "batch": tc.batch_size, "accumulation": accum, "crop_seconds": tc.crop_seconds,
+           "context_seconds": ds.context[0] / SR, "dtype": dtype, "ms_per_step": 1e3 * total,
+           "audio_s_per_s": clips * tc.crop_seconds / total, "data_ms": 1e3 * data_s, "teachers_ms": 1e3 * teach_s,
+           "model_ms": 1e3 * model_s, "teachers_share": teach_s / total, "data_share": data_s / total,
+           "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    peak = train.peak_flops(device)
+    if peak:
+        flops = train.estimate_flops_per_clip(cfg, crop) * clips
+        out.update(mfu=flops / total / peak, mfu_model_only=flops / model_s / peak,
+                   peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30)
+    del model, opt, teach, loader
+    return out
 
 
 def bench_train(args):
-    """Step time, audio-seconds/s (and MFU and peak memory on a GPU) of a full pretraining step."""
-    import teachers as teachers_lib
-    import train
-    from mert import MERT, MERTConfig, compute_mask_indices
-    from train import mix_noise
+    """train.py's step with the EnCodec-architecture teacher (random weights) and its 10 s context, then with codes
+    from the shards instead: ms per step split into data, teachers and model."""
+    import shutil
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    sizes = args.sizes.split(",") if args.sizes else (["tiny", "95m", "330m"] if cuda else ["tiny"])
-    print(f"train: device {device}, {'bf16 autocast' if cuda else 'fp32'}, teachers randproj+cqt, "
-          f"median of {args.repeat} steps", flush=True)
-    for size in sizes:
-        tc = train.TrainConfig(**{**train.TRAIN_PRESETS[size], "size": size})
-        B = args.batch or (TRAIN_BATCH[size] if cuda else 4)
-        crop = int(round(tc.crop_seconds * SR))
-        teach = teachers_lib.build_teachers("randproj,cqt", device=device, log=lambda *a: None).to(device)
-        torch.manual_seed(0)
-        cfg = MERTConfig.from_preset(size, n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size,
-                                     cqt_bins=teach.cqt_bins)
-        model = MERT(cfg).to(device).train()
-        opt = train.configure_optimizer(model, tc, fused=cuda)
-        wav = music_like(crop, B).to(device)
-        T = model.num_frames(crop)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-
-        def step():
-            with torch.no_grad():
-                targets = teach(wav, T)
-            rng = np.random.default_rng(0)
-            mask = compute_mask_indices(B, T, cfg.mask_prob, cfg.mask_length, cfg.min_masks, rng=rng)
-            with autocast:
-                _, loss, _ = model(mix_noise(wav, rng), targets=targets, mask=mask)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
-
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        dt = interleaved_medians({"step": step}, args.repeat, warmup=2)["step"]
-        line = (f"{size:>5}  batch {B:3d} x {tc.crop_seconds:g} s  {dt * 1000:8.1f} ms/step  "
-                f"{B * tc.crop_seconds / dt:8.1f} audio-s/s")
-        peak = train.peak_flops(device)
-        if peak:
-            mfu = train.estimate_flops_per_clip(cfg, crop) * B / dt / peak
-            line += f"  MFU {mfu * 100:5.1f}%  peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-        print(line, flush=True)
-        del model, opt, teach
+    sizes = args.sizes.split(",") if args.sizes else (["95m", "330m"] if cuda else ["tiny"])
+    root = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    try:
+        ckpt = _encodec_ckpt(root)
+        # 30 s songs: most crops have their whole 10 s of context (at the start of a file there is less)
+        data = _train_data(root, ckpt, max(8, args.batch or 16), 30.0, device)
+        print(f"train: train.py's step on {device} ({'bf16 autocast' if cuda else 'fp32'}), teachers rvq+cqt with "
+              f"rvq.py's encodec24k architecture (random weights), median of {args.repeat} steps", flush=True)
+        print(f"  {'size':>5} {'route':<20} {'clips':>8} {'ms/step':>9} {'data':>8} {'teachers':>9} {'model':>8} "
+              f"{'teach %':>8} {'audio-s/s':>10}")
+        for size in sizes:
+            for route in ("fly", "codes"):
+                r = time_train_step(size, data[route], ckpt, device, batch=args.batch or (0 if cuda else 2),
+                                    accum=args.accum, steps=args.repeat, dtype="bfloat16" if cuda else "float32",
+                                    root=root)
+                print(f"  {size:>5} {r['route']:<20} {r['batch']:>3} x {r['accumulation']:<2} {r['ms_per_step']:>9.0f} "
+                      f"{r['data_ms']:>8.0f} {r['teachers_ms']:>9.0f} {r['model_ms']:>8.0f} "
+                      f"{100 * r['teachers_share']:>7.1f}% {r['audio_s_per_s']:>10.1f}"
+                      + (f"  MFU {100 * r['mfu']:.1f}%  {r['peak_mem_gib']:.1f} GiB" if "mfu" in r else ""), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print("data: the loader's work in this process (num_workers 0; in training, loader workers do it beside the "
+          "step); teachers: their calls; model: the rest (forward, backward, optimiser)")
 
 
 def _child(argv):
@@ -536,8 +681,9 @@ def main():
     p.add_argument("--long_peers", "--long-peers", action="store_true", help="cqt: peak memory of the peers on 10 minutes too")
     p.add_argument("--data", default=None, help="data: a folder or manifest of your own audio (default: synthesise)")
     p.add_argument("--ckpt", default=None, help="rvq: time this trained `small` checkpoint instead of random weights")
-    p.add_argument("--sizes", default="", help="train: comma-separated sizes (default: tiny on CPU; all on a GPU)")
-    p.add_argument("--batch", type=int, default=0, help="train: clips per step (default: per size)")
+    p.add_argument("--sizes", default="", help="train: comma-separated sizes (default: tiny on a CPU; 95m,330m on a GPU)")
+    p.add_argument("--batch", type=int, default=0, help="train: clips per micro-batch (default: the preset's; 2 on a CPU)")
+    p.add_argument("--accum", type=int, default=1, help="train: micro-batches per optimiser step")
     args = p.parse_args()
     if args.repeat < 5:
         p.error("--repeat must be >= 5: every figure is a median")
