@@ -3,8 +3,9 @@
     python bench.py extract          # mert.py vs transformers' HubertModel (sdpa), 95M, same weights
     python bench.py cqt              # cqt.py vs nnAudio's CQT and librosa.cqt, MERT's settings
     python bench.py rvq              # rvq.py encode speed: encodec24k vs the encodec package, and small
-    python bench.py data             # loader audio-seconds/s per core, prepared shards vs raw files
-    python bench.py train            # a pretraining step: ms, audio-s/s (MFU, memory on a GPU)
+    python bench.py data             # loading CPU-s per 330m GPU-step: raw FLAC/WAV/MP3, shards, shards + codes
+    python bench.py train            # train.py's step split into data, teachers, model (MFU, memory on a GPU)
+    python bench.py gpu              # the prepared device check (<= 8 min on an H100/H200): one JSON
     python bench.py extract --quick  # --quick skips the slow 10-minute inputs
 
 Every figure is a ratio to the peer measured in the same process (time: median of --repeat runs,
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -543,12 +545,13 @@ def _sync(device: torch.device) -> None:
 
 def time_train_step(size: str, data: Path, ckpt: Path, device: torch.device, batch: int = 0, accum: int = 1,
                     steps: int = 5, dtype: str = "bfloat16", model_over: dict | None = None, crop_seconds: float = 0,
-                    context_seconds: float | None = None, root: Path | None = None) -> dict:
+                    context_seconds: float | None = None, root: Path | None = None, sdpa_probe: bool = False) -> dict:
     """train.py's step, timed: its config (train.configs_from), teachers (train.build_teachers), data (train.load_data,
     train.make_loader), model and optimiser (train.build_model), and per micro-batch train.forward_micro with the
     loop's frame-weighted gradient (loss x masked frames, summed, divided by the step's frames), clipping and
     fairseq's Adam step. Median over `steps` steps (after 2 warm-up steps) of the step's wall time and its data
-    (the loader's next(), in this process), teachers (their calls, synchronised) and model (the rest) parts."""
+    (the loader's next(), in this process), teachers (their calls, synchronised) and model (the rest) parts.
+    sdpa_probe: the second warm-up step runs under the profiler, which names the SDPA backend the model used."""
     import audio
     import train
     given = {"size": size, "data": str(data), "out": str(root or data.parent), "teachers": "rvq+cqt",
@@ -570,10 +573,11 @@ def time_train_step(size: str, data: Path, ckpt: Path, device: torch.device, bat
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else torch.autocast(
         device.type, enabled=False)
     loader, timed = train.make_loader(ds, tc, proc, 0, []), _Timed(teach, device)
-    rows = []
+    rows, used = [], None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for step in range(2 + steps):
+
+    def one_step(step):
         timed.seconds, data_s = 0.0, 0.0
         _sync(device)
         t0 = time.perf_counter()
@@ -596,8 +600,16 @@ def time_train_step(size: str, data: Path, ckpt: Path, device: torch.device, bat
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
-        if step >= 2:
-            rows.append((time.perf_counter() - t0, data_s, timed.seconds))
+        return time.perf_counter() - t0, data_s, timed.seconds
+
+    for step in range(2 + steps):
+        if step == 1 and sdpa_probe:
+            box = {}
+            used = _sdpa_used(lambda: box.setdefault("r", one_step(step)))
+        else:
+            r = one_step(step)
+            if step >= 2:
+                rows.append(r)
     total, data_s, teach_s = (statistics.median(r[i] for r in rows) for i in range(3))
     model_s = statistics.median(r[0] - r[1] - r[2] for r in rows)
     clips = tc.batch_size * accum
@@ -607,6 +619,8 @@ def time_train_step(size: str, data: Path, ckpt: Path, device: torch.device, bat
            "audio_s_per_s": clips * tc.crop_seconds / total, "data_ms": 1e3 * data_s, "teachers_ms": 1e3 * teach_s,
            "model_ms": 1e3 * model_s, "teachers_share": teach_s / total, "data_share": data_s / total,
            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    if used is not None:
+        out["sdpa_backend_used"] = used
     peak = train.peak_flops(device)
     if peak:
         flops = train.estimate_flops_per_clip(cfg, crop) * clips
@@ -635,7 +649,8 @@ def bench_train(args):
               f"{'teach %':>8} {'audio-s/s':>10}")
         for size in sizes:
             for route in ("fly", "codes"):
-                r = time_train_step(size, data[route], ckpt, device, batch=args.batch or (0 if cuda else 2),
+                r = time_train_step(size, data[route], ckpt, device,
+                                    batch=args.batch or (GPU_MICRO_BATCH.get(size, 0) if cuda else 2),
                                     accum=args.accum, steps=args.repeat, dtype="bfloat16" if cuda else "float32",
                                     root=root)
                 print(f"  {size:>5} {r['route']:<20} {r['batch']:>3} x {r['accumulation']:<2} {r['ms_per_step']:>9.0f} "
@@ -646,6 +661,200 @@ def bench_train(args):
         shutil.rmtree(root, ignore_errors=True)
     print("data: the loader's work in this process (num_workers 0; in training, loader workers do it beside the "
           "step); teachers: their calls; model: the rest (forward, backward, optimiser)")
+
+
+# -----------------------------------------------------------------------------
+# gpu: the prepared device check, one JSON
+
+
+# The official per-GPU micro-batches: MERT_RVQ-VAE_CQT_95M.yaml, 64 GPUs x max_tokens 2,000,000 samples = 16 clips
+# of 5 s; MERT_RVQ-VAE_CQT_330M.yaml with run_training.sh's max_tokens 920k = 7 clips of 5.12 s
+GPU_MICRO_BATCH = {"95m": 16, "330m": 7}
+_SDPA_OPS = {"_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+             "_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_efficient_attention": "efficient",
+             "_scaled_dot_product_cudnn_attention": "cudnn", "_scaled_dot_product_fused_attention_overrideable":
+             "overrideable", "_scaled_dot_product_attention_math": "math"}
+
+
+class _TimeUp(Exception):
+    """A part of `bench.py gpu` ran past its time box."""
+
+
+class _TimeBox:
+    """Raise _TimeUp in the main thread after `seconds` (SIGALRM; between Python calls, so a long CUDA kernel ends
+    first)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = max(1.0, seconds)
+
+    def __enter__(self):
+        import signal
+
+        def fire(signum, frame):
+            raise _TimeUp(f"timed out after {self.seconds:.0f} s")
+        self.old = signal.signal(signal.SIGALRM, fire)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self.old)
+        return False
+
+
+def _sdpa_used(fn) -> list:
+    """The SDPA backends (by their aten op) that one call of fn runs, read from the profiler's CPU-side op names."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = {e.key.removeprefix("aten::") for e in prof.key_averages()}
+    return sorted({label for op, label in _SDPA_OPS.items() if op in names})
+
+
+def sdpa_backends(size: str, device: torch.device, batch: int, crop: int, model_over: dict | None = None) -> dict:
+    """Each SDPA backend (torch.nn.attention.sdpa_kernel) on the attention of a training step of `size` (its heads,
+    head size, frames, dropout; bf16 on CUDA): forward + backward ms (median of 5) or why it cannot run."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import teachers
+    from mert import MERTConfig
+    cfg = MERTConfig.from_preset(size, **(model_over or {}))
+    T, H, hd = teachers.model_frames(crop), cfg.n_heads, cfg.dim // cfg.n_heads
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(batch, H, T, hd, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    out = {"shape": [batch, H, T, hd], "dtype": str(dtype).replace("torch.", ""), "dropout": cfg.attn_dropout}
+
+    def run():
+        F.scaled_dot_product_attention(q, k, v, dropout_p=cfg.attn_dropout).sum().backward()
+        _sync(device)
+
+    out["default"] = _sdpa_used(run)
+    times = {}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        backend, key = getattr(SDPBackend, name, None), name.lower().removesuffix("_attention")
+        if backend is None:
+            out[key + "_ms"] = "not in this torch"
+            continue
+        try:
+            with sdpa_kernel([backend]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the reasons a backend refuses come back in the error
+                out[key + "_ms"] = times[key] = round(1e3 * interleaved_medians({"a": run}, 5)["a"], 3)
+        except Exception as e:  # this backend does not take these inputs on this device
+            out[key + "_ms"] = "unavailable: " + " ".join(str(e).split())[:200]
+    out["fastest"] = min(times, key=times.get) if times else None
+    return out
+
+
+def time_extract(size: str, device: torch.device, dtype: torch.dtype, batch: int, seconds: float,
+                 model_over: dict | None = None) -> dict:
+    """MERT(size) encoder with random weights in `dtype` (as extract.py --dtype converts it), model.extract of every
+    hidden state on batch x seconds of audio: audio-s/s, ms (median of 5 after a warm-up), peak memory."""
+    from mert import MERT, MERTConfig
+    torch.manual_seed(0)
+    model = MERT(MERTConfig.from_preset(size, n_codebooks=0, cqt_bins=0, **(model_over or {}))).to(device, dtype).eval()
+    x = music_like(int(seconds * SR), batch).to(device, dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        def run():
+            model.extract(x)
+            _sync(device)
+        dt = interleaved_medians({"a": run}, 5)["a"]
+    out = {"batch": batch, "seconds": seconds, "dtype": str(dtype).replace("torch.", ""), "ms": 1e3 * dt,
+           "audio_s_per_s": batch * seconds / dt}
+    if device.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        out["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    return out
+
+
+TINY_MODEL = dict(dim=64, n_layers=2, n_heads=2, ffn_dim=128, conv_dim=(32,) * 7, pos_conv_groups=4, final_dim=16)
+
+
+def bench_gpu(args):
+    """The prepared device check: 95m and 330m training steps at the official per-GPU micro-batch in bf16 (ms, audio-
+    s/s, MFU, peak memory, teachers' share, SDPA backend used), each backend tried, and 95M/330M extraction of
+    8 x 30 s in bf16 and fp32; one JSON on stdout. Every part guarded and time-boxed (an error or overrun is
+    recorded, the rest runs), the whole within --budget seconds. --tiny (or no CUDA): the same code at tiny size."""
+    import gc
+    import shutil
+    import train
+    start = time.perf_counter()
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device("cuda" if cuda else "cpu")
+    tiny = args.tiny or not cuda
+    torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    report = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "tiny": tiny,
+              "peak_tflops_bf16": (train.gpu_peak_flops(name) or 0) / 1e12 or None, "budget_s": args.budget,
+              "setup": {}, "train": {}, "sdpa": {}, "extract": {}, "errors": [], "skipped": []}
+    if tiny:  # tiny sizes, the same code paths: what CI runs on a CPU
+        sizes, over, crop_s, ctx_s, width, songs = ["tiny"], TINY_MODEL, 1.0, 0.5, 2, (2, 3.0)
+        micro, ext = {"tiny": 2}, (1, 2.0)
+    else:
+        sizes, over, crop_s, ctx_s, width, songs = ["95m", "330m"], {}, 0, None, 32, (16, 30.0)
+        micro, ext = GPU_MICRO_BATCH, (8, 30.0)
+
+    def part(keys: tuple, fn, limit: float):
+        """Run fn() within its time box; its result, or its error, goes to report[keys[0]][keys[1]]..."""
+        left = args.budget - (time.perf_counter() - start) - 5
+        if left < 5:
+            result = {"skipped": f"the {args.budget:g} s budget is spent"}
+        else:
+            t0 = time.perf_counter()
+            try:
+                with _TimeBox(min(limit, left)):
+                    result = fn()
+            except _TimeUp as e:
+                result = {"error": str(e)}
+            except Exception as e:  # out of memory or anything else: recorded, the next part runs
+                result = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"}
+            result = {**result, "wall_s": round(time.perf_counter() - t0, 1)} if isinstance(result, dict) else result
+        if "skipped" in result:
+            report["skipped"].append("/".join(keys))
+        if "error" in result:
+            report["errors"].append(f"{'/'.join(keys)}: {result['error']}")
+            print(f"bench.py gpu: {'/'.join(keys)}: {result['error']}", file=sys.stderr, flush=True)
+        else:
+            print(f"bench.py gpu: {'/'.join(keys)} done", file=sys.stderr, flush=True)
+        d = report
+        for k in keys[:-1]:
+            d = d.setdefault(k, {})
+        d[keys[-1]] = result
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        return result
+
+    root = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
+    try:
+        box = {}
+
+        def setup():
+            box["ckpt"] = _encodec_ckpt(root, width)
+            box["data"] = _train_data(root, box["ckpt"], max(micro.values()), songs[1], device)
+            return {"teacher": f"rvq.py encodec24k architecture, n_filters {width}, random weights, 8 x 1024 codes",
+                    "songs": f"{max(micro.values())} x {songs[1]:g} s"}
+        part(("setup",), setup, 120)
+        for size in sizes:
+            for route in ("fly", "codes"):
+                part(("train", size, route), lambda: time_train_step(
+                    size, box["data"][route], box["ckpt"], device, batch=micro[size], steps=5,
+                    dtype="bfloat16" if cuda else "float32", model_over=over, crop_seconds=crop_s,
+                    context_seconds=ctx_s, root=root, sdpa_probe=True), 150)
+            crop = int(round((crop_s or train.TRAIN_PRESETS[size]["crop_seconds"]) * SR))
+            part(("sdpa", size), lambda: sdpa_backends(size, device, micro[size], crop, over), 60)
+        for size in (["tiny"] if tiny else ["95m", "330m"]):
+            for dt in (torch.bfloat16, torch.float32):
+                part(("extract", size, str(dt).replace("torch.", "")),
+                     lambda: time_extract(size, device, dt, ext[0], ext[1], over if tiny else None), 60)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report["total_s"] = round(time.perf_counter() - start, 1)
+    text = json.dumps(report, indent=1)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text, flush=True)
 
 
 def _child(argv):
@@ -674,7 +883,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 epilog="example: python bench.py extract --repeat 7",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["extract", "cqt", "rvq", "data", "train"], help="which comparison to run")
+    p.add_argument("what", choices=["extract", "cqt", "rvq", "data", "train", "gpu"], help="which comparison to run")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per candidate (the median is reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every candidate")
     p.add_argument("--quick", action="store_true", help="skip the slow long-input measurements")
@@ -684,11 +893,16 @@ def main():
     p.add_argument("--sizes", default="", help="train: comma-separated sizes (default: tiny on a CPU; 95m,330m on a GPU)")
     p.add_argument("--batch", type=int, default=0, help="train: clips per micro-batch (default: the preset's; 2 on a CPU)")
     p.add_argument("--accum", type=int, default=1, help="train: micro-batches per optimiser step")
+    p.add_argument("--tiny", action="store_true", help="gpu: tiny sizes, the same code paths (automatic without CUDA)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="gpu: where to run")
+    p.add_argument("--budget", type=float, default=450.0, help="gpu: seconds for the whole check; parts past it are "
+                                                                 "skipped and say so")
+    p.add_argument("--json", default=None, help="gpu: also write the JSON report to this file")
     args = p.parse_args()
     if args.repeat < 5:
         p.error("--repeat must be >= 5: every figure is a median")
     {"extract": bench_extract, "cqt": bench_cqt, "rvq": bench_rvq, "data": bench_data,
-     "train": bench_train}[args.what](args)
+     "train": bench_train, "gpu": bench_gpu}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -403,15 +403,23 @@ def estimate_flops_per_clip(cfg: MERTConfig, n_samples: int) -> float:
     return 3 * 2 * macs
 
 
+# Dense bf16 peaks (NVIDIA datasheets list them with sparsity, twice these), by a substring of the device name; the
+# first match counts, so the PCIe and NVL boards (lower clocks and power) come before their SXM namesakes.
+GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
+                  ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12))
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU by its torch.cuda.get_device_name (H100 SXM and H200: 989 T; H100 PCIe: 756 T;
+    H100/H200 NVL: 835 T; A100: 312 T), None if unknown."""
+    return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
+
+
 def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of the GPU for MFU (H100/H200 SXM: 989 TFLOP/s; A100: 312), None if unknown."""
+    """Dense bf16 peak of the device for MFU (gpu_peak_flops), None off CUDA or for an unknown GPU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
-        if key in name:
-            return flops
-    return None
+    return gpu_peak_flops(torch.cuda.get_device_name(device))
 
 
 # -----------------------------------------------------------------------------
