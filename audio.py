@@ -1109,7 +1109,8 @@ def _file_codes(codes, info: dict, path: str, y: np.ndarray) -> tuple[str, np.nd
         return f"{path}: acoustic codes failed ({one_line(e)})", None
     want = (-(-len(y) // int(info["hop"])), int(info["n_q"]))
     if c.shape != want or (c.size and (c.min() < 0 or c.max() >= int(info["codebook_size"]))):
-        return f"{path}: the coder gave codes of shape {c.shape}, expected {want} in 0..{info['codebook_size'] - 1}", None
+        return (f"{path}: the coder gave codes of shape {c.shape}, expected {want} in "
+                f"0..{info['codebook_size'] - 1}"), None
     return "", np.ascontiguousarray(c, dtype="<i2")
 
 
@@ -1307,7 +1308,7 @@ def prepare_main(argv) -> int:
                     "unreadable ones are named on stderr. Safe to re-run: finished shards are kept and "
                     "only sources not yet converted are added.",
         epilog="examples: python audio.py prepare music/ more.txt --out shards/ --workers 4\n"
-               "          python audio.py prepare music/ --out shards/ --codes encodec_24khz-d7cc33bc.th --device cuda\n"
+               "          python audio.py prepare music/ --out shards/ --codes encodec_24khz-d7cc33bc.th\n"
                "--codes stores each file's whole-file acoustic codes beside its audio (MERT's offline codes): "
                "train.py --data shards/ --acoustic_ckpt SAME_CKPT then reads them instead of running the teacher.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
