@@ -137,3 +137,11 @@ def test_shards_of_another_teacher_are_refused(made, tmp_path, capsys):
         train.main(base + ["--acoustic_ckpt", str(made / "rvq.pt"), "--data", str(made / "sc"), str(made / "music"),
                            "--out", str(tmp_path / "mix")])
     assert e.value.code == 2 and "mixes" in capsys.readouterr().err
+    # prepare --codes with something that is not a teacher checkpoint: one line, exit 2, nothing written
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    for bad in ("missing.pt", "junk.pt"):
+        assert audio.main(["prepare", str(made / "music"), "--out", str(tmp_path / "s"), "--codes",
+                           str(tmp_path / bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and bad in err[0] and err[0].startswith("audio.py prepare: --codes"), err
+    assert not (tmp_path / "s").exists()
