@@ -16,7 +16,9 @@ Decisions:
   function of the seed and its position in the stream, so any worker, rank or resumed run reads the
   same crop. Crop starts lie on the 320-sample label grid.
 - Shards are raw int16 at 24 kHz read by memory map: ~80k audio-s/s per core against ~700 from
-  44.1 kHz FLAC/MP3 (`python bench.py data`).
+  44.1 kHz FLAC/MP3 (`python bench.py data`). `prepare --codes` also stores each file's acoustic codes
+  (MERT's offline codes), which a crop then reads instead of a teacher; the teacher comes from
+  teachers.py, imported by that command only, so this file still imports nothing of the project.
 
 Details (resampler design, sampling, shard format): docs/audio.md.
 """
@@ -35,7 +37,7 @@ import soundfile as sf
 
 __all__ = ["SAMPLE_RATE", "AudioError", "AudioWarning", "AUDIO_EXTENSIONS", "load", "info", "resample", "find_audio",
            "load_crop", "read_manifest", "CropDataset", "CropContext", "RankBatches", "EpochBatches", "make_loader",
-           "worker_init", "prepare", "shard_codes", "describe_codes", "SHARD_FORMAT", "one_line", "write_json"]
+           "worker_init", "prepare", "shard_codes", "describe_codes", "codes_key", "SHARD_FORMAT", "one_line", "write_json"]
 
 SAMPLE_RATE = 24_000  # MERT's input rate: the default of every reader and of the shards
 
@@ -635,7 +637,7 @@ class CropDataset:
                 raise AudioError(f"{lacking[0]}: holds no acoustic codes (make shards with: python audio.py prepare "
                                  f"SRC --out DIR --codes TEACHER_CKPT)")
             for src, i in infos.items():
-                if self.codes_info is not None and _codes_key(i) != _codes_key(self.codes_info):
+                if self.codes_info is not None and codes_key(i) != codes_key(self.codes_info):
                     raise AudioError(f"{src}: holds {describe_codes(i)}, but {next(iter(infos))} holds "
                                      f"{describe_codes(self.codes_info)}; one run reads one teacher's codes")
                 self.codes_info = i
@@ -1114,8 +1116,8 @@ def _file_codes(codes, info: dict, path: str, y: np.ndarray) -> tuple[str, np.nd
     return "", np.ascontiguousarray(c, dtype="<i2")
 
 
-def _codes_key(info: dict | None):
-    """What makes two shard folders' codes the same: the teacher file's hash, n_q, codebook size and hop."""
+def codes_key(info: dict | None):
+    """What makes two shard folders' (or a run's) codes the same: the teacher file's hash, n_q, codebook size and hop."""
     if not info:
         return None
     return (info.get("teacher", {}).get("sha256"), int(info["n_q"]), int(info["codebook_size"]), int(info["hop"]))
@@ -1203,7 +1205,7 @@ def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr
         if m.get("format") != SHARD_FORMAT or m.get("sample_rate") != sr:
             raise AudioError(f"{meta}: written with other settings ({m.get('format')}, "
                              f"{m.get('sample_rate')} Hz); use a fresh --out")
-        if _codes_key(m.get("codes")) != _codes_key(info):
+        if codes_key(m.get("codes")) != codes_key(info):
             raise AudioError(f"{meta}: written with {describe_codes(m.get('codes'))}, this call asks for "
                              f"{describe_codes(info)}; use a fresh --out")
         shard = int(meta.stem.split("-")[1])

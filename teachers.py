@@ -17,6 +17,8 @@ Decisions:
 - Labels are computed in float32 under no_grad with autocast off, so bf16 and fp32 steps get the
   same labels; teachers never train, and anything random is drawn from the teacher's own seeded
   generator into buffers, so every rank and a restored checkpoint hold the same values.
+- At scale the codes come precomputed instead (MERT's offline codes): FileCoder encodes whole files, in
+  chunks with the same context, for `audio.py prepare --codes`; Teachers.forward(codes=...) takes them.
 - `audio` and tqdm are imported only by the `fit-mfcc` and `labels` commands.
 
 The MFCC and random-projection details, their departures from HuBERT and BEST-RQ, and the

@@ -14,7 +14,8 @@ Design notes:
 - MERT's recipe by default (README's recipe table): the official global batch per preset, with the
   gradient accumulation that reaches it on any number of devices; one crop per file per epoch in
   length-grouped batches cut to their shortest clip; the acoustic codes of each crop equal the whole
-  file's (the teacher encodes audio before the crop first); masks with equal counts per device's
+  file's (the teacher encodes audio before the crop first, or they come precomputed in the shards:
+  `audio.py prepare --codes`, read instead of running the teacher); masks with equal counts per device's
   micro-batch; fairseq's gradient normalisation (each micro-batch weighted by its masked frames).
 - Exact resume: micro-batch g = (step * accum + micro) * world + rank reads global batch g of the
   data stream (a pure function of the seed and g) and seeds its masks, noise and dropout from
@@ -536,7 +537,7 @@ def codes_from_shards(tc: TrainConfig, teach, sources: str, flag: str, proc: Pro
     want = {"teacher": {"file": Path(tc.acoustic_ckpt).name, "sha256": teachers_lib.file_sha256(tc.acoustic_ckpt)},
             "n_q": tc.n_q, "codebook_size": teach.codebook_size, "hop": teachers_lib.HOP}
     for s, info in have.items():
-        if audio._codes_key(info) != audio._codes_key(want):
+        if audio.codes_key(info) != audio.codes_key(want):
             refuse(f"{s} holds {audio.describe_codes(info)}, but this run asks for {audio.describe_codes(want)} "
                    f"(--acoustic_ckpt {tc.acoustic_ckpt}, --n_q {tc.n_q}); prepare the shards again with --codes "
                    f"{tc.acoustic_ckpt} --n_q {tc.n_q}, or run with the teacher they were made with")
