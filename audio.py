@@ -16,7 +16,9 @@ Decisions:
   function of the seed and its position in the stream, so any worker, rank or resumed run reads the
   same crop. Crop starts lie on the 320-sample label grid.
 - Shards are raw int16 at 24 kHz read by memory map: ~80k audio-s/s per core against ~700 from
-  44.1 kHz FLAC/MP3 (`python bench.py data`).
+  44.1 kHz FLAC/MP3 (`python bench.py data`). `prepare --codes` also stores each file's acoustic codes
+  (MERT's offline codes), which a crop then reads instead of a teacher; the teacher comes from
+  teachers.py, imported by that command only, so this file still imports nothing of the project.
 
 Details (resampler design, sampling, shard format): docs/audio.md.
 """
@@ -35,7 +37,7 @@ import soundfile as sf
 
 __all__ = ["SAMPLE_RATE", "AudioError", "AudioWarning", "AUDIO_EXTENSIONS", "load", "info", "resample", "find_audio",
            "load_crop", "read_manifest", "CropDataset", "CropContext", "RankBatches", "EpochBatches", "make_loader",
-           "worker_init", "prepare", "SHARD_FORMAT", "one_line", "write_json"]
+           "worker_init", "prepare", "shard_codes", "describe_codes", "codes_key", "SHARD_FORMAT", "one_line", "write_json"]
 
 SAMPLE_RATE = 24_000  # MERT's input rate: the default of every reader and of the shards
 
@@ -584,6 +586,9 @@ class CropDataset:
     hop: crop starts are multiples of hop (320: the label frame, so labels align with the file's).
     context: (left, right) samples read around each crop by `example` (multiples of hop), for a
         teacher whose labels depend on audio outside the crop.
+    codes: read each crop's precomputed acoustic codes from the shards (`prepare --codes`) instead of
+        leaving them to a teacher: every source must be a shard folder holding codes of one teacher
+        (shard_codes() tells), `hop` a multiple of the codes' hop; example() then adds "codes".
     on_bad: called once per unreadable file with "<path>: <problem>"; default prints it on stderr.
         Each DataLoader worker holds its own copy, so a file failing only at crop time may be named
         once per worker. Under a "spawn"/"forkserver" start method it must be picklable.
@@ -596,7 +601,7 @@ class CropDataset:
 
     def __init__(self, sources, crop_samples: int, seed: int = 0, min_seconds: float = 3.0,
                  sr: int = SAMPLE_RATE, weight: str = "duration", on_bad=None, progress=None,
-                 max_attempts: int = 1000, hop: int = 1, context: tuple = (0, 0)):
+                 max_attempts: int = 1000, hop: int = 1, context: tuple = (0, 0), codes: bool = False):
         if isinstance(crop_samples, bool) or not isinstance(crop_samples, (int, np.integer)) or crop_samples <= 0:
             raise ValueError(f"crop_samples must be a positive int, got {crop_samples!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -622,8 +627,23 @@ class CropDataset:
             self._bad(str(path), f"{path}: {reason}")
         # Items: one row per usable file. kind 0 = raw file (ref into self.paths, header in
         # file_sr/frames), kind 1 = shard slice (ref into self.shard_files, at offset).
-        kind, ref, offset, length = [], [], [], []
+        kind, ref, offset, length, code_offset = [], [], [], [], []
         self.paths, file_sr, frames = [], [], []
+        self.codes_info = None
+        if codes:  # every source a shard folder with codes of one teacher, else no dataset
+            infos = shard_codes(sources)
+            lacking = [src for src, i in infos.items() if i is None]
+            if lacking:
+                raise AudioError(f"{lacking[0]}: holds no acoustic codes (make shards with: python audio.py prepare "
+                                 f"SRC --out DIR --codes TEACHER_CKPT)")
+            for src, i in infos.items():
+                if self.codes_info is not None and codes_key(i) != codes_key(self.codes_info):
+                    raise AudioError(f"{src}: holds {describe_codes(i)}, but {next(iter(infos))} holds "
+                                     f"{describe_codes(self.codes_info)}; one run reads one teacher's codes")
+                self.codes_info = i
+            if self.hop % int(self.codes_info["hop"]):
+                raise ValueError(f"hop {self.hop} is not a multiple of the codes' hop {self.codes_info['hop']}: "
+                                 f"crops would not start on their frame grid")
         from tqdm import tqdm  # lazily: only the dataset needs it
         for f in tqdm(files, desc="scanning audio headers", unit="file", file=sys.stderr,
                       disable=(len(files) < 500 or None) if progress is None else not progress):
@@ -638,19 +658,21 @@ class CropDataset:
             if n_out < min_len:
                 self.skipped_short += 1
                 continue
-            kind.append(0), ref.append(len(self.paths)), offset.append(0), length.append(n_out)
+            kind.append(0), ref.append(len(self.paths)), offset.append(0), length.append(n_out), code_offset.append(-1)
             self.paths.append(str(f)), file_sr.append(fsr), frames.append(n)
         self.shard_files: list[str] = []
+        self.code_files: list[str] = []                 # beside shard_files: its codes file, "" if none
         for d in shard_dirs:
-            for shard, off, n in self._read_shard_index(d):
+            for shard, off, n, co in self._read_shard_index(d):
                 if n < min_len:
                     self.skipped_short += 1
                     continue
-                kind.append(1), ref.append(shard), offset.append(off), length.append(n)
+                kind.append(1), ref.append(shard), offset.append(off), length.append(n), code_offset.append(co)
 
         self.kind = np.asarray(kind, np.int8)
         self.ref = np.asarray(ref, np.int64)
         self.offset = np.asarray(offset, np.int64)
+        self.code_offset = np.asarray(code_offset, np.int64)  # the item's first code frame in its codes file, or -1
         self.length = np.asarray(length, np.int64)      # samples at sr
         self.file_sr = np.asarray(file_sr, np.int64)
         self.frames = np.asarray(frames, np.int64)
@@ -672,24 +694,30 @@ class CropDataset:
             (self.on_bad or _print_bad)(msg)
 
     def _read_shard_index(self, d: Path):
-        """Yield (shard ref, offset, length) of a shard folder's files; a broken shard's files are bad."""
+        """Yield (shard ref, offset, length, code offset or -1) of a shard folder's files; a broken shard's files
+        are bad. With codes to read, a shard whose codes file is missing or short is broken too."""
         try:
             index = json.loads((d / "index.json").read_text())
             if index.get("format") != SHARD_FORMAT or index.get("sample_rate") != self.sr:
                 raise ValueError(f"not {SHARD_FORMAT} at {self.sr} Hz "
                                  f"(format {index.get('format')!r}, {index.get('sample_rate')} Hz)")
             shards, entries = index["shards"], index["files"]
-            ends = {}
-            for _, shard, off, n, *_ in entries:
+            codes = index.get("codes") if self.codes_info is not None else None
+            code_names = codes["shards"] if codes else []
+            ends, code_ends = {}, {}
+            for _, shard, off, n, *rest in entries:
                 if not (0 <= shard < len(shards) and off >= 0 and n >= 0):
                     raise ValueError(f"bad entry {[shard, off, n]}")
                 ends[shard] = max(ends.get(shard, 0), off + n)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+                if codes:  # [source, shard, offset, length, clipped, code offset]
+                    code_ends[shard] = max(code_ends.get(shard, 0), rest[1] + -(-n // int(codes["hop"])))
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             raise AudioError(f"{d / 'index.json'}: unusable shard index ({one_line(e)})") from None
         refs = []
-        for name in shards:
+        for k, name in enumerate(shards):
             refs.append(len(self.shard_files))
             self.shard_files.append(str(d / name))
+            self.code_files.append(str(d / code_names[k]) if codes else "")
         broken = set()
         for shard, end in ends.items():  # a missing or short shard file would fail every read
             p = Path(self.shard_files[refs[shard]])
@@ -697,15 +725,23 @@ class CropDataset:
             if size < 2 * end:
                 broken.add(shard)
                 self._bad(str(p), f"{p}: missing or truncated shard ({max(size, 0)} of {2 * end} bytes)")
-        for _, shard, off, n, *_ in entries:
+        for shard, end in code_ends.items():
+            p = Path(self.code_files[refs[shard]])
+            need = 2 * int(codes["n_q"]) * end
+            size = p.stat().st_size if p.is_file() else -1
+            if size < need and shard not in broken:
+                broken.add(shard)
+                self._bad(str(p), f"{p}: missing or truncated codes ({max(size, 0)} of {need} bytes)")
+        for _, shard, off, n, *rest in entries:
             if shard not in broken:
-                yield refs[shard], off, n
+                yield refs[shard], off, n, (rest[1] if codes else -1)
 
     def table(self) -> dict:
         """The items ds[i] draws from, as plain lists: saved with a run, so that use_table() can restore them."""
         return {"sr": self.sr, "kind": self.kind.tolist(), "ref": self.ref.tolist(), "offset": self.offset.tolist(),
                 "length": self.length.tolist(), "file_sr": self.file_sr.tolist(), "frames": self.frames.tolist(),
-                "paths": list(self.paths), "shard_files": list(self.shard_files)}
+                "paths": list(self.paths), "shard_files": list(self.shard_files),
+                "code_offset": self.code_offset.tolist(), "code_files": list(self.code_files)}
 
     def use_table(self, t: dict) -> None:
         """Draw from a table() saved earlier: the same items whether they read now or not (a file gone
@@ -716,6 +752,9 @@ class CropDataset:
         self.offset, self.length = np.asarray(t["offset"], np.int64), np.asarray(t["length"], np.int64)
         self.file_sr, self.frames = np.asarray(t["file_sr"], np.int64), np.asarray(t["frames"], np.int64)
         self.paths, self.shard_files, self._maps = list(t["paths"]), list(t["shard_files"]), {}
+        # tables saved before shards held codes have none
+        self.code_offset = np.asarray(t.get("code_offset", [-1] * len(self.length)), np.int64)
+        self.code_files = list(t.get("code_files", [""] * len(self.shard_files)))
         self._set_weights()
 
     # -- the crops
@@ -735,33 +774,49 @@ class CropDataset:
                 f"at {self.sr} Hz, seed {self.seed}; skipped {self.skipped_short} short, "
                 f"{len(self.bad_files)} unreadable)")
 
+    def _map(self, path: str, need: int, what: str = "shard") -> np.memmap:
+        """The int16 memmap of a shard (or codes) file, opened once per process; AudioError if it holds fewer
+        than `need` bytes now. A file cut short after the start (full disk, a copy in progress) must fail here: a
+        slice past a memmap's end would come back short (read as silence) or kill the process (SIGBUS)."""
+        try:
+            size = os.stat(path).st_size
+        except OSError as e:
+            raise AudioError(f"{path}: unreadable {what} ({one_line(e)})") from None
+        if size < need:
+            self._maps.pop(path, None)
+            raise AudioError(f"{path}: missing or truncated {what} ({size} of {need} bytes)")
+        m = self._maps.get(path)
+        if m is None:
+            try:
+                m = self._maps[path] = np.memmap(path, dtype="<i2", mode="r")
+            except (OSError, ValueError) as e:
+                raise AudioError(f"{path}: unreadable {what} ({one_line(e)})") from None
+        return m
+
     def _read(self, item: int, start: int, n: int | None = None) -> np.ndarray:
         """Samples [start, start + n) of an item (n: the crop length), shorter at the item's end."""
         n = self.crop_samples if n is None else n
         if self.kind[item] == 1:
-            path = self.shard_files[self.ref[item]]
-            # A shard cut short after the start (full disk, a copy in progress) must fail here: a slice
-            # past a memmap's end would come back short (read as silence) or kill the process (SIGBUS).
-            need = 2 * int(self.offset[item] + self.length[item])
-            try:
-                size = os.stat(path).st_size
-            except OSError as e:
-                raise AudioError(f"{path}: unreadable shard ({one_line(e)})") from None
-            if size < need:
-                self._maps.pop(path, None)
-                raise AudioError(f"{path}: missing or truncated shard ({size} of {need} bytes)")
-            m = self._maps.get(path)
-            if m is None:
-                try:
-                    m = self._maps[path] = np.memmap(path, dtype="<i2", mode="r")
-                except (OSError, ValueError) as e:
-                    raise AudioError(f"{path}: unreadable shard ({one_line(e)})") from None
+            m = self._map(self.shard_files[self.ref[item]], 2 * int(self.offset[item] + self.length[item]))
             a = int(self.offset[item]) + start
             b = int(self.offset[item]) + min(start + n, int(self.length[item]))
             return m[a:b].astype(np.float32) * np.float32(1 / 32768)
         r = self.ref[item]
         header = (int(self.file_sr[r]), int(self.frames[r]), 1)
         return load_crop(self.paths[r], start, n, sr=self.sr, header=header)
+
+    def _read_codes(self, item: int, start: int, L: int) -> np.ndarray:
+        """The item's whole-file codes of the crop [start, start + L): int64 [n_q, ceil(L / hop)], frame t of the
+        crop being the file's frame start / hop + t (starts lie on the grid); zeros past the file's last frame."""
+        hop, n_q = int(self.codes_info["hop"]), int(self.codes_info["n_q"])
+        have = -(-int(self.length[item]) // hop)            # the file's code frames
+        f0, nf = start // hop, -(-L // hop)
+        f1 = min(f0 + nf, have)
+        co = int(self.code_offset[item])
+        m = self._map(self.code_files[self.ref[item]], 2 * n_q * (co + have), "codes")
+        out = np.zeros((n_q, nf), np.int64)
+        out[:, :f1 - f0] = m[(co + f0) * n_q:(co + f1) * n_q].reshape(-1, n_q).T  # stored frame-major
+        return out
 
     def crop(self, i: int):
         """(crop float32 [crop_samples], item, start) of global index i."""
@@ -804,7 +859,8 @@ class CropDataset:
         hop grid from (seed, epoch, item)). Returns {"audio": float32 tensor [left + L + right], the
         crop at [left, left + L) and its context around it, zeros where the file has none; "length":
         valid crop samples; "left", "right": valid context samples (fewer near the file's ends); "item",
-        "start": where the crop comes from (the file is ds.paths[ds.ref[item]] for raw files)}.
+        "start": where the crop comes from (the file is ds.paths[ds.ref[item]] for raw files); with codes=True
+        also "codes": int64 [n_q, ceil(L / hop)], the whole file's codes of the crop (_read_codes)}.
         """
         if isinstance(key, (int, np.integer)):
             region, item, start, a = self._draw(int(key), self.context)
@@ -835,8 +891,11 @@ class CropDataset:
         valid = min(L, len(region) - (start - a))
         out = np.zeros(left + L + right, np.float32)
         out[left - (start - a): left - (start - a) + len(region)] = region
-        return {"audio": torch.from_numpy(out), "length": valid, "left": start - a,
-                "right": len(region) - (start - a) - valid, "item": int(item), "start": int(start)}
+        ex = {"audio": torch.from_numpy(out), "length": valid, "left": start - a,
+              "right": len(region) - (start - a) - valid, "item": int(item), "start": int(start)}
+        if self.codes_info is not None:
+            ex["codes"] = torch.from_numpy(self._read_codes(item, start, L))
+        return ex
 
     def _draw_epoch(self, epoch: int, item: int, L: int) -> tuple:
         """(region, item, start, a, L) of an epoch's crop: start on the hop grid, drawn from (seed, epoch, item).
@@ -1015,6 +1074,14 @@ def make_loader(dataset, batch_size: int, start: int = 0, rank: int = 0, world_s
 #   DIR/shard-00000.json  {"format", "sample_rate", "files": [[source, shard, offset, length, clipped]]}
 #   DIR/index.json        {"format", "sample_rate", "dtype", "scale", "shards": [...], "files": [...]}
 #
+# With --codes TEACHER_CKPT each file's whole-file acoustic codes go beside its audio (MERT's offline codes):
+#
+#   DIR/shard-00000.codes.bin  int16 little-endian [frames, n_q] per file (frame-major: a crop is one slice),
+#                              ceil(length / hop) frames, files back to back in the order of the audio
+#   files entries gain a 6th field, the file's first code frame; shard .json and index.json gain
+#   "codes": {"teacher": {"file", "sha256", "kind"}, "n_q", "codebook_size", "hop", "frame_rate", "dtype",
+#             "context_seconds", "chunk_seconds", "shards": [codes files]} (index.json only: "shards")
+#
 # A shard is written as *.tmp and renamed when full; its .json (renamed last) marks it complete.
 # A re-run keeps complete shards, deletes leftover *.tmp, converts only the sources not yet in a
 # shard and rewrites index.json: safe after a crash, and appends new files to a grown collection.
@@ -1036,6 +1103,52 @@ def _prepare_one(job):
     return path, np.clip(y, -32768, 32767).astype("<i2"), clipped, ""
 
 
+def _file_codes(codes, info: dict, path: str, y: np.ndarray) -> tuple[str, np.ndarray | None]:
+    """("", int16 [frames, n_q]) of the coder on the stored samples y, or (the problem, None)."""
+    try:
+        c = np.asarray(codes(y.astype(np.float32) * np.float32(1 / 32768)))
+    except (RuntimeError, ValueError, MemoryError) as e:  # e.g. out of GPU memory on a very long file
+        return f"{path}: acoustic codes failed ({one_line(e)})", None
+    want = (-(-len(y) // int(info["hop"])), int(info["n_q"]))
+    if c.shape != want or (c.size and (c.min() < 0 or c.max() >= int(info["codebook_size"]))):
+        return (f"{path}: the coder gave codes of shape {c.shape}, expected {want} in "
+                f"0..{info['codebook_size'] - 1}"), None
+    return "", np.ascontiguousarray(c, dtype="<i2")
+
+
+def codes_key(info: dict | None):
+    """What makes two shard folders' (or a run's) codes the same: the teacher file's hash, n_q, codebook size and hop."""
+    if not info:
+        return None
+    return (info.get("teacher", {}).get("sha256"), int(info["n_q"]), int(info["codebook_size"]), int(info["hop"]))
+
+
+def describe_codes(info: dict | None) -> str:
+    """One phrase naming a shard folder's codes: the teacher file, its hash prefix and the code shape."""
+    if not info:
+        return "no acoustic codes"
+    t = info.get("teacher", {})
+    return (f"codes of teacher {t.get('file', '?')} (sha256 {str(t.get('sha256', '?'))[:12]}), n_q {info['n_q']} x "
+            f"{info['codebook_size']} codes")
+
+
+def shard_codes(sources) -> dict:
+    """{source: the "codes" record of its index.json, or None} for each of the sources (a folder, file or
+    manifest that is not a shard folder has none); read without opening any shard."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    out = {}
+    for s in map(Path, sources):
+        info = None
+        if _is_shard_dir(s):
+            try:
+                info = json.loads((s / "index.json").read_text()).get("codes") or None
+            except (OSError, ValueError, AttributeError) as e:
+                raise AudioError(f"{s / 'index.json'}: unusable shard index ({one_line(e)})") from None
+        out[str(s)] = info
+    return out
+
+
 def _prepare_worker_init():
     _limit_blas_threads(1)
 
@@ -1048,13 +1161,21 @@ def write_json(path: Path, obj, indent: int | None = None) -> None:
 
 
 def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr: int = SAMPLE_RATE,
-            workers: int = 1, on_bad=None, progress=None) -> dict:
+            workers: int = 1, on_bad=None, progress=None, codes=None) -> dict:
     """Convert audio files (folders, files, manifests) into shards under `out`; see the notes above.
+
+    codes: None, or a coder that stores each file's acoustic codes beside its audio: `codes.info` (a JSON-able
+    dict with at least "n_q", "codebook_size" and "hop", recorded in the index) and `codes(wav)` (float32 [n]
+    at `sr`, the int16 audio as stored / 32768 -> int [ceil(n / hop), n_q]); `audio.py prepare --codes` builds
+    one from a teacher checkpoint (teachers.FileCoder). A coder failing on a file names it as bad.
 
     Returns a summary dict: files, seconds, shards, new (files converted by this call), short,
     bad (names of unreadable files), clipped_files.
     """
     sr, out = _check_rate("sr", sr), Path(out)
+    info = None if codes is None else dict(codes.info)
+    if info is not None and int(info["codebook_size"]) > 32768:
+        raise ValueError(f"codes of {info['codebook_size']} per codebook do not fit int16")
     passed = []
     files, shard_dirs = _expand_sources(sources, skipped=passed)
     if shard_dirs:
@@ -1066,19 +1187,27 @@ def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr
     done, entries, next_shard = set(), [], 0
     for meta in sorted(out.glob("shard-*.json")):
         bin_path = meta.with_suffix(".bin")
+        codes_path = meta.with_suffix(".codes.bin")
         try:
             m = json.loads(meta.read_text())
             size = bin_path.stat().st_size
             complete = size == 2 * sum(e[3] for e in m["files"])
+            if m.get("codes"):
+                c = m["codes"]
+                complete &= codes_path.stat().st_size == 2 * c["n_q"] * sum(-(-e[3] // c["hop"]) for e in m["files"])
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             complete = False
         if not complete:  # damaged since it was written: drop it, its files are converted again
             meta.unlink()
             bin_path.unlink(missing_ok=True)
+            codes_path.unlink(missing_ok=True)
             continue
         if m.get("format") != SHARD_FORMAT or m.get("sample_rate") != sr:
             raise AudioError(f"{meta}: written with other settings ({m.get('format')}, "
                              f"{m.get('sample_rate')} Hz); use a fresh --out")
+        if codes_key(m.get("codes")) != codes_key(info):
+            raise AudioError(f"{meta}: written with {describe_codes(m.get('codes'))}, this call asks for "
+                             f"{describe_codes(info)}; use a fresh --out")
         shard = int(meta.stem.split("-")[1])
         entries += m["files"]
         done.update(e[0] for e in m["files"])
@@ -1093,17 +1222,23 @@ def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr
         bad.append(str(path))
         (on_bad or _print_bad)(f"{path}: {reason}")
     shard, fh, pos, current = next_shard, None, 0, []
+    cfh, cpos = None, 0  # the shard's codes file and its frame count
 
     def close():
-        nonlocal fh, shard, pos, current
+        nonlocal fh, shard, pos, current, cfh, cpos
         if fh is None:
             return
         fh.close()
         name = f"shard-{shard:05d}"
         os.replace(out / f"{name}.bin.tmp", out / f"{name}.bin")
-        write_json(out / f"{name}.json", {"format": SHARD_FORMAT, "sample_rate": sr, "files": current})
+        meta = {"format": SHARD_FORMAT, "sample_rate": sr, "files": current}
+        if cfh is not None:
+            cfh.close()
+            os.replace(out / f"{name}.codes.bin.tmp", out / f"{name}.codes.bin")
+            meta["codes"] = info
+        write_json(out / f"{name}.json", meta)  # last: marks the shard complete
         entries.extend(current)
-        shard, fh, pos, current = shard + 1, None, 0, []
+        shard, fh, pos, current, cfh, cpos = shard + 1, None, 0, [], None, 0
 
     from tqdm import tqdm
     pool = None
@@ -1122,6 +1257,8 @@ def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr
             if msg == "short":
                 short += 1
                 continue
+            if not msg and codes is not None:  # the codes of what the shard stores, as training will read it
+                msg, c = _file_codes(codes, info, path, y)
             if msg:
                 bad.append(path)
                 (on_bad or _print_bad)(msg)
@@ -1130,8 +1267,14 @@ def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr
                 close()
             if fh is None:
                 fh = open(out / f"shard-{shard:05d}.bin.tmp", "wb")
+                if codes is not None:
+                    cfh = open(out / f"shard-{shard:05d}.codes.bin.tmp", "wb")
             fh.write(y.tobytes())
             current.append([path, shard, pos, len(y), clipped])
+            if codes is not None:
+                cfh.write(c.tobytes())
+                current[-1].append(cpos)
+                cpos += len(c)
             pos += len(y)
             new += 1
         close()
@@ -1141,10 +1284,16 @@ def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr
         if fh is not None:  # interrupted: the partial shard is dropped, a re-run redoes its files
             fh.close()
             (out / f"shard-{shard:05d}.bin.tmp").unlink(missing_ok=True)
+        if cfh is not None:
+            cfh.close()
+            (out / f"shard-{shard:05d}.codes.bin.tmp").unlink(missing_ok=True)
     shards = sorted({e[1] for e in entries})
     names = [f"shard-{s:05d}.bin" for s in range(max(shards, default=-1) + 1)]
-    write_json(out / "index.json", {"format": SHARD_FORMAT, "sample_rate": sr, "dtype": "int16",
-                                     "scale": 32768, "shards": names, "files": entries})
+    index = {"format": SHARD_FORMAT, "sample_rate": sr, "dtype": "int16", "scale": 32768, "shards": names,
+             "files": entries}
+    if info is not None:
+        index["codes"] = {**info, "shards": [n.replace(".bin", ".codes.bin") for n in names]}
+    write_json(out / "index.json", index)
     return {"files": len(entries), "seconds": sum(e[3] for e in entries) / sr, "shards": len(shards),
             "new": new, "short": short, "bad": bad, "clipped_files": sum(e[4] > 0 for e in entries)}
 
@@ -1160,25 +1309,52 @@ def prepare_main(argv) -> int:
                     "that CropDataset reads by memory map. Files under --min_seconds are skipped; "
                     "unreadable ones are named on stderr. Safe to re-run: finished shards are kept and "
                     "only sources not yet converted are added.",
-        epilog="example: python audio.py prepare music/ more.txt --out shards/ --workers 4",
+        epilog="examples: python audio.py prepare music/ more.txt --out shards/ --workers 4\n"
+               "          python audio.py prepare music/ --out shards/ --codes encodec_24khz-d7cc33bc.th\n"
+               "--codes stores each file's whole-file acoustic codes beside its audio (MERT's offline codes): "
+               "train.py --data shards/ --acoustic_ckpt SAME_CKPT then reads them instead of running the teacher.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("sources", nargs="+", help="folders of audio, audio files and/or manifests (one path a line)")
     p.add_argument("--out", required=True, help="shard folder to create or extend")
     p.add_argument("--shard_gb", "--shard-gb", type=float, default=1.0, help="shard size in GB (1 GB = 5.8 h of audio)")
     p.add_argument("--workers", type=int, default=1, help="decoding processes")
     p.add_argument("--min_seconds", "--min-seconds", type=float, default=3.0, help="skip files shorter than this")
+    p.add_argument("--codes", default=None, metavar="TEACHER_CKPT",
+                   help="also store each file's acoustic codes from this teacher (an rvq.py or EnCodec 24 kHz "
+                        "checkpoint, as train.py --acoustic_ckpt)")
+    p.add_argument("--n_q", "--n-q", type=int, default=8, help="--codes: codebooks to store, as train.py --n_q")
+    p.add_argument("--device", default="auto", help="--codes: where the teacher runs: auto (cuda if present), cpu, "
+                                                    "cuda")
+    p.add_argument("--codes_chunk", "--codes-chunk", type=float, default=60.0,
+                   help="--codes: seconds of a file encoded at a time (bounds memory), each chunk with "
+                        "--codes_context seconds of audio before it")
+    p.add_argument("--codes_context", "--codes-context", type=float, default=10.0,
+                   help="--codes: seconds before each chunk that an LSTM teacher encodes first, as train.py "
+                        "--acoustic_context (the convolutions' reach is always added exactly)")
     args = p.parse_args(argv)
     if args.shard_gb <= 0 or args.workers < 1 or args.min_seconds < 0:
         p.error("--shard_gb must be > 0, --workers >= 1, --min_seconds >= 0")
+    if args.codes_chunk < 1 or args.codes_context < 0 or args.n_q < 1:
+        p.error("--codes_chunk must be >= 1 s, --codes_context >= 0 s, --n_q >= 1")
+    coder = None
+    if args.codes is not None:
+        import teachers  # the project's teacher, only for --codes: audio.py alone needs nothing of the project
+        try:
+            coder = teachers.FileCoder(args.codes, n_q=args.n_q, device=args.device, chunk_seconds=args.codes_chunk,
+                                       context_seconds=args.codes_context)
+        except Exception as e:  # a missing, foreign or damaged checkpoint (torch.load raises many kinds): one line
+            print(f"audio.py prepare: --codes {args.codes}: {one_line(e)}", file=sys.stderr)
+            return 2
     try:
         s = prepare(args.sources, args.out, shard_bytes=int(args.shard_gb * 1e9), min_seconds=args.min_seconds,
-                    workers=args.workers)
+                    workers=args.workers, codes=coder)
     except AudioError as e:
         print(e, file=sys.stderr)
         return 1
     print(f"{args.out}: {s['files']} files, {s['seconds'] / 3600:.2f} h in {s['shards']} shards "
           f"({s['new']} added now; skipped {s['short']} under {args.min_seconds:g} s, {len(s['bad'])} unreadable; "
-          f"{s['clipped_files']} files clipped to int16)")
+          f"{s['clipped_files']} files clipped to int16)" + (f"; {describe_codes(coder.info)}" if coder else ""))
     return 1 if s["bad"] else 0
 
 

@@ -1,13 +1,14 @@
-"""Speed and memory against the peer packages, measured side by side in the same run.
+"""Speed and memory: against the peer packages side by side (extract, cqt, rvq); our own pipeline (data, train, gpu).
 
     python bench.py extract          # mert.py vs transformers' HubertModel (sdpa), 95M, same weights
     python bench.py cqt              # cqt.py vs nnAudio's CQT and librosa.cqt, MERT's settings
     python bench.py rvq              # rvq.py encode speed: encodec24k vs the encodec package, and small
-    python bench.py data             # loader audio-seconds/s per core, prepared shards vs raw files
-    python bench.py train            # a pretraining step: ms, audio-s/s (MFU, memory on a GPU)
+    python bench.py data             # loading CPU-s per 330m GPU-step: raw FLAC/WAV/MP3, shards, shards + codes
+    python bench.py train            # train.py's step split into data, teachers, model (MFU, memory on a GPU)
+    python bench.py gpu              # the prepared device check (<= 8 min on an H100/H200): one JSON
     python bench.py extract --quick  # --quick skips the slow 10-minute inputs
 
-Every figure is a ratio to the peer measured in the same process (time: median of --repeat runs,
+Every peer figure is a ratio to the peer measured in the same process (time: median of --repeat runs,
 candidates interleaved so that machine noise hits both alike) or in fresh subprocesses (peak memory:
 the rise of the peak resident set size over the resident size after set-up, via /proc/self/clear_refs).
 """
@@ -15,6 +16,7 @@ the rise of the peak resident set size over the resident size after set-up, via 
 import argparse
 import importlib.machinery
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -280,57 +283,96 @@ def _synth_files(root: Path, n_files: int, seconds: float, sr: int = 44100) -> l
     return files
 
 
-def _time_crops(ds, indices, repeat: int) -> tuple:
-    """Median (CPU seconds, wall seconds) of reading ds[i] for all indices, over `repeat` runs."""
-    ds[indices[0]]  # opens shard maps, warms the page cache and the imports
-    cpu, wall = [], []
+def _small_codes_ckpt(root: Path) -> Path:
+    """A cheap teacher for the reader's benchmark: rvq.py's `small` architecture, random, 8 x 1024 codes (reading
+    codes costs the same whichever teacher made them)."""
+    import dataclasses
+    import rvq
+    path = root / "small_random.pt"
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(rvq.PRESETS["small"], kmeans_iters=1)
+    m = rvq.RVQVAE(cfg).eval()
+    with torch.no_grad():
+        m.quantizer.init_(m.encoder(music_like(2 * SR, 1)[:, None]))
+    rvq.save_atomic({"config": dataclasses.asdict(cfg), "model": m.state_dict()}, path)
+    return path
+
+
+def _time_batches(ds, batch: int, n_batches: int, repeat: int) -> float:
+    """Median CPU seconds (this process) per training batch of `batch` examples through audio.make_loader (epoch
+    batches, collated), over `repeat` runs of the same n_batches batches (page cache warm)."""
+    import audio
+    next(iter(audio.make_loader(ds, batch, sampling="epoch")))  # opens shard maps, warms the imports
+    cpu = []
     for _ in range(repeat):
-        c0, w0 = time.process_time(), time.perf_counter()
-        for i in indices:
-            ds[i]
+        it = iter(audio.make_loader(ds, batch, sampling="epoch", num_batches=n_batches))
+        c0 = time.process_time()
+        for _ in range(n_batches):
+            next(it)
         cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    return statistics.median(cpu), statistics.median(wall)
+    return statistics.median(cpu) / n_batches
+
+
+# the 330m preset per GPU and optimiser step: 7 clips of 5.12 s per micro-batch, 8 micro-batches (64 GPUs)
+DATA_330M = dict(batch=7, accum=8, crop_seconds=5.12, context_seconds=10.0)
+# The model's time for those 56 clips on an H100, estimated: 874 GFLOP per clip (train.estimate_flops_per_clip)
+# x 56 = 49 TFLOP, at 31-40% MFU of 989 TFLOP/s: 0.16-0.125 s; the same rate as 1-1.3 s for the 448 clips a GPU
+# steps through on one 8-GPU node (accumulation 64). `bench.py gpu` measures it. Workers scale with the ratio.
+STEP_ESTIMATES = (0.16, 0.125)
 
 
 def bench_data(args):
-    """Audio-seconds per second per core that CropDataset delivers from shards and from raw files.
+    """CPU-seconds of loading per GPU per optimiser step of the 330m preset from raw FLAC, WAV and MP3 (crops with
+    10 s of context for the on-the-fly teacher), shards (the same) and shards with codes (no context), and the
+    loader workers per GPU that keeps up with a given step time.
 
-    One thread, as in a DataLoader worker (workers are processes: a machine delivers about this times
-    the cores given to them). Per CPU-second (process time, little disturbed by other load) and per
-    wall-second, median of --repeat runs over the same indices (page cache warm).
+    One thread, as a DataLoader worker (audio.worker_init); process time, little disturbed by other load; the
+    real access pattern (CropDataset.example with its context, collated batches of 7), median of --repeat runs.
     """
     import shutil
     import audio
+    import teachers
     audio.worker_init(0)
+    torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
-    crop_s, n_shard, n_raw = 5.0, 400, 24
+    b, accum, crop_s, ctx_s = (DATA_330M[k] for k in ("batch", "accum", "crop_seconds", "context_seconds"))
+    crop, ctx = int(crop_s * SR), -(-int(ctx_s * SR) // 320) * 320   # the context on the 320-sample grid
     try:
         if args.data:
-            sources, raw_sets = [args.data], {"raw": [args.data]}
+            sources, raw_sets = [args.data], {"raw (yours)": [args.data]}
         else:
+            # 30 s songs, 44.1 kHz stereo as most collections are: a crop with 10 s before it reads 15.12 s
             files = _synth_files(tmp / "raw", 12, 30.0)
-            sources, raw_sets = [tmp / "raw"], {"raw (mixed)": [tmp / "raw"]}
-            for ext in ("wav", "flac", "mp3"):
-                raw_sets[f"raw {ext}"] = [f for f in files if f.suffix == f".{ext}"]
+            sources, raw_sets = [tmp / "raw"], {}
+            for ext in ("flac", "wav", "mp3"):
+                raw_sets[f"raw {ext.upper()}"] = [f for f in files if f.suffix == f".{ext}"]
         c0, w0 = time.process_time(), time.perf_counter()
         summary = audio.prepare(sources, tmp / "shards", workers=1, progress=False)
         prep_cpu, prep_wall = time.process_time() - c0, time.perf_counter() - w0
-        crop = int(crop_s * SR)
-        results = {"shards": (_time_crops(audio.CropDataset([tmp / "shards"], crop, seed=0), range(n_shard),
-                                          args.repeat), n_shard)}
-        for name, src in raw_sets.items():
-            results[name] = _time_crops(audio.CropDataset(src, crop, seed=0), range(n_raw), args.repeat), n_raw
+        coder = teachers.FileCoder(_small_codes_ckpt(tmp), n_q=8, device="cpu")
+        audio.prepare(sources, tmp / "shards_codes", workers=1, progress=False, codes=coder)
+        kw = dict(crop_samples=crop, seed=0, hop=320)
+        cases = {name: (audio.CropDataset(src, context=(ctx, 0), **kw), 3) for name, src in raw_sets.items()}
+        cases["shards"] = (audio.CropDataset([tmp / "shards"], context=(ctx, 0), **kw), 30)
+        cases["shards + codes"] = (audio.CropDataset([tmp / "shards_codes"], codes=True, **kw), 30)
+        rows = {}
+        for name, (ds, n) in cases.items():
+            per_batch = _time_batches(ds, b, n, args.repeat)
+            read = ds.context[0] + crop  # samples read per crop (fewer within 10 s of a file's start)
+            rows[name] = (per_batch * accum, b * read / SR / per_batch)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"data: {crop_s:g} s crops at 24 kHz from {summary['files']} files ({summary['seconds'] / 3600:.2f} h); "
-          f"one thread; median of {args.repeat} runs")
-    print(f"  {'source':<12} {'audio-s/CPU-s':>14} {'audio-s/wall-s':>15} {'shards are':>11}")
-    base = None
-    for name, ((cpu, wall), n) in results.items():
-        per_cpu, per_wall = n * crop_s / cpu, n * crop_s / wall
-        base = base or per_cpu
-        print(f"  {name:<12} {per_cpu:>14.0f} {per_wall:>15.0f} {base / per_cpu:>10.1f}x")
+    print(f"data: the 330m preset per GPU-step ({b} clips x {crop_s:g} s x accumulation {accum}; on the fly each crop "
+          f"reads {ctx_s:g} s of context before it, with codes from the shards none); one thread, process time, "
+          f"median of {args.repeat}; {summary['files']} files, {summary['seconds'] / 3600:.2f} h")
+    head = "".join(f" {f'{t:g} s':>7}" for t in STEP_ESTIMATES)
+    print(f"  {'source':<15} {'audio-s/CPU-s':>14} {'CPU-s/GPU-step':>15}   workers per GPU, model step of{head}")
+    for name, (cpu_step, rate) in rows.items():
+        workers = "".join(f" {math.ceil(cpu_step / t):>7d}" for t in STEP_ESTIMATES)
+        print(f"  {name:<15} {rate:>14.0f} {cpu_step:>15.3f}   {'':<30}{workers}")
+    print(f"  model step: an H100's time for those {b * accum} clips of 330m, estimated from FLOPs (49 TFLOP at 31-40% "
+          f"MFU; = 1-1.3 s for the {b * 64} clips of accumulation 64 on one 8-GPU node); `python bench.py gpu` "
+          f"measures it. Workers = CPU-s / model step, rounded up, each a process with a core of its own")
     print(f"  one-time prepare (decode + resample + write, 1 process): {summary['seconds'] / prep_cpu:.0f} "
           f"audio-s/CPU-s, {summary['seconds'] / prep_wall:.0f} audio-s/wall-s")
 
@@ -444,63 +486,381 @@ def _rvq_mem_child(argv):
 
 
 # -----------------------------------------------------------------------------
-# train: one optimiser step of pretraining, teachers included
+# train: train.py's own step (its functions, the frame-weighted micro-batch loop), split into data, teachers, model
 
 
-TRAIN_BATCH = {"tiny": 8, "95m": 32, "330m": 16}  # clips per device (GPU runs); --batch overrides
+def _encodec_ckpt(root: Path, width: int = 32) -> Path:
+    """rvq.py's encodec24k architecture (causal SEANet, 2-layer LSTM) with random weights and 8 codebooks of 1024
+    seeded on its latents of a music-like signal, saved as an rvq.py checkpoint (width: the first conv's channels,
+    32 as EnCodec; smaller only for the CPU check)."""
+    import dataclasses
+    import rvq
+    path = root / f"encodec24k_random_w{width}.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(rvq.PRESETS["encodec24k"], n_filters=width, n_q=8, kmeans_iters=2)
+        m = rvq.RVQVAE(cfg).eval()
+        with torch.no_grad():  # speed does not depend on the values; seeded codebooks give varied codes
+            m.quantizer.init_(m.encoder(music_like(3 * SR, 1)[:, None]))
+        rvq.save_atomic({"config": dataclasses.asdict(cfg), "model": m.state_dict()}, path)
+    return path
+
+
+def _train_data(root: Path, ckpt: Path, n_files: int, seconds: float, device) -> dict:
+    """Synthetic songs at 24 kHz prepared twice: plain shards (teachers on the fly) and shards with the teacher's
+    codes (`prepare --codes`); {"fly": folder, "codes": folder}."""
+    import soundfile as sf
+    import audio
+    import teachers
+    songs = root / "songs"
+    songs.mkdir(parents=True, exist_ok=True)
+    for k in range(n_files):
+        if not (songs / f"s{k:03d}.wav").exists():
+            sf.write(songs / f"s{k:03d}.wav", music_like(int(seconds * SR), 1, seed=k)[0].numpy(), SR, subtype="PCM_16")
+    audio.prepare([songs], root / "shards", progress=False)
+    coder = teachers.FileCoder(ckpt, n_q=8, device=str(device))
+    audio.prepare([songs], root / "shards_codes", progress=False, codes=coder)
+    return {"fly": root / "shards", "codes": root / "shards_codes"}
+
+
+class _Timed:
+    """The teachers, timed: each call's wall time (the device synchronised around it) is added to .seconds."""
+
+    def __init__(self, fn, device: torch.device):
+        self.fn, self.device, self.seconds = fn, device, 0.0
+
+    def __call__(self, *a, **k):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = self.fn(*a, **k)
+        _sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_train_step(size: str, data: Path, ckpt: Path, device: torch.device, batch: int = 0, accum: int = 1,
+                    steps: int = 5, dtype: str = "bfloat16", model_over: dict | None = None, crop_seconds: float = 0,
+                    context_seconds: float | None = None, root: Path | None = None, sdpa_probe: bool = False) -> dict:
+    """train.py's step, timed: its config (train.configs_from), teachers (train.build_teachers), data (train.load_data,
+    train.make_loader), model and optimiser (train.build_model), and per micro-batch train.forward_micro with the
+    loop's frame-weighted gradient (loss x masked frames, summed, divided by the step's frames), clipping and
+    fairseq's Adam step. Median over `steps` steps (after 2 warm-up steps) of the step's wall time and its data
+    (the loader's next(), in this process), teachers (their calls, synchronised) and model (the rest) parts.
+    sdpa_probe: the second warm-up step runs under the profiler, which names the SDPA backend the model used."""
+    import audio
+    import train
+    given = {"size": size, "data": str(data), "out": str(root or data.parent), "teachers": "rvq+cqt",
+             "acoustic_ckpt": str(ckpt), "num_workers": 0, "device": device.type, "dtype": dtype}
+    given.update({"batch_size": batch} if batch else {})
+    given.update({"crop_seconds": crop_seconds} if crop_seconds else {})
+    given.update({"acoustic_context": context_seconds} if context_seconds is not None else {})
+    tc, over = train.configs_from(given)
+    tc.total_batch_size = tc.batch_size * accum
+    proc, quiet = train.Proc(False, 0, 1, device), (lambda *a, **k: None)
+    teach = train.build_teachers(tc, device, quiet)
+    crop = int(round(tc.crop_seconds * audio.SAMPLE_RATE))
+    ds, _ = train.load_data(tc, proc, crop, teach)
+    if ds.codes_info is not None:
+        teach.code_teacher.cpu()  # as train.py: the codes come from the shards
+    cfg, _ = train.fresh_model_config(tc, teach, {**over, **(model_over or {})}, quiet)
+    model, opt, _ = train.build_model(tc, cfg, None, None, None, device)
+    model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else torch.autocast(
+        device.type, enabled=False)
+    loader, timed = train.make_loader(ds, tc, proc, 0, []), _Timed(teach, device)
+    rows, used = [], None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def one_step(step):
+        timed.seconds, data_s = 0.0, 0.0
+        _sync(device)
+        t0 = time.perf_counter()
+        sums = {"n": 0.0, "loss": 0.0}
+        for micro in range(accum):
+            g = train.micro_index(step, micro, accum, 1, 0)
+            torch.manual_seed(hash((tc.seed, g)) % (2 ** 62))
+            t = time.perf_counter()
+            batch_ = next(loader)
+            data_s += time.perf_counter() - t
+            loss, _, n = train.forward_micro(model, model, timed, batch_, g, tc, ds.context, autocast)
+            (loss * n).backward()
+            sums["n"] += n
+            sums["loss"] += loss.detach().float() * n
+        n_total = train.reduce_step(sums, proc)["n"]
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, 1 / n_total.clamp(min=1).item())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        train.set_fairseq_eps(opt, tc)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        return time.perf_counter() - t0, data_s, timed.seconds
+
+    for step in range(2 + steps):
+        if step == 1 and sdpa_probe:
+            box = {}
+            used = _sdpa_used(lambda: box.setdefault("r", one_step(step)))
+        else:
+            r = one_step(step)
+            if step >= 2:
+                rows.append(r)
+    total, data_s, teach_s = (statistics.median(r[i] for r in rows) for i in range(3))
+    model_s = statistics.median(r[0] - r[1] - r[2] for r in rows)
+    clips = tc.batch_size * accum
+    out = {"size": size, "route": "codes from shards" if ds.codes_info is not None else "teachers on the fly",
+           "batch": tc.batch_size, "accumulation": accum, "crop_seconds": tc.crop_seconds,
+           "context_seconds": ds.context[0] / SR, "dtype": dtype, "ms_per_step": 1e3 * total,
+           "audio_s_per_s": clips * tc.crop_seconds / total, "data_ms": 1e3 * data_s, "teachers_ms": 1e3 * teach_s,
+           "model_ms": 1e3 * model_s, "teachers_share": teach_s / total, "data_share": data_s / total,
+           "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    if used is not None:
+        out["sdpa_backend_used"] = used
+    peak = train.peak_flops(device)
+    if peak:
+        flops = train.estimate_flops_per_clip(cfg, crop) * clips
+        out.update(mfu=flops / total / peak, mfu_model_only=flops / model_s / peak,
+                   peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30)
+    del model, opt, teach, loader
+    return out
 
 
 def bench_train(args):
-    """Step time, audio-seconds/s (and MFU and peak memory on a GPU) of a full pretraining step."""
-    import teachers as teachers_lib
-    import train
-    from mert import MERT, MERTConfig, compute_mask_indices
-    from train import mix_noise
+    """train.py's step with the EnCodec-architecture teacher (random weights) and its 10 s context, then with codes
+    from the shards instead: ms per step split into data, teachers and model."""
+    import shutil
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    sizes = args.sizes.split(",") if args.sizes else (["tiny", "95m", "330m"] if cuda else ["tiny"])
-    print(f"train: device {device}, {'bf16 autocast' if cuda else 'fp32'}, teachers randproj+cqt, "
-          f"median of {args.repeat} steps", flush=True)
-    for size in sizes:
-        tc = train.TrainConfig(**{**train.TRAIN_PRESETS[size], "size": size})
-        B = args.batch or (TRAIN_BATCH[size] if cuda else 4)
-        crop = int(round(tc.crop_seconds * SR))
-        teach = teachers_lib.build_teachers("randproj,cqt", device=device, log=lambda *a: None).to(device)
-        torch.manual_seed(0)
-        cfg = MERTConfig.from_preset(size, n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size,
-                                     cqt_bins=teach.cqt_bins)
-        model = MERT(cfg).to(device).train()
-        opt = train.configure_optimizer(model, tc, fused=cuda)
-        wav = music_like(crop, B).to(device)
-        T = model.num_frames(crop)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    sizes = args.sizes.split(",") if args.sizes else (["95m", "330m"] if cuda else ["tiny"])
+    root = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    try:
+        ckpt = _encodec_ckpt(root)
+        # 30 s songs: most crops have their whole 10 s of context (at the start of a file there is less)
+        data = _train_data(root, ckpt, max(8, args.batch or 16), 30.0, device)
+        print(f"train: train.py's step on {device} ({'bf16 autocast' if cuda else 'fp32'}), teachers rvq+cqt with "
+              f"rvq.py's encodec24k architecture (random weights), median of {args.repeat} steps", flush=True)
+        print(f"  {'size':>5} {'route':<20} {'clips':>8} {'ms/step':>9} {'data':>8} {'teachers':>9} {'model':>8} "
+              f"{'teach %':>8} {'audio-s/s':>10}")
+        for size in sizes:
+            for route in ("fly", "codes"):
+                r = time_train_step(size, data[route], ckpt, device,
+                                    batch=args.batch or (GPU_MICRO_BATCH.get(size, 0) if cuda else 2),
+                                    accum=args.accum, steps=args.repeat, dtype="bfloat16" if cuda else "float32",
+                                    root=root)
+                print(f"  {size:>5} {r['route']:<20} {r['batch']:>3} x {r['accumulation']:<2} {r['ms_per_step']:>9.0f} "
+                      f"{r['data_ms']:>8.0f} {r['teachers_ms']:>9.0f} {r['model_ms']:>8.0f} "
+                      f"{100 * r['teachers_share']:>7.1f}% {r['audio_s_per_s']:>10.1f}"
+                      + (f"  MFU {100 * r['mfu']:.1f}%  {r['peak_mem_gib']:.1f} GiB" if "mfu" in r else ""), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print("data: the loader's work in this process (num_workers 0; in training, loader workers do it beside the "
+          "step); teachers: their calls; model: the rest (forward, backward, optimiser)")
 
-        def step():
-            with torch.no_grad():
-                targets = teach(wav, T)
-            rng = np.random.default_rng(0)
-            mask = compute_mask_indices(B, T, cfg.mask_prob, cfg.mask_length, cfg.min_masks, rng=rng)
-            with autocast:
-                _, loss, _ = model(mix_noise(wav, rng), targets=targets, mask=mask)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
 
+# -----------------------------------------------------------------------------
+# gpu: the prepared device check, one JSON
+
+
+# The official per-GPU micro-batches: MERT_RVQ-VAE_CQT_95M.yaml, 64 GPUs x max_tokens 2,000,000 samples = 16 clips
+# of 5 s; MERT_RVQ-VAE_CQT_330M.yaml with run_training.sh's max_tokens 920k = 7 clips of 5.12 s
+GPU_MICRO_BATCH = {"95m": 16, "330m": 7}
+GPU_CROP_SECONDS = {"95m": 5.0, "330m": 5.12}
+_SDPA_OPS = {"_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+             "_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_efficient_attention": "efficient",
+             "_scaled_dot_product_cudnn_attention": "cudnn", "_scaled_dot_product_fused_attention_overrideable":
+             "overrideable", "_scaled_dot_product_attention_math": "math"}
+
+
+class _TimeUp(Exception):
+    """A part of `bench.py gpu` ran past its time box."""
+
+
+class _TimeBox:
+    """Raise _TimeUp in the main thread after `seconds` (SIGALRM; between Python calls, so a long CUDA kernel ends
+    first)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = max(1.0, seconds)
+
+    def __enter__(self):
+        import signal
+
+        def fire(signum, frame):
+            raise _TimeUp(f"timed out after {self.seconds:.0f} s")
+        self.old = signal.signal(signal.SIGALRM, fire)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self.old)
+        return False
+
+
+def _sdpa_used(fn) -> list:
+    """The SDPA backends (by their aten op) that one call of fn runs, read from the profiler's CPU-side op names."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = {e.key.removeprefix("aten::") for e in prof.key_averages()}
+    return sorted({label for op, label in _SDPA_OPS.items() if op in names})
+
+
+def sdpa_backends(size: str, device: torch.device, batch: int, crop: int, model_over: dict | None = None) -> dict:
+    """Each SDPA backend (torch.nn.attention.sdpa_kernel) on the attention of a training step of `size` (its heads,
+    head size, frames, dropout; bf16 on CUDA): forward + backward ms (median of 5) or why it cannot run."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import teachers
+    from mert import MERTConfig
+    cfg = MERTConfig.from_preset(size, **(model_over or {}))
+    T, H, hd = teachers.model_frames(crop), cfg.n_heads, cfg.dim // cfg.n_heads
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(batch, H, T, hd, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    out = {"shape": [batch, H, T, hd], "dtype": str(dtype).replace("torch.", ""), "dropout": cfg.attn_dropout}
+
+    def run():
+        F.scaled_dot_product_attention(q, k, v, dropout_p=cfg.attn_dropout).sum().backward()
+        _sync(device)
+
+    out["default"] = _sdpa_used(run)
+    times = {}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        backend, key = getattr(SDPBackend, name, None), name.lower().removesuffix("_attention")
+        if backend is None:
+            out[key + "_ms"] = "not in this torch"
+            continue
+        try:
+            with sdpa_kernel([backend]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the reasons a backend refuses come back in the error
+                out[key + "_ms"] = times[key] = round(1e3 * interleaved_medians({"a": run}, 5)["a"], 3)
+        except Exception as e:  # this backend does not take these inputs on this device
+            out[key + "_ms"] = "unavailable: " + " ".join(str(e).split())[:200]
+    out["fastest"] = min(times, key=times.get) if times else None
+    return out
+
+
+def time_extract(size: str, device: torch.device, dtype: torch.dtype, batch: int, seconds: float,
+                 model_over: dict | None = None) -> dict:
+    """MERT(size) encoder with random weights in `dtype` (as extract.py --dtype converts it), model.extract of every
+    hidden state on batch x seconds of audio: audio-s/s, ms (median of 5 after a warm-up), peak memory."""
+    from mert import MERT, MERTConfig
+    torch.manual_seed(0)
+    model = MERT(MERTConfig.from_preset(size, n_codebooks=0, cqt_bins=0, **(model_over or {}))).to(device, dtype).eval()
+    x = music_like(int(seconds * SR), batch).to(device, dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        def run():
+            model.extract(x)
+            _sync(device)
+        dt = interleaved_medians({"a": run}, 5)["a"]
+    out = {"batch": batch, "seconds": seconds, "dtype": str(dtype).replace("torch.", ""), "ms": 1e3 * dt,
+           "audio_s_per_s": batch * seconds / dt}
+    if device.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        out["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    return out
+
+
+TINY_MODEL = dict(dim=64, n_layers=2, n_heads=2, ffn_dim=128, conv_dim=(32,) * 7, pos_conv_groups=4, final_dim=16)
+
+
+def bench_gpu(args):
+    """The prepared device check: 95m and 330m training steps at the official per-GPU micro-batch in bf16 (ms, audio-
+    s/s, MFU, peak memory, teachers' share, SDPA backend used), each backend tried, and 95M/330M extraction of
+    8 x 30 s in bf16 and fp32; one JSON on stdout. Every part guarded and time-boxed (an error or overrun is
+    recorded, the rest runs), the whole within --budget seconds. --tiny (or no CUDA): the same code at tiny size."""
+    import gc
+    import shutil
+    start = time.perf_counter()
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device("cuda" if cuda else "cpu")
+    tiny = args.tiny or not cuda
+    torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    report = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "tiny": tiny,
+              "peak_tflops_bf16": None, "budget_s": args.budget, "setup": {}, "train": {}, "sdpa": {}, "extract": {},
+              "errors": [], "skipped": []}
+    try:  # train.py needs soundfile (audio.py); without it the training parts fail and say so, the others run
+        import train
+        report["peak_tflops_bf16"] = (train.gpu_peak_flops(name) or 0) / 1e12 or None
+    except ImportError as e:
+        report["errors"].append(f"import train: {e} (pip install -r requirements.txt)")
+    if tiny:  # tiny sizes, the same code paths: what CI runs on a CPU
+        sizes, over, crop_s, ctx_s, width, song_s = ["tiny"], TINY_MODEL, 1.0, 0.5, 2, 3.0
+        micro, ext = {"tiny": 2}, (1, 2.0)
+    else:
+        # 30 s songs: most crops have their whole 10 s of context, as in 4-minute songs
+        sizes, over, crop_s, ctx_s, width, song_s = ["95m", "330m"], {}, 0, None, 32, 30.0
+        micro, ext = GPU_MICRO_BATCH, (8, 30.0)
+
+    def part(keys: tuple, fn, limit: float):
+        """Run fn() within its time box; its result, or its error, goes to report[keys[0]][keys[1]]..."""
+        left = args.budget - (time.perf_counter() - start) - 5
+        if left < 5:
+            result = {"skipped": f"the {args.budget:g} s budget is spent"}
+        else:
+            t0 = time.perf_counter()
+            try:
+                with _TimeBox(min(limit, left)):
+                    result = fn()
+            except _TimeUp as e:
+                result = {"error": str(e)}
+            except Exception as e:  # out of memory or anything else: recorded, the next part runs
+                result = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"}
+            result = {**result, "wall_s": round(time.perf_counter() - t0, 1)} if isinstance(result, dict) else result
+        if "skipped" in result:
+            report["skipped"].append("/".join(keys))
+        if "error" in result:
+            report["errors"].append(f"{'/'.join(keys)}: {result['error']}")
+            print(f"bench.py gpu: {'/'.join(keys)}: {result['error']}", file=sys.stderr, flush=True)
+        else:
+            print(f"bench.py gpu: {'/'.join(keys)} done", file=sys.stderr, flush=True)
+        d = report
+        for k in keys[:-1]:
+            d = d.setdefault(k, {})
+        d[keys[-1]] = result
+        gc.collect()
         if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        dt = interleaved_medians({"step": step}, args.repeat, warmup=2)["step"]
-        line = (f"{size:>5}  batch {B:3d} x {tc.crop_seconds:g} s  {dt * 1000:8.1f} ms/step  "
-                f"{B * tc.crop_seconds / dt:8.1f} audio-s/s")
-        peak = train.peak_flops(device)
-        if peak:
-            mfu = train.estimate_flops_per_clip(cfg, crop) * B / dt / peak
-            line += f"  MFU {mfu * 100:5.1f}%  peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-        print(line, flush=True)
-        del model, opt, teach
+            torch.cuda.empty_cache()
+        return result
+
+    root = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
+    try:
+        box = {}
+
+        def setup():
+            box["ckpt"] = _encodec_ckpt(root, width)
+            box["data"] = _train_data(root, box["ckpt"], max(micro.values()), song_s, device)
+            return {"teacher": f"rvq.py encodec24k architecture, n_filters {width}, random weights, 8 x 1024 codes",
+                    "songs": f"{max(micro.values())} x {song_s:g} s"}
+        part(("setup",), setup, 120)
+        for size in sizes:
+            for route in ("fly", "codes"):
+                part(("train", size, route), lambda: {"error": "no data: the setup part failed"} if "data" not in box
+                     else time_train_step(size, box["data"][route], box["ckpt"], device, batch=micro[size], steps=5,
+                                          dtype="bfloat16" if cuda else "float32", model_over=over, crop_seconds=crop_s,
+                                          context_seconds=ctx_s, root=root, sdpa_probe=True), 150)
+            crop = int(round((crop_s or GPU_CROP_SECONDS[size]) * SR))
+            part(("sdpa", size), lambda: sdpa_backends(size, device, micro[size], crop, over), 60)
+        for size in (["tiny"] if tiny else ["95m", "330m"]):
+            for dt in (torch.bfloat16, torch.float32):
+                part(("extract", size, str(dt).replace("torch.", "")),
+                     lambda: time_extract(size, device, dt, ext[0], ext[1], over if tiny else None), 60)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report["total_s"] = round(time.perf_counter() - start, 1)
+    text = json.dumps(report, indent=1)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text, flush=True)
 
 
 def _child(argv):
@@ -529,20 +889,26 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 epilog="example: python bench.py extract --repeat 7",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["extract", "cqt", "rvq", "data", "train"], help="which comparison to run")
+    p.add_argument("what", choices=["extract", "cqt", "rvq", "data", "train", "gpu"], help="which comparison to run")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per candidate (the median is reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every candidate")
     p.add_argument("--quick", action="store_true", help="skip the slow long-input measurements")
     p.add_argument("--long_peers", "--long-peers", action="store_true", help="cqt: peak memory of the peers on 10 minutes too")
     p.add_argument("--data", default=None, help="data: a folder or manifest of your own audio (default: synthesise)")
     p.add_argument("--ckpt", default=None, help="rvq: time this trained `small` checkpoint instead of random weights")
-    p.add_argument("--sizes", default="", help="train: comma-separated sizes (default: tiny on CPU; all on a GPU)")
-    p.add_argument("--batch", type=int, default=0, help="train: clips per step (default: per size)")
+    p.add_argument("--sizes", default="", help="train: comma-separated sizes (default: tiny on a CPU; 95m,330m on GPU)")
+    p.add_argument("--batch", type=int, default=0, help="train: clips per micro-batch (default: official; 2 on a CPU)")
+    p.add_argument("--accum", type=int, default=1, help="train: micro-batches per optimiser step")
+    p.add_argument("--tiny", action="store_true", help="gpu: tiny sizes, the same code paths (automatic without CUDA)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="gpu: where to run")
+    p.add_argument("--budget", type=float, default=450.0, help="gpu: seconds for the whole check; parts past it are "
+                                                                 "skipped and say so")
+    p.add_argument("--json", default=None, help="gpu: also write the JSON report to this file")
     args = p.parse_args()
     if args.repeat < 5:
         p.error("--repeat must be >= 5: every figure is a median")
     {"extract": bench_extract, "cqt": bench_cqt, "rvq": bench_rvq, "data": bench_data,
-     "train": bench_train}[args.what](args)
+     "train": bench_train, "gpu": bench_gpu}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ Decisions:
 - Labels are computed in float32 under no_grad with autocast off, so bf16 and fp32 steps get the
   same labels; teachers never train, and anything random is drawn from the teacher's own seeded
   generator into buffers, so every rank and a restored checkpoint hold the same values.
+- At scale the codes come precomputed instead (MERT's offline codes): FileCoder encodes whole files, in
+  chunks with the same context, for `audio.py prepare --codes`; Teachers.forward(codes=...) takes them.
 - `audio` and tqdm are imported only by the `fit-mfcc` and `labels` commands.
 
 The MFCC and random-projection details, their departures from HuBERT and BEST-RQ, and the
@@ -51,7 +53,7 @@ _ALIASES = {"rvq": "acoustic", "encodec": "acoustic", "musical": "cqt", "random"
 
 __all__ = ["SAMPLE_RATE", "HOP", "LABEL_DEFAULTS", "model_frames", "Teacher", "AcousticTeacher", "MusicalTeacher",
            "MFCC", "MFCCKMeansTeacher", "RandomProjectionTeacher", "Teachers", "build_teachers", "fit_mfcc_kmeans",
-           "kmeans_pp", "TEACHER_NAMES"]
+           "kmeans_pp", "TEACHER_NAMES", "FileCoder", "file_sha256"]
 
 
 # ----------------------------------------------------------------------------- common machinery
@@ -205,6 +207,56 @@ class AcousticTeacher(Teacher):
             rows = [b for b, v in enumerate(zip(left, right)) if v == lr]
             x = audio[rows, offset - lr[0]: offset + length + lr[1]]
             out[rows] = self.model.encode(x, n_q=self.n_q)[:, :, lr[0] // HOP: lr[0] // HOP + n]
+        return out
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex): the fingerprint of a teacher checkpoint that shards' codes record."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FileCoder:
+    """A file's whole acoustic codes, for `audio.py prepare --codes` (MERT computed its codes offline, per file).
+
+    coder = FileCoder("encodec_24khz-d7cc33bc.th", n_q=8, device="cuda")
+    codes = coder(wav)        # float32 [n] at 24 kHz -> int16 [ceil(n / 320), n_q], frame-major
+    coder.info                # what the shard index records: the teacher's file, SHA-256 and code shape
+
+    A file is encoded in chunks of `chunk_seconds` (memory stays bounded whatever its length), each with the
+    audio before and after it that AcousticTeacher.context gives (the convolutions' exact reach; for an LSTM
+    teacher at least `context_seconds` before), the context frames dropped: the same construction as a training
+    crop labelled on the fly, so the codes of a crop read from the shards equal the on-the-fly codes, and a
+    file shorter than one chunk is encoded whole (its codes are the whole file's by construction).
+    """
+
+    def __init__(self, ckpt: str | os.PathLike, n_q: int = LABEL_DEFAULTS["n_q"], device: str = "auto",
+                 chunk_seconds: float = 60.0, context_seconds: float = ACOUSTIC_CONTEXT_SECONDS):
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.teacher = AcousticTeacher(ckpt, n_q=n_q).to(device)
+        self.device = torch.device(device)
+        self.chunk = max(1, int(round(chunk_seconds * SAMPLE_RATE / HOP)))      # frames per chunk
+        self.left, self.right = self.teacher.context(context_seconds)           # samples, multiples of HOP
+        self.info = {"teacher": {"file": Path(ckpt).name, "sha256": file_sha256(ckpt), "kind": "rvq.py/EnCodec"},
+                     "n_q": n_q, "codebook_size": self.teacher.codebook_size, "hop": HOP,
+                     "frame_rate": SAMPLE_RATE / HOP, "dtype": "int16", "layout": "frames x n_q",
+                     "context_seconds": self.left / SAMPLE_RATE, "chunk_seconds": self.chunk * HOP / SAMPLE_RATE}
+
+    @torch.no_grad()
+    def __call__(self, wav) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(wav, dtype=np.float32)).to(self.device)
+        n, frames = len(x), -(-len(x) // HOP)
+        out = np.empty((frames, self.teacher.n_q), np.int16)
+        for f0 in range(0, frames, self.chunk):
+            f1 = min(frames, f0 + self.chunk)
+            a, b = max(0, f0 * HOP - self.left), min(n, f1 * HOP + self.right)   # a: on the frame grid
+            codes = self.teacher.model.encode(x[None, a:b], n_q=self.teacher.n_q)[0]  # (n_q, ceil((b - a) / 320))
+            out[f0:f1] = codes[:, f0 - a // HOP: f1 - a // HOP].t().cpu().numpy()
         return out
 
 
@@ -496,6 +548,11 @@ class Teachers(nn.Module):
         return list(self.teachers)
 
     @property
+    def code_teacher(self) -> Teacher | None:
+        """The teacher that produces "codes", or None."""
+        return self.teachers[self._owner["codes"]] if "codes" in self._owner else None
+
+    @property
     def n_codebooks(self) -> int:
         """Code streams in "codes" (0: no code teacher): the model's n_codebooks."""
         return self.teachers[self._owner["codes"]].n_codebooks if "codes" in self._owner else 0
@@ -515,12 +572,20 @@ class Teachers(nn.Module):
         spans = [t.context(seconds) for t in self.teachers.values()]
         return max(a for a, _ in spans), max(b for _, b in spans)
 
-    def forward(self, wav: torch.Tensor, n_frames: int, context=None) -> dict:
+    def forward(self, wav: torch.Tensor, n_frames: int, context=None, codes=None) -> dict:
         """wav [B, L] at 24 kHz -> {"codes": LongTensor [B, K, n_frames]} and/or {"cqt": FloatTensor [B, n_frames, 336]}.
 
-        context: an audio.CropContext as in Teacher.forward, for the teachers that use it."""
+        context: an audio.CropContext as in Teacher.forward, for the teachers that use it.
+        codes: the crops' precomputed codes [B, K, >= n_frames] (read from shards made with `prepare --codes`):
+        the code teacher does not run and these, cut to n_frames, are the "codes"."""
         out = {}
         for t in self.teachers.values():
+            if codes is not None and t.key == "codes":
+                if codes.shape[1] != t.n_codebooks or codes.shape[2] < n_frames:
+                    raise ValueError(f"precomputed codes of shape {list(codes.shape)} do not give {t.n_codebooks} "
+                                     f"codebooks x {n_frames} frames")
+                out["codes"] = codes[:, :, :n_frames].to(wav.device, torch.long)
+                continue
             out.update(t(wav, n_frames, context))
         return out
 

@@ -14,7 +14,8 @@ Design notes:
 - MERT's recipe by default (README's recipe table): the official global batch per preset, with the
   gradient accumulation that reaches it on any number of devices; one crop per file per epoch in
   length-grouped batches cut to their shortest clip; the acoustic codes of each crop equal the whole
-  file's (the teacher encodes audio before the crop first); masks with equal counts per device's
+  file's (the teacher encodes audio before the crop first, or they come precomputed in the shards:
+  `audio.py prepare --codes`, read instead of running the teacher); masks with equal counts per device's
   micro-batch; fairseq's gradient normalisation (each micro-batch weighted by its masked frames).
 - Exact resume: micro-batch g = (step * accum + micro) * world + rank reads global batch g of the
   data stream (a pure function of the seed and g) and seeds its masks, noise and dropout from
@@ -519,15 +520,23 @@ def estimate_flops_per_clip(cfg: MERTConfig, n_samples: int) -> float:
     return 3 * 2 * macs
 
 
+# Dense bf16 peaks (NVIDIA datasheets list them with sparsity, twice these), by a substring of the device name; the
+# first match counts, so the PCIe and NVL boards (lower clocks and power) come before their SXM namesakes.
+GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
+                  ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12))
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU by its torch.cuda.get_device_name (H100 SXM and H200: 989 T; H100 PCIe: 756 T;
+    H100/H200 NVL: 835 T; A100: 312 T), None if unknown."""
+    return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
+
+
 def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of the GPU for MFU (H100/H200 SXM: 989 TFLOP/s; A100: 312), None if unknown."""
+    """Dense bf16 peak of the device for MFU (gpu_peak_flops), None off CUDA or for an unknown GPU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
-        if key in name:
-            return flops
-    return None
+    return gpu_peak_flops(torch.cuda.get_device_name(device))
 
 
 # -----------------------------------------------------------------------------
@@ -615,16 +624,60 @@ def plan_run(tc: TrainConfig, model_over: dict, given: dict) -> dict:
                                 upgrade=_in_todays_terms)
 
 
-def load_data(tc: TrainConfig, proc: Proc, crop: int, context: tuple) -> tuple:
-    """(training CropDataset, validation CropDataset or None): crops on the label frame grid, with the audio
-    around them the teachers need."""
-    kw = dict(crop_samples=crop, on_bad=checkpoints.BadFileLog(Path(tc.out) / "skipped_files.txt", proc.rank),
-              hop=teachers_lib.HOP, context=context)
+def codes_from_shards(tc: TrainConfig, teach, sources: str, flag: str, proc: Proc) -> bool:
+    """True if the crops of `sources` (--data or --val_data) read their acoustic codes from the shards
+    (`audio.py prepare --codes`) instead of the acoustic teacher: when the run's code teacher is the acoustic one
+    and every source holds its codes. Shards whose codes come from another teacher checkpoint (SHA-256), n_q or
+    codebook size, or a mix of sources with and without codes, are refused: one line naming both, exit 2."""
+    def refuse(msg):
+        if proc.master:
+            print(f"train.py: {msg}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
     try:
-        train_ds = audio.CropDataset(tc.data.split(","), seed=tc.seed, **kw)
-        return train_ds, audio.CropDataset(tc.val_data.split(","), seed=tc.seed + 1, **kw) if tc.val_data else None
-    except audio.AudioError as e:  # a missing --data path, or nothing usable in it
+        infos = audio.shard_codes(sources.split(","))
+    except audio.AudioError as e:
         raise SystemExit(f"train.py: {e}") from None
+    have = {s: i for s, i in infos.items() if i}
+    if not have:
+        return False
+    if not isinstance(teach.code_teacher, teachers_lib.AcousticTeacher):
+        if proc.master:
+            print(f"train.py: {next(iter(have))} holds {audio.describe_codes(next(iter(have.values())))}; this run's "
+                  f"code teacher is not --acoustic_ckpt, so they are not used", flush=True)
+        return False
+    lacking = [s for s, i in infos.items() if not i]
+    if lacking:
+        refuse(f"--{flag} mixes shards with acoustic codes ({next(iter(have))}) and sources without ({lacking[0]}); "
+               f"prepare them all with --codes {tc.acoustic_ckpt}, or none")
+    want = {"teacher": {"file": Path(tc.acoustic_ckpt).name, "sha256": teachers_lib.file_sha256(tc.acoustic_ckpt)},
+            "n_q": tc.n_q, "codebook_size": teach.codebook_size, "hop": teachers_lib.HOP}
+    for s, info in have.items():
+        if audio.codes_key(info) != audio.codes_key(want):
+            refuse(f"{s} holds {audio.describe_codes(info)}, but this run asks for {audio.describe_codes(want)} "
+                   f"(--acoustic_ckpt {tc.acoustic_ckpt}, --n_q {tc.n_q}); prepare the shards again with --codes "
+                   f"{tc.acoustic_ckpt} --n_q {tc.n_q}, or run with the teacher they were made with")
+    return True
+
+
+def load_data(tc: TrainConfig, proc: Proc, crop: int, teach) -> tuple:
+    """(training CropDataset, validation CropDataset or None): crops on the label frame grid, each with its acoustic
+    codes from the shards (codes_from_shards) or with the audio around it that the teachers need (ds.context)."""
+    kw = dict(crop_samples=crop, on_bad=checkpoints.BadFileLog(Path(tc.out) / "skipped_files.txt", proc.rank),
+              hop=teachers_lib.HOP)
+    context = teach.context(tc.acoustic_context)
+    out = []
+    for sources, flag, seed in ((tc.data, "data", tc.seed), (tc.val_data, "val_data", tc.seed + 1)):
+        if not sources:
+            out.append(None)
+            continue
+        codes = codes_from_shards(tc, teach, sources, flag, proc)
+        try:  # codes from the shards: the acoustic teacher does not run, and the CQT needs no context
+            out.append(audio.CropDataset(sources.split(","), seed=seed, codes=codes,
+                                         context=(0, 0) if codes else context, **kw))
+        except audio.AudioError as e:  # a missing --data path, or nothing usable in it
+            raise SystemExit(f"train.py: {e}") from None
+    return tuple(out)
 
 
 def keep_data_table(proc: Proc, ds: audio.CropDataset, out: Path, resume: bool) -> bool:
@@ -713,12 +766,13 @@ def build_model(tc: TrainConfig, cfg: MERTConfig, init_state, state, src, device
 
 def forward_micro(model, raw: MERT, teach, batch: dict, g: int, tc: TrainConfig, context: tuple, autocast) -> tuple:
     """Loss, loss parts and masked-frame count of one micro-batch: labels of the clean crops, then MERT's in-batch
-    noise (also in validation, as MERT mixes in its forward), masks of this device's rows. raw: the unwrapped model."""
+    noise (also in validation, as MERT mixes in its forward), masks of this device's rows. raw: the unwrapped model.
+    context: the batch's dataset's (left, right) context; a batch with "codes" (from the shards) brings its codes."""
     wav, lengths, ctx = prepare_batch(batch, context, next(raw.parameters()).device)
     T = raw.num_frames(wav.shape[1])
     mask = draw_masks(raw.config, tc.seed, g, [min(T, raw.num_frames(n)) for n in lengths], T)
-    with torch.no_grad():
-        targets = teach(wav, T, context=ctx)  # the teachers see the clean audio
+    with torch.no_grad():  # the teachers see the clean audio; codes from the shards replace the acoustic teacher
+        targets = teach(wav, T, context=ctx, **({"codes": batch["codes"]} if "codes" in batch else {}))
     noisy = mix_noise(wav, np.random.default_rng([tc.seed, g, 2]), tc.noise_prob, lengths=lengths,
                       seconds=(tc.noise_min_seconds, tc.noise_max_seconds)) if tc.noise_prob > 0 else wav
     with autocast:
@@ -785,9 +839,11 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
 
     # -- teachers, then the data (crops on the label frame grid, with the audio around them the teachers need)
     teach = build_teachers(tc, device, print0)
-    context = teach.context(tc.acoustic_context)
     crop = int(round(tc.crop_seconds * audio.SAMPLE_RATE))
-    train_ds, val_ds = load_data(tc, proc, crop, context)
+    train_ds, val_ds = load_data(tc, proc, crop, teach)
+    context = train_ds.context
+    if train_ds.codes_info is not None and (val_ds is None or val_ds.codes_info is not None):
+        teach.code_teacher.cpu()  # never runs: its codes come from the shards; off the accelerator
     data_id = {"n_files": train_ds.n_files, "seconds": round(float(train_ds.seconds), 3)}
     if keep_data_table(proc, train_ds, out, bool(plan["resume"])):
         data_id = None  # the run's own items: the checkpoint's data id still holds
@@ -822,8 +878,10 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
     print0(f"train config: {json.dumps(asdict(tc))}\nmodel config: {json.dumps(asdict(cfg))}")
     print0(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | world {world} | micro-batch "
            f"{tc.batch_size} | accumulation {accum} | {total} clips x {tc.crop_seconds} s per step "
-           f"({total * tc.crop_seconds / 3600:.2f} h of audio) | sampling {tc.sampling} | teacher context "
-           f"{context[0] / audio.SAMPLE_RATE:g} s + {context[1] / audio.SAMPLE_RATE:g} s | device {device} | precision {prec.text}")
+           f"({total * tc.crop_seconds / 3600:.2f} h of audio) | sampling {tc.sampling} | " +
+           ("acoustic codes from the shards" if train_ds.codes_info is not None else
+            f"teacher context {context[0] / audio.SAMPLE_RATE:g} s + {context[1] / audio.SAMPLE_RATE:g} s") +
+           f" | device {device} | precision {prec.text}")
     if frozen:
         print0(f"frozen at initialisation: {', '.join(frozen)}")
     raw_model = model  # saved, evaluated and measured; DDP and compile only wrap its calls
@@ -862,7 +920,7 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
         last = step == tc.max_steps
         stop_now = stopping and not last  # every rank agreed (any_rank below): checkpoint this step and leave
         if val_ds is not None and not stop_now and (step % tc.eval_interval == 0 or last) and step > 0:
-            v = evaluate(model, raw_model, teach, val_ds, tc, proc, context, autocast)
+            v = evaluate(model, raw_model, teach, val_ds, tc, proc, val_ds.context, autocast)
             print0(f"step {step} | val loss {v:.4f}")
             if master:
                 checkpoints.append_log(log_path, {"step": step, "val_loss": v})
