@@ -344,8 +344,8 @@ def _flocked(path: Path):
 class ShardSink:
     """--out_format shards into `folder`: this process's items go to feats-<part>-<id>.bin files."""
 
-    def __init__(self, folder: Path, part: str, limit: int = SHARD_BYTES):
-        self.folder, self.part, self.limit = Path(folder), part, limit
+    def __init__(self, folder: Path, part: str, limit: int | None = None):
+        self.folder, self.part, self.limit = Path(folder), part, limit or SHARD_BYTES
         self.items, self.old, self.shard, self.shards = {}, {}, None, []
         for index in sorted(self.folder.glob("feats-*.json")):
             try:
