@@ -994,8 +994,7 @@ def _default_workers(device: torch.device) -> int:
 @contextlib.contextmanager
 def _signals():
     """Ctrl-C and SIGTERM set a flag for the length of a run (see _on_signal); restored after."""
-    import threading
-    _STOP.clear()
+    import threading  # a signal that came during the imports (python extract.py) stays in _STOP
     if threading.current_thread() is not threading.main_thread():
         yield
         return
