@@ -20,6 +20,13 @@ hash): a rerun skips outputs made the same way, recomputes those whose input cha
 to replace outputs made another way unless --overwrite. Arrays are written to song.npy.tmp and renamed after
 their record, so a killed run leaves no partial song.npy. Bad inputs are named on stderr and skipped: exit 1
 when any failed, 2 on usage errors (no input at all included).
+
+At scale (docs/extract.md): under torchrun each rank takes a deterministic share balanced by file size, on
+its own device (NCCL on GPUs, gloo on CPUs), and --shard I/N (Slurm arrays) takes part I of N; at --batch 1
+every array is byte-identical whatever the split. --workers N decodes in DataLoader processes (BLAS on one
+thread there and in-process alike, so decoding gives the same bits). --out_format shards packs many inputs
+per ~1 GB file with a JSON index. A lock (flock) refuses a second run into the same folder; Ctrl-C and
+SIGTERM set a flag checked at safe points (a KeyboardInterrupt inside torch's C++ aborts the process).
 """
 
 import argparse
