@@ -7,6 +7,7 @@
     python bench.py train            # train.py's step split into data, teachers, model (MFU, memory on a GPU)
     python bench.py gpu              # the prepared device check (<= 8 min on an H100/H200): one JSON
     python bench.py extract --quick  # --quick skips the slow 10-minute inputs
+    python bench.py extract --pipeline --files 300 --batch 8   # extract.py's audio-s/s vs the model alone
 
 Every peer figure is a ratio to the peer measured in the same process (time: median of --repeat runs,
 candidates interleaved so that machine noise hits both alike) or in fresh subprocesses (peak memory:
@@ -128,6 +129,8 @@ def _load_extract_candidate(which: str, folder: Path):
 
 def bench_extract(args):
     """mert.py vs transformers HubertModel (sdpa) on the same 95M weights: time and peak memory ratios."""
+    if args.pipeline:
+        return bench_extract_pipeline(args)
     torch.set_num_threads(args.threads)
     cases = [(1, 5.0), (1, 30.0), (8, 5.0)]
     root = Path(tempfile.mkdtemp(prefix="mert_bench_"))
@@ -151,6 +154,75 @@ def bench_extract(args):
         rows.append(_bench_long_song(root, folder, args))
     print("\nsummary (ratio = peer / ours: > 1 is faster, >= 1 is no more memory)")
     print("\n".join(rows))
+
+
+def _pipeline_folder(root: Path, n: int, max_s: float) -> Path:
+    """n synthetic files: wav / flac / ogg in turn, at 24, 44.1 and 48 kHz, mono and stereo, 1 s to max_s."""
+    import soundfile as sf
+    src = root / "pipeline_music"
+    src.mkdir(exist_ok=True)
+    g = np.random.default_rng(0)
+    for i in range(n):
+        sr = (24000, 44100, 48000)[i % 3]
+        fmt = ("wav", "flac", "ogg")[(i // 3) % 3]
+        x = music_like(int(g.uniform(1.0, max_s) * sr), 1)[0].numpy()
+        if i % 2:
+            x = np.stack([x, 0.7 * x], 1)
+        sf.write(src / f"{i:04d}.{fmt}", x, sr, **({"format": "OGG"} if fmt == "ogg" else {}))
+    return src
+
+
+def bench_extract_pipeline(args):
+    """extract.py (decode, resample, forward, write) with 0, 1, 2 decoding workers against the model's
+    forward alone on the same decoded audio and the same batches: audio-s/s and their ratio (efficiency)."""
+    import extract
+    from mert import MERT, MERTConfig
+    torch.set_num_threads(args.threads)
+    dev = extract.pick_device(args.device)
+    root = Path(tempfile.mkdtemp(prefix="mert_pipeline_"))
+    src = _pipeline_folder(root, args.files, args.max_seconds)
+    jobs = extract.resolve_jobs([str(src)], str(root / "feats"))
+    torch.manual_seed(0)
+    models = {"shipped": extract.load_model(extract.DEFAULT_CKPT),
+              "95M (random)": MERT(MERTConfig.from_preset("95m"))}
+    ds = extract.DecodeSet([s for s, _ in jobs], SR, 400, False)
+    clips = [x for _, x, _, _ in extract.decoded(ds, list(range(len(jobs))), 0)]
+    pieces = []  # what extract.py feeds the model: files up to 30 s whole, longer ones in 30 s chunks, 5 s overlap
+    for x in clips:
+        for start, length, _, _ in extract.plan_chunks((len(x) - 400) // 320 + 1, 2250, 375):
+            pieces.append(x[start * 320:start * 320 + (length - 1) * 320 + 400])
+    pieces.sort(key=len, reverse=True)
+    audio_s = sum(len(x) for x in clips) / SR
+    print(f"extract pipeline: {len(jobs)} files ({audio_s / 60:.1f} min of audio), {dev}, batch {args.batch}, "
+          f"{torch.get_num_threads()} torch threads, median of {args.repeat}", flush=True)
+    rows = ["| model | model alone | 0 workers | 1 worker | 2 workers |", "|---|---|---|---|---|"]
+    for name, m in models.items():
+        m = m.to(dev).eval()
+
+        def model_alone():
+            with torch.inference_mode():
+                for i in range(0, len(pieces), args.batch):
+                    b = pieces[i:i + args.batch]
+                    lens = [len(x) for x in b]
+                    wav = torch.zeros(len(b), max(lens))
+                    for j, x in enumerate(b):
+                        wav[j, :lens[j]] = x
+                    m.extract(wav.to(dev), lengths=lens if len(set(lens)) > 1 else None).float().cpu()
+
+        def pipeline(workers):
+            def run():
+                with torch.inference_mode():
+                    done, _, failed = extract.extract_files(m, jobs, list(range(m.num_states)), batch=args.batch,
+                                                            overwrite=True, progress=False, model_id="bench",
+                                                            workers=workers)
+                assert done == len(jobs) and not failed, failed
+            return run
+        t = interleaved_medians({"alone": model_alone, **{w: pipeline(w) for w in (0, 1, 2)}}, args.repeat)
+        rate = {k: audio_s / v for k, v in t.items()}
+        rows.append(f"| {name} | {rate['alone']:.0f} audio-s/s | " + " | ".join(
+            f"{rate[w]:.0f} ({rate[w] / rate['alone']:.2f})" for w in (0, 1, 2)) + " |")
+        print(rows[-1], flush=True)
+    print("\n" + "\n".join(rows))
 
 
 def _bench_long_song(root: Path, folder: Path, args) -> str:
@@ -897,14 +969,23 @@ def main():
     p.add_argument("--data", default=None, help="data: a folder or manifest of your own audio (default: synthesise)")
     p.add_argument("--ckpt", default=None, help="rvq: time this trained `small` checkpoint instead of random weights")
     p.add_argument("--sizes", default="", help="train: comma-separated sizes (default: tiny on a CPU; 95m,330m on GPU)")
-    p.add_argument("--batch", type=int, default=0, help="train: clips per micro-batch (default: official; 2 on a CPU)")
+    p.add_argument("--batch", type=int, default=0, help="train: clips per micro-batch (default: official; 2 on a "
+                   "CPU); extract --pipeline: chunks per forward (default there: 8)")
     p.add_argument("--accum", type=int, default=1, help="train: micro-batches per optimiser step")
     p.add_argument("--tiny", action="store_true", help="gpu: tiny sizes, the same code paths (automatic without CUDA)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="gpu: where to run")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="gpu, extract --pipeline: where to run")
     p.add_argument("--budget", type=float, default=450.0, help="gpu: seconds for the whole check; parts past it are "
                                                                  "skipped and say so")
     p.add_argument("--json", default=None, help="gpu: also write the JSON report to this file")
+    p.add_argument("--pipeline", action="store_true", help="extract: extract.py's audio-s/s with 0/1/2 decoding "
+                   "workers against the model alone, shipped model and 95M")
+    p.add_argument("--files", type=int, default=300, help="extract --pipeline: synthetic files in the folder")
+    p.add_argument("--max_seconds", "--max-seconds", type=float, default=40.0,
+                   help="extract --pipeline: longest file (lengths uniform from 1 s)")
     args = p.parse_args()
+    if args.what == "extract" and args.pipeline and not args.batch:
+        args.batch = 8
     if args.repeat < 5:
         p.error("--repeat must be >= 5: every figure is a median")
     {"extract": bench_extract, "cqt": bench_cqt, "rvq": bench_rvq, "data": bench_data,

@@ -126,8 +126,11 @@ def test_folder_with_bad_files_and_a_long_song(micro_ckpt, tmp_path, capsys):
     long = np.load(out / "album" / "long.npy", mmap_mode="r")
     assert long.shape == (1, (24000 * 600 - 400) // 320 + 1, 32) and np.isfinite(long).all()
     assert np.load(out / "short44k.npy").shape == (1, (48000 - 400) // 320 + 1, 32)
-    assert sorted(p.name for p in out.rglob("*")) == ["album", "long.npy", "long.npy.json", "short44k.npy",
+    assert sorted(p.name for p in out.rglob("*")) == [".extract.lock", "album", "extract-failures.txt", "long.npy",
+                                                     "long.npy.json", "short44k.npy",
                                                      "short44k.npy.json"]  # records; no temp files left
+    assert sorted(line.split(":")[0] for line in (out / "extract-failures.txt").read_text().splitlines()) == \
+        sorted(str(src / bad) for bad in ("corrupt.wav", "empty.wav", "nan.wav", "tiny.wav"))
     mtime = (out / "short44k.npy").stat().st_mtime_ns
     assert extract.main(args) == 1  # the bad files fail again; the good ones are not recomputed
     assert "2 already there" in capsys.readouterr().err
@@ -329,7 +332,7 @@ def test_sigkill_mid_folder_then_rerun_completes(micro_ckpt, tmp_path, capsys):
     for f in done:  # whatever looks like an output is complete, and has its record
         np.testing.assert_allclose(np.load(f), np.load(tmp_path / "ref" / f.name), atol=1e-6)
         assert (out / (f.name + ".json")).exists()
-    assert all(p.suffix in (".npy", ".json", ".tmp") for p in out.iterdir())
+    assert all(p.suffix in (".npy", ".json", ".tmp", ".lock") for p in out.iterdir())
     capsys.readouterr()
     assert extract.main([str(src), "-o", str(out)] + args) == 0
     assert f"{n_files - len(done)} written, {len(done)} already there" in capsys.readouterr().err
