@@ -132,9 +132,14 @@ def model_fingerprint(model: MERT) -> str:
     for name, t in sorted(model.state_dict().items()):
         if name.startswith(_HEADS):
             continue
-        a = t.detach().to("cpu", torch.float32).contiguous().numpy()
-        h.update(f"{name}{tuple(a.shape)}".encode())
-        h.update(a.data)
+        # a quantize_dynamic model keeps (weight, bias) tuples of quantised tensors, and dtypes, in its state
+        for u in t if isinstance(t, tuple) else (t,):
+            if not isinstance(u, torch.Tensor):
+                h.update(f"{name}{u}".encode())
+                continue
+            a = (u.dequantize() if u.is_quantized else u).detach().to("cpu", torch.float32).contiguous().numpy()
+            h.update(f"{name}{tuple(a.shape)}".encode())
+            h.update(a.data)
     return "sha256:" + h.hexdigest()[:20]
 
 
