@@ -35,7 +35,7 @@ import soundfile as sf
 
 __all__ = ["SAMPLE_RATE", "AudioError", "AudioWarning", "AUDIO_EXTENSIONS", "load", "info", "resample", "find_audio",
            "load_crop", "read_manifest", "CropDataset", "CropContext", "RankBatches", "EpochBatches", "make_loader",
-           "worker_init", "prepare", "SHARD_FORMAT", "one_line", "write_json"]
+           "worker_init", "prepare", "SHARD_FORMAT", "one_line", "write_json", "output_problem", "pick_device"]
 
 SAMPLE_RATE = 24_000  # MERT's input rate: the default of every reader and of the shards
 
@@ -100,6 +100,60 @@ def undecodable_reason(path) -> str | None:
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (libsndfile messages can span lines)."""
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def output_problem(path, folder: bool = False) -> str | None:
+    """Why `path` (a file to write; with folder=True a folder to create or fill) cannot be written, or None.
+
+    The commands ask this before any work starts. The nearest existing folder at or above the target must be a
+    folder in which a file can be made: a file made and removed there proves it (a read-only file system, or a
+    path under a regular file, refuses root too, which permission bits do not)."""
+    target = Path(path).absolute()
+    if not folder and target.is_dir():
+        return "is a folder"
+    if folder and target.exists() and not target.is_dir():
+        return "exists and is not a folder"
+    here = target if folder else target.parent
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        return f"{here} is a file, not a folder"
+    import tempfile
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-test-", dir=here)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        return f"cannot write in {here} ({one_line(e)})"
+    return None
+
+
+def pick_device(name: str):
+    """'auto' -> cuda, then mps, then cpu; a named device this torch cannot use is a ValueError naming --device."""
+    import torch  # only the commands that run a model ask
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {name}: CUDA is not available ({why}, torch {torch.__version__}); "
+                             f"use --device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {name}: MPS (Apple GPU) is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {name}: unsupported device type {dev.type!r}; use auto, cpu, cuda or mps")
+    return dev
 
 
 # Errors soundfile/libsndfile raise for bad files; wrapped into AudioError, never passed through.
