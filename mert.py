@@ -588,8 +588,12 @@ class MERT(nn.Module):
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"config": cfg, "model": state, **extra}, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save({"config": cfg, "model": state, **extra}, tmp)
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, Ctrl-C: no half-written temp file stays behind
+            tmp.unlink(missing_ok=True)
+            raise
 
 
     @classmethod

@@ -166,3 +166,42 @@ def test_train_second_ctrl_c_stops_at_once_in_one_line(tracks, tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     last = [x for x in err.splitlines() if x.strip()][-1]
     assert last.startswith("train.py: stopped at once by Ctrl-C") or "stopped by Ctrl-C" in rest, (err, rest)
+
+
+# ----------------------------------------------------------------------------- convert.py / train.py export
+
+
+def test_export_refuses_to_replace_names_bad_places_and_leaves_no_temp_file(micro, tmp_path, monkeypatch, capsys):
+    """Why: `train.py export ckpt.pt mine.pt` silently replaced an existing export; an export under a file or onto
+    a full disk gave a traceback and left mine.pt.tmp; a missing checkpoint exited 1. Now one line each: exit 2
+    for the flags, 1 for the full disk, 130 for Ctrl-C, and no temp file."""
+    import convert
+    import mert
+    import train
+    ck, mine = str(micro / "micro.pt"), tmp_path / "mine.pt"
+    assert train.main(["export", ck, str(mine)]) == 0
+    before = mine.read_bytes()
+    (tmp_path / "file.txt").write_text("x")
+    for argv, named in (([ck, str(mine)], "--overwrite"), ([str(tmp_path / "nope.pt"), str(tmp_path / "b.pt")], "nope.pt"),
+                        ([ck, str(tmp_path / "file.txt" / "m.pt")], "file.txt")):
+        assert train.main(["export"] + argv) == 2, argv
+        assert named in one_line(capsys.readouterr().err)
+    assert mine.read_bytes() == before
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):  # writes part of the file, then the disk is full
+        Path(f).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(mert.torch, "save", full_disk)
+    assert convert.main([ck, str(mine), "--overwrite"]) == 1
+    assert "No space left" in one_line(capsys.readouterr().err)
+
+    def ctrl_c(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(mert.torch, "save", ctrl_c)
+    assert convert.main([ck, str(tmp_path / "c.pt")]) == 130
+    assert "interrupted" in one_line(capsys.readouterr().err)
+    monkeypatch.setattr(mert.torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "mine.pt"] and mine.read_bytes() == before
+    assert convert.main([ck, str(mine), "--overwrite"]) == 0
