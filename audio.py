@@ -1091,6 +1091,8 @@ def _prepare_one(job):
 
 
 def _prepare_worker_init():
+    import signal  # Ctrl-C reaches the whole process group: the parent stops the pool and says so, once
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _limit_blas_threads(1)
 
 
@@ -1113,6 +1115,8 @@ def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr
     files, shard_dirs = _expand_sources(sources, skipped=passed)
     if shard_dirs:
         raise AudioError(f"{shard_dirs[0]}: already a shard folder (prepare reads audio files)")
+    if not files and not passed and not (out / "index.json").exists():  # nothing to do: make nothing
+        raise AudioError(f"{', '.join(map(str, sources))}: no audio files ({' '.join(sorted(AUDIO_EXTENSIONS))})")
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob("*.tmp"):
         tmp.unlink()
@@ -1224,11 +1228,22 @@ def prepare_main(argv) -> int:
     args = p.parse_args(argv)
     if args.shard_gb <= 0 or args.workers < 1 or args.min_seconds < 0:
         p.error("--shard_gb must be > 0, --workers >= 1, --min_seconds >= 0")
+    problem = output_problem(args.out, folder=True)
+    if problem:  # before any decoding
+        print(f"audio.py prepare: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
     try:
         s = prepare(args.sources, args.out, shard_bytes=int(args.shard_gb * 1e9), min_seconds=args.min_seconds,
                     workers=args.workers)
     except AudioError as e:
         print(e, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the partial shard was dropped; finished shards stay and a rerun adds the rest
+        print(f"audio.py prepare: interrupted (Ctrl-C); {args.out} holds only complete shards, rerun to finish",
+              file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk
+        print(f"audio.py prepare: {one_line(e)}", file=sys.stderr)
         return 1
     print(f"{args.out}: {s['files']} files, {s['seconds'] / 3600:.2f} h in {s['shards']} shards "
           f"({s['new']} added now; skipped {s['short']} under {args.min_seconds:g} s, {len(s['bad'])} unreadable; "

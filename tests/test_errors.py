@@ -205,3 +205,46 @@ def test_export_refuses_to_replace_names_bad_places_and_leaves_no_temp_file(micr
     monkeypatch.setattr(mert.torch, "save", real_save)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "mine.pt"] and mine.read_bytes() == before
     assert convert.main([ck, str(mine), "--overwrite"]) == 0
+
+
+# ----------------------------------------------------------------------------- rvq.py, teachers.py, audio.py prepare
+
+
+def test_rvq_teachers_prepare_refuse_in_one_line_before_any_work(micro, tmp_path, monkeypatch, capsys):
+    """Why: `rvq.py --eval --ckpt nope.pt` and `teachers.py labels --acoustic_ckpt <text file>` gave a traceback
+    or a bare 'error: 101'; `rvq.py --out <unwritable>` trained to the end, then died saving; `audio.py prepare
+    emptydir` exited 0 having made nothing. Now each is one line naming the flag or folder, before any work."""
+    import audio
+    import rvq
+    import teachers
+    bad, clip = tmp_path / "notes.txt", str(micro / "clip.wav")
+    bad.write_text("not a checkpoint\n")
+    (tmp_path / "empty").mkdir()
+    trained = []
+    monkeypatch.setattr(rvq, "train", lambda *a, **k: trained.append(1))
+    cases = [(rvq.main, ["--eval", "--ckpt", str(tmp_path / "nope.pt"), "--data", clip], 2, "--ckpt"),
+             (rvq.main, ["--eval", "--ckpt", str(bad), "--data", clip], 1, "not a checkpoint"),
+             (rvq.main, ["--data", clip, "--out", str(bad / "teacher.pt")], 2, "--out"),
+             (teachers.main, ["labels", clip, "--start", "0", "--acoustic_ckpt", str(bad)], 2, "--acoustic_ckpt"),
+             (teachers.main, ["labels", clip, "--start", "0", "--acoustic_ckpt", "nope.th"], 2, "--acoustic_ckpt"),
+             (teachers.main, ["labels", clip, "--start", "0", "--teachers", "mfcc", "--mfcc_ckpt", str(bad)], 2,
+              "--mfcc_ckpt"),
+             (teachers.main, ["fit-mfcc", "--data", clip, "--out", str(bad / "km.pt")], 2, "--out"),
+             (audio.main, ["prepare", str(tmp_path / "empty"), "--out", str(tmp_path / "shards")], 1, "no audio files"),
+             (audio.main, ["prepare", clip, "--out", str(bad / "shards")], 2, "--out")]
+    if not torch.cuda.is_available():
+        cases.append((rvq.main, ["--data", clip, "--out", str(tmp_path / "t.pt"), "--device", "cuda"], 2, "--device"))
+    for fn, argv, code, named in cases:
+        assert fn(argv) == code, argv
+        assert named in one_line(capsys.readouterr().err), argv
+    assert not trained and not (tmp_path / "shards").exists()
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(audio, "_expand_sources", ctrl_c)
+    assert audio.main(["prepare", clip, "--out", str(tmp_path / "s2")]) == 130
+    monkeypatch.setattr(rvq, "train", ctrl_c)
+    assert rvq.main(["--data", clip, "--out", str(tmp_path / "t.pt")]) == 130
+    for line in capsys.readouterr().err.splitlines():
+        assert "Traceback" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "notes.txt"]
