@@ -2,7 +2,7 @@
 stopping on the validation split; the test metric per layer, the best layer (chosen on validation) and a learned
 softmax-weighted combination of all layers. Clip tasks probe the mean over time, frame tasks every frame.
 
-    python probe.py labels.csv                        # the shipped model; clip task guessed from the labels
+    python probe.py labels.csv                        # the shipped model; clip task read from unambiguous labels
     python probe.py labels.csv --ckpt m-a-p/MERT-v1-95M --task tag --json results.json
     python probe.py labels.csv --features cqt         # hand-made baseline: mean and std of the log CQT
     python probe.py labels.csv --features random      # the same architecture at random initialisation
