@@ -183,7 +183,8 @@ def test_export_refuses_to_replace_names_bad_places_and_leaves_no_temp_file(micr
     assert train.main(["export", ck, str(mine)]) == 0
     before = mine.read_bytes()
     (tmp_path / "file.txt").write_text("x")
-    for argv, named in (([ck, str(mine)], "--overwrite"), ([str(tmp_path / "nope.pt"), str(tmp_path / "b.pt")], "nope.pt"),
+    for argv, named in (([ck, str(mine)], "--overwrite"),
+                        ([str(tmp_path / "nope.pt"), str(tmp_path / "b.pt")], "nope.pt"),
                         ([ck, str(tmp_path / "file.txt" / "m.pt")], "file.txt")):
         assert train.main(["export"] + argv) == 2, argv
         assert named in one_line(capsys.readouterr().err)
@@ -265,7 +266,8 @@ def beats_task(tmp_path_factory):
             a = int(t * 24000)
             x[a:a + 240] += np.hanning(240).astype(np.float32) * (1.0 if k % 4 == 0 else 0.5)
         sf.write(d / f"c{i}.wav", x, 24000)
-        beats = "" if i == 3 else "".join(f"{t:.3f} {k % 4 + 1}\n" for k, t in enumerate(np.arange(0.1 + 0.02 * i, 2.0, 0.5)))
+        times = np.arange(0.1 + 0.02 * i, 2.0, 0.5)
+        beats = "" if i == 3 else "".join(f"{t:.3f} {k % 4 + 1}\n" for k, t in enumerate(times))
         (d / f"c{i}.beats").write_text(beats)
         rows.append(f"c{i}.wav,c{i}.beats,{'train' if i < 6 else 'valid' if i < 8 else 'test'}")
     (d / "beats.csv").write_text("\n".join(rows) + "\n")
@@ -282,7 +284,8 @@ def test_probe_refuses_to_guess_names_bad_files_and_keeps_every_metric(beats_tas
     d = beats_task
     (tmp_path / "file.txt").write_text("x")
     numbers = tmp_path / "tempo.csv"
-    numbers.write_text("path,label\n" + "".join(f"{d}/c{i}.wav,{90 + 7 * i}\n" for i in range(9)) + f"{d}/c9.wav,fast\n")
+    rows = "".join(f"{d}/c{i}.wav,{90 + 7 * i}\n" for i in range(9))
+    numbers.write_text("path,label\n" + rows + f"{d}/c9.wav,fast\n")
     fast = ["--features", "cqt", "--epochs", "3", "--patience", "2", "--no_mlp"]
     cases = [([str(d / "beats.csv")] + fast, "--task chords, beats, notes or segments"),
              ([str(numbers)] + fast, "rows 10 are not"),
