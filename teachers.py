@@ -570,8 +570,12 @@ def build_teachers(names: list | str = "acoustic,cqt", acoustic_ckpt: str | os.P
 def _save_atomic(obj: dict, path: Path) -> None:
     """torch.save to a temp file beside path, then rename (a crash never leaves half a file)."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no temp file stays
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fit_command(args) -> int:
@@ -676,7 +680,13 @@ def _labels_command(args) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, start=start, frames=T, **{k: v[0].numpy() for k, v in y.items()})
+        tmp = out.with_name(out.name + ".tmp.npz")  # renamed into place whole: Ctrl-C or a full disk leaves nothing
+        try:
+            np.savez(tmp, start=start, frames=T, **{k: v[0].numpy() for k, v in y.items()})
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         print(f"wrote {out}: " + ", ".join(f"{k} {tuple(v[0].shape)}" for k, v in y.items()))
     elif "codes" in y:
         for t, row in enumerate(y["codes"][0].t().tolist()):
