@@ -37,7 +37,8 @@ import soundfile as sf
 
 __all__ = ["SAMPLE_RATE", "AudioError", "AudioWarning", "AUDIO_EXTENSIONS", "load", "info", "resample", "find_audio",
            "load_crop", "read_manifest", "CropDataset", "CropContext", "RankBatches", "EpochBatches", "make_loader",
-           "worker_init", "prepare", "shard_codes", "describe_codes", "codes_key", "SHARD_FORMAT", "one_line", "write_json"]
+           "worker_init", "prepare", "shard_codes", "describe_codes", "codes_key", "SHARD_FORMAT", "one_line", "write_json",
+           "output_problem", "pick_device"]
 
 SAMPLE_RATE = 24_000  # MERT's input rate: the default of every reader and of the shards
 
@@ -102,6 +103,60 @@ def undecodable_reason(path) -> str | None:
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (libsndfile messages can span lines)."""
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def output_problem(path, folder: bool = False) -> str | None:
+    """Why `path` (a file to write; with folder=True a folder to create or fill) cannot be written, or None.
+
+    The commands ask this before any work starts. The nearest existing folder at or above the target must be a
+    folder in which a file can be made: a file made and removed there proves it (a read-only file system, or a
+    path under a regular file, refuses root too, which permission bits do not)."""
+    target = Path(path).absolute()
+    if not folder and target.is_dir():
+        return "is a folder"
+    if folder and target.exists() and not target.is_dir():
+        return "exists and is not a folder"
+    here = target if folder else target.parent
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        return f"{here} is a file, not a folder"
+    import tempfile
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-test-", dir=here)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        return f"cannot write in {here} ({one_line(e)})"
+    return None
+
+
+def pick_device(name: str):
+    """'auto' -> cuda, then mps, then cpu; a named device this torch cannot use is a ValueError naming --device."""
+    import torch  # only the commands that run a model ask
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {name}: CUDA is not available ({why}, torch {torch.__version__}); "
+                             f"use --device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {name}: MPS (Apple GPU) is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {name}: unsupported device type {dev.type!r}; use auto, cpu, cuda or mps")
+    return dev
 
 
 # Errors soundfile/libsndfile raise for bad files; wrapped into AudioError, never passed through.
@@ -1150,6 +1205,8 @@ def shard_codes(sources) -> dict:
 
 
 def _prepare_worker_init():
+    import signal  # Ctrl-C reaches the whole process group: the parent stops the pool and says so, once
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _limit_blas_threads(1)
 
 
@@ -1180,6 +1237,8 @@ def prepare(sources, out, shard_bytes: int = 10**9, min_seconds: float = 3.0, sr
     files, shard_dirs = _expand_sources(sources, skipped=passed)
     if shard_dirs:
         raise AudioError(f"{shard_dirs[0]}: already a shard folder (prepare reads audio files)")
+    if not files and not passed and not (out / "index.json").exists():  # nothing to do: make nothing
+        raise AudioError(f"{', '.join(map(str, sources))}: no audio files ({' '.join(sorted(AUDIO_EXTENSIONS))})")
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob("*.tmp"):
         tmp.unlink()
@@ -1337,6 +1396,10 @@ def prepare_main(argv) -> int:
         p.error("--shard_gb must be > 0, --workers >= 1, --min_seconds >= 0")
     if args.codes_chunk < 1 or args.codes_context < 0 or args.n_q < 1:
         p.error("--codes_chunk must be >= 1 s, --codes_context >= 0 s, --n_q >= 1")
+    problem = output_problem(args.out, folder=True)
+    if problem:  # before any decoding
+        print(f"audio.py prepare: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
     coder = None
     if args.codes is not None:
         import teachers  # the project's teacher, only for --codes: audio.py alone needs nothing of the project
@@ -1351,6 +1414,13 @@ def prepare_main(argv) -> int:
                     workers=args.workers, codes=coder)
     except AudioError as e:
         print(e, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the partial shard was dropped; finished shards stay and a rerun adds the rest
+        print(f"audio.py prepare: interrupted (Ctrl-C); {args.out} holds only complete shards, rerun to finish",
+              file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk
+        print(f"audio.py prepare: {one_line(e)}", file=sys.stderr)
         return 1
     print(f"{args.out}: {s['files']} files, {s['seconds'] / 3600:.2f} h in {s['shards']} shards "
           f"({s['new']} added now; skipped {s['short']} under {args.min_seconds:g} s, {len(s['bad'])} unreadable; "

@@ -29,6 +29,7 @@ import pickle
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -534,10 +535,59 @@ def main(argv=None, prog: str = "convert.py") -> int:
                         "HubertModel loads")
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
                    help="storage dtype of the weights (default: float16 for pt, float32 for hf as in MERT-v1's files)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty existing --format hf folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing .pt file or non-empty --format hf "
+                                                            "folder")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype or ("float16" if args.format == "pt" else "float32"))
     meta = {}
+    problem = _output_problem(Path(args.out), args.format == "hf", args.overwrite)
+    if problem:  # before any work
+        print(f"{prog}: {args.out}: {problem}", file=sys.stderr)
+        return 2
+    if not Path(args.ckpt).exists() and not _hub_id(args.ckpt):
+        print(f"{prog}: {args.ckpt}: no such file or folder", file=sys.stderr)
+        return 2
+    try:
+        return _convert(args, dtype, meta, prog)
+    except KeyboardInterrupt:  # the writers remove their temp files: nothing partial stays
+        print(f"{prog}: interrupted (Ctrl-C); {args.out} not written", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, an I/O error: the writers removed their temp files
+        print(f"{prog}: {args.out}: could not be written ({' '.join(str(e).split())})", file=sys.stderr)
+        return 1
+
+
+def _hub_id(name: str) -> bool:
+    """'org/name' with no such local path: a hub id that load_checkpoint looks up in the local cache."""
+    return name.count("/") == 1 and not name.startswith((".", "/"))
+
+
+def _output_problem(out: Path, folder: bool, overwrite: bool) -> str | None:
+    """Why out cannot be written (exists without --overwrite, not writable), or None; asked before any work.
+    A file made and removed in the nearest existing folder proves it writable (a read-only file system refuses
+    root too, which permission bits do not)."""
+    if folder and out.exists() and not out.is_dir():
+        return "exists and is not a folder"
+    if not folder and out.is_dir():
+        return "is a folder (--format hf writes folders)"
+    if not overwrite and (out.is_file() or (out.is_dir() and any(out.iterdir()))):
+        return "exists; pass --overwrite to replace it"
+    here = out.absolute() if folder else out.absolute().parent
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        return f"cannot be written: {here} is a file, not a folder"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-test-", dir=here)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        return f"cannot be written in {here} ({' '.join(str(e).split())})"
+    return None
+
+
+def _convert(args, dtype, meta: dict, prog: str) -> int:
+    """The export itself, once main() has checked the flags and the output location."""
     try:
         try:  # our checkpoints carry step and configs worth keeping in a .pt export
             obj = torch.load(args.ckpt, map_location="cpu", weights_only=True)
@@ -558,8 +608,9 @@ def main(argv=None, prog: str = "convert.py") -> int:
     if args.format == "hf":
         try:
             folder = save_pretrained(model, args.out, dtype=dtype, overwrite=args.overwrite)
-        except FileExistsError as e:
-            p.error(str(e))
+        except FileExistsError as e:  # made since main() looked
+            print(f"{prog}: {e}", file=sys.stderr)
+            return 2
         except CheckpointError as e:
             print(f"{prog}: {args.ckpt}: cannot be expressed as a HuBERT config: {e}", file=sys.stderr)
             return 1

@@ -160,9 +160,14 @@ def model_fingerprint(model: MERT) -> str:
     for name, t in sorted(model.state_dict().items()):
         if name.startswith(_HEADS):
             continue
-        a = t.detach().to("cpu", torch.float32).contiguous().numpy()
-        h.update(f"{name}{tuple(a.shape)}".encode())
-        h.update(a.data)
+        # a quantize_dynamic model keeps (weight, bias) tuples of quantised tensors, and dtypes, in its state
+        for u in t if isinstance(t, tuple) else (t,):
+            if not isinstance(u, torch.Tensor):
+                h.update(f"{name}{u}".encode())
+                continue
+            a = (u.dequantize() if u.is_quantized else u).detach().to("cpu", torch.float32).contiguous().numpy()
+            h.update(f"{name}{tuple(a.shape)}".encode())
+            h.update(a.data)
     return "sha256:" + h.hexdigest()[:20]
 
 
@@ -501,31 +506,7 @@ def resolve_jobs(inputs: list[str], out_dir: str | None, skipped: list | None = 
     return jobs
 
 
-def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda, then mps, then cpu; a named device that this torch cannot use is a ValueError."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"--device {name}: CUDA is not available ({why}, torch {torch.__version__}); "
-                             f"use --device cpu, or install a CUDA build of torch")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ValueError(f"--device {name}: MPS (Apple GPU) is not available on this machine; use --device cpu")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {name}: unsupported device type {dev.type!r}; use auto, cpu, cuda or mps")
-    return dev
+pick_device = audio.pick_device  # one check for every command (train.py and probe.py use it too)
 
 
 def normalize_wav(x: np.ndarray) -> np.ndarray:

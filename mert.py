@@ -595,8 +595,12 @@ class MERT(nn.Module):
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"config": cfg, "model": state, **extra}, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save({"config": cfg, "model": state, **extra}, tmp)
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, Ctrl-C: no half-written temp file stays behind
+            tmp.unlink(missing_ok=True)
+            raise
 
 
     @classmethod
@@ -906,26 +910,32 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 _ONEDNN_BF16 = _ONEDNN and getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
 
 
-def _fast(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _fast(x: torch.Tensor, layer: nn.Module, kind: type) -> bool:
+    """True when the fused oneDNN op may stand in for `layer`: a plain nn.Linear/nn.Conv1d (not a quantised,
+    LoRA or other module in its place: quantize_dynamic's Linear has a weight() method, not a tensor) with a
+    float32 (or native bf16) weight of x's dtype, on the CPU, at inference, outside autocast and torch.compile."""
     # under autocast F.linear would cast the weight; the fused ops do not, so they take only matching dtypes
-    return _ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype \
+    weight = getattr(layer, "weight", None)
+    return _ONEDNN and type(layer) is kind and type(weight) in (torch.Tensor, nn.Parameter) \
+        and x.device.type == "cpu" and x.dtype == weight.dtype \
         and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _ONEDNN_BF16)) \
-        and not torch.is_autocast_enabled("cpu") \
-        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled() \
+        and not torch.compiler.is_compiling()
 
 
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
-    """layer(x), optionally followed by exact GELU, fused on the CPU inference path."""
-    if _fast(x, layer.weight) and not torch.is_grad_enabled():
+def linear(x: torch.Tensor, layer: nn.Module, gelu: bool = False) -> torch.Tensor:
+    """layer(x), optionally followed by exact GELU, fused on the CPU inference path; any other module in the
+    layer's place (quantised, wrapped) runs its own forward."""
+    if _fast(x, layer, nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu" if gelu else "none",
                                                   [None], "none")
-    y = F.linear(x, layer.weight, layer.bias)
+    y = layer(x)
     return F.gelu(y) if gelu else y
 
 
-def conv1d_gelu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+def conv1d_gelu(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
     """GELU(conv(x)) for an unpadded strided conv, fused on the CPU inference path."""
-    if _fast(x, conv.weight) and not torch.is_grad_enabled():
+    if _fast(x, conv, nn.Conv1d):
         return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, [0], list(conv.stride), [1], 1,
                                                        "gelu", [None], "none")
     return F.gelu(conv(x))

@@ -2,7 +2,7 @@
 stopping on the validation split; the test metric per layer, the best layer (chosen on validation) and a learned
 softmax-weighted combination of all layers. Clip tasks probe the mean over time, frame tasks every frame.
 
-    python probe.py labels.csv                        # the shipped model; clip task guessed from the labels
+    python probe.py labels.csv                        # the shipped model; clip task read from unambiguous labels
     python probe.py labels.csv --ckpt m-a-p/MERT-v1-95M --task tag --json results.json
     python probe.py labels.csv --features cqt         # hand-made baseline: mean and std of the log CQT
     python probe.py labels.csv --features random      # the same architecture at random initialisation
@@ -99,11 +99,8 @@ def read_labels(path: Path, task: str = "auto", seed: int = 0):
         for rank, i in enumerate(order):
             splits[i] = "train" if rank < n_tr else "valid" if rank < n_tr + n_va else "test"
     if task == "auto":
-        labels = [lab for _, lab in items]
-        if all(_is_float(lab) for lab in labels) and len(set(labels)) > 0.2 * len(labels):
-            task = "regress"
-        else:
-            task = "tag" if any(";" in lab for lab in labels) else "classify"
+        task, why = guess_task(path, [lab for _, lab in items])
+        print(f"probe.py: --task auto: {task} ({why}); pass --task to choose another", file=sys.stderr)
     if task == "regress":
         bad = next((n for n, (_, lab) in enumerate(items, 1) if not _is_float(lab)), None)
         if bad:
@@ -112,6 +109,40 @@ def read_labels(path: Path, task: str = "auto", seed: int = 0):
         if s not in splits:
             raise ProbeError(f"{path}: the {s} split is empty")
     return items, splits, task
+
+
+# Suffixes of the annotation files frame tasks take as labels (and of their usual neighbours): labels that look
+# like these are file names, never classes, and --task auto refuses to guess a clip task over them.
+ANNOTATION_SUFFIXES = (".lab", ".beats", ".txt", ".csv", ".tsv", ".jams", ".json", ".mid", ".midi", ".svl", ".arff",
+                       ".chords", ".notes", ".seg")
+
+
+def _rows(ns: list) -> str:
+    """Row numbers for a message: the first five, and how many more."""
+    return ", ".join(map(str, ns[:5])) + (f" and {len(ns) - 5} more" if len(ns) > 5 else "")
+
+
+def guess_task(path: Path, labels: list[str]) -> tuple[str, str]:
+    """--task auto: (task, why) when the labels leave no doubt; a ProbeError naming rows when they do not
+    (annotation file names, or a column of numbers with some non-numbers in it)."""
+    files = [n for n, lab in enumerate(labels, 1) if Path(lab).suffix.lower() in ANNOTATION_SUFFIXES]
+    if len(files) * 2 > len(labels):
+        raise ProbeError(f"{path}: the labels look like annotation files (rows {_rows(files)}, e.g. "
+                         f"{labels[files[0] - 1]!r}): pass --task chords, beats, notes or segments (or --task "
+                         f"classify if they are class names)")
+    words = [n for n, lab in enumerate(labels, 1) if not _is_float(lab)]
+    if words and len(words) * 5 <= len(labels):  # mostly numbers: a typo, a missing value, or a header
+        raise ProbeError(f"{path}: {len(labels) - len(words)} of {len(labels)} labels are numbers but rows "
+                         f"{_rows(words)} are not (e.g. {labels[words[0] - 1]!r}): fix them, or pass --task regress "
+                         f"or --task classify")
+    if not words:
+        distinct = len(set(labels))
+        if distinct > 0.2 * len(labels):
+            return "regress", f"every label is a number, {distinct} distinct values in {len(labels)} rows"
+        return "classify", f"every label is a number but only {distinct} distinct values in {len(labels)} rows"
+    if any(";" in lab for lab in labels):
+        return "tag", "labels joined by ';'"
+    return "classify", f"{len(set(labels))} distinct labels, one a row"
 
 
 def _is_float(s: str) -> bool:
@@ -232,6 +263,12 @@ def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[
         root = Path(args.cache or csv_dir / ".probe_cache") / f"{kind}-{tag}-{digest}"
         jobs = [(src, _cache_path(root, csv_dir, src)) for src, _ in items]
         todo = [j for j in jobs if not j[1].exists()]
+        problem = audio.output_problem(root, folder=True) if todo else None
+        if problem:  # before any extraction: a read-only dataset folder would fail every clip's cache write
+            raise ProbeError(f"feature cache {root}: {problem}; pass --cache DIR to keep the features elsewhere")
+        if todo:
+            print(f"probe.py: computing features of {len(todo)} of {len(jobs)} clips ({name}) into {root}",
+                  file=sys.stderr, flush=True)
         if todo and args.features in ("cqt", "mfcc"):
             fn = handmade_features(args.features, frames)
             for src, dst in todo:
@@ -242,8 +279,12 @@ def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[
                     continue
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 tmp = dst.with_name(dst.name + ".tmp.npy")
-                np.save(tmp, feats.astype(np.float32))
-                os.replace(tmp, dst)
+                try:
+                    np.save(tmp, feats.astype(np.float32))
+                    os.replace(tmp, dst)
+                except BaseException:  # Ctrl-C, a full disk: no partial file in the cache
+                    tmp.unlink(missing_ok=True)
+                    raise
         elif todo:  # the checkpoint is loaded only when some clip still needs its features
             if args.features == "random":
                 torch.manual_seed(args.seed)
@@ -345,6 +386,41 @@ def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out[..., 0], y.expand(P, -1), reduction="none").mean(1)
 
 
+class Progress:
+    """One probe training's epochs on stderr: a tqdm bar (epoch, best validation score so far and its layer) in a
+    terminal; written to a log file instead, a line every 30 s and one at the end of a frame task's training or of
+    any that took longer (frame tasks run for many minutes per layer set on a CPU)."""
+
+    def __init__(self, total: int, desc: str, args):
+        from tqdm import tqdm
+        self.desc, self.total, self.t0, self.last, self.args = desc, total, time.time(), time.time(), args
+        self.bar = tqdm(total=total, desc=desc, unit="epoch", file=sys.stderr, leave=False) if sys.stderr.isatty() \
+            else None
+
+    def _state(self, best: torch.Tensor) -> str:
+        i = int(best.argmax())
+        ids = getattr(self.args, "layer_ids", None)
+        where = "the combination" if len(best) == 1 and self.desc.endswith("combination") else \
+            f"layer {ids[i] if ids is not None and len(ids) == len(best) else i}"
+        return f"best valid {SELECT[self.args.task]} {float(best[i]):.4f} ({where})"
+
+    def update(self, epoch: int, best: torch.Tensor):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(self._state(best))
+        elif time.time() - self.last >= 30:
+            self.last = time.time()
+            print(f"probe.py: {self.desc}: epoch {epoch}/{self.total}, {self._state(best)}, "
+                  f"{time.time() - self.t0:.0f} s", file=sys.stderr, flush=True)
+
+    def close(self, epoch: int, best: torch.Tensor):
+        if self.bar is not None:
+            self.bar.close()
+        elif self.args.task in FRAME_TASKS or time.time() - self.t0 >= 30:
+            print(f"probe.py: {self.desc}: done after {epoch} epochs, {self._state(best)}, "
+                  f"{time.time() - self.t0:.0f} s", file=sys.stderr, flush=True)
+
+
 def train_probes(data, hidden: int, combine: bool, args) -> tuple[Probes, list]:
     """Train with AdamW and early stopping on each probe's validation score; returns the best probes and epochs.
 
@@ -366,6 +442,8 @@ def train_probes(data, hidden: int, combine: bool, args) -> tuple[Probes, list]:
     best = [p.detach().clone() for p in model.parameters()]
     best_epoch, since = [0] * P, 0
     g = torch.Generator().manual_seed(args.seed)
+    progress = Progress(args.epochs, f"{'mlp' if hidden else 'linear'} probe" +
+                        (" on the layer combination" if combine else f"s of {P} layers"), args)
     for epoch in range(1, args.epochs + 1):
         model.train()
         for idx in torch.randperm(data.n_train, generator=g).split(args.batch_size or data.batch_size):
@@ -386,8 +464,10 @@ def train_probes(data, hidden: int, combine: bool, args) -> tuple[Probes, list]:
                 b[better] = p.detach()[better]
             for i in torch.nonzero(better).flatten().tolist():
                 best_epoch[i] = epoch
+        progress.update(epoch, best_score)
         if since >= args.patience:
             break
+    progress.close(epoch, best_score)
     with torch.no_grad():
         for b, p in zip(best, model.parameters()):
             p.copy_(b)
@@ -744,10 +824,15 @@ def run(args) -> dict:
     if frames:  # read every annotation first: a bad one is named once and its clip left out
         for i, (_, label) in enumerate(items):
             ann = Path(label)
+            ann = ann if ann.is_absolute() else csv_path.parent / ann
             try:
-                anns[i] = mm.read_annotation(task, ann if ann.is_absolute() else csv_path.parent / ann, args.pitch_unit)
+                anns[i] = mm.read_annotation(task, ann, args.pitch_unit)
             except mm.AnnotationError as e:
                 print(f"error: {e}", file=sys.stderr)
+                continue
+            if not len(anns[i][0]):  # scored as it is, it would drop a metric (downbeats) for every clip
+                print(f"error: {ann}: no {task} in the file; clip left out", file=sys.stderr)
+                anns[i] = None
         ok = [i for i in range(len(items)) if anns[i] is not None]
         feats = [None] * len(items)
         got, source, grid, layer_ids = compute_features([items[i] for i in ok], args, csv_path.parent, frames=True)
@@ -791,6 +876,7 @@ def run(args) -> dict:
         results["context"] = args.context
         if task == "beats" and data.n_out == 1:
             results["metrics"] = ["beat_f"]
+    args.layer_ids = layer_ids  # for the progress lines
     probed = _probe_all(data, args)
     for i, p in enumerate(probed["per_layer"]):
         p["layer"] = int(layer_ids[i])
@@ -850,10 +936,23 @@ def main(argv=None) -> int:
         print(f"probe.py: no --ckpt given and no shipped model at {extract.DEFAULT_CKPT}", file=sys.stderr)
         return 2
     try:
+        extract.pick_device(args.device)  # the one device check every command shares
+    except ValueError as e:
+        print(f"probe.py: {e}", file=sys.stderr)
+        return 2
+    problem = args.json and audio.output_problem(args.json)
+    if problem:
+        print(f"probe.py: --json {args.json}: {problem}", file=sys.stderr)
+        return 2
+    try:
         results = run(args)
     except ProbeError as e:
         print(f"probe.py: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # cached features are renamed into place whole: a rerun reads back what is done
+        print("probe.py: interrupted (Ctrl-C); no results written (the features cached so far are complete and "
+              "a rerun reads them back)", file=sys.stderr)
+        return 130
     print_table(results)
     if args.json:
         tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")

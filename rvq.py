@@ -554,7 +554,12 @@ def load_state(model: RVQVAE, sd: dict, source: str = "state dict") -> RVQVAE:
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> RVQVAE:
     """A ready (eval-mode) model from our checkpoint ({"config", "model", ...}) or an EnCodec 24 kHz state dict."""
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:  # a missing or unreadable file: the caller names it
+        raise
+    except Exception as e:  # a text file, a truncated or foreign pickle: whatever torch.load raised for it
+        raise ValueError(f"{path}: not a checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: not a checkpoint (got {type(obj).__name__})")
     if "config" in obj and "model" in obj:
@@ -617,8 +622,12 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     """torch.save to a temp file next to path, then rename: a crash never leaves a half-written checkpoint."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no temp file stays, the previous checkpoint is untouched
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def train(waves: list, out: str | os.PathLike, tc: TrainConfig, resume: bool = False,
@@ -816,11 +825,40 @@ def main(argv: list | None = None) -> int:
         ap.error("--eval needs --ckpt")
     if not args.eval and not args.out:
         ap.error("training needs --out")
+    import audio  # the command's checks and reader (the module itself needs only torch)
+    try:
+        audio.pick_device(args.device)
+    except ValueError as e:
+        print(f"rvq.py: {e}", file=sys.stderr)
+        return 2
+    if args.eval and not Path(args.ckpt).is_file():
+        print(f"rvq.py: --ckpt {args.ckpt}: no such file", file=sys.stderr)
+        return 2
+    problem = None if args.eval else audio.output_problem(args.out)
+    if problem:  # before any training: a run that cannot save is refused now, not at its first checkpoint
+        print(f"rvq.py: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # checkpoints are written atomically: what exists is whole
+        done = "" if args.eval or not Path(args.out).is_file() else f"; {args.out} holds the last checkpoint (--resume)"
+        print(f"rvq.py: interrupted (Ctrl-C){done}", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk while saving
+        print(f"rvq.py: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
 
+
+def _run(args) -> int:
+    """The command, once main() has checked its flags: evaluate, or train."""
     if args.eval:
-        model = load(args.ckpt)
+        try:
+            model = load(args.ckpt)
+        except (ValueError, KeyError) as e:
+            print(f"rvq.py: --ckpt {e}", file=sys.stderr)
+            return 1
         waves, names, failed = _read_tracks(args.data, args.eval_seconds)
         if not waves:
             print("no readable audio under --data", file=sys.stderr)

@@ -635,8 +635,12 @@ def build_teachers(names: list | str = "acoustic,cqt", acoustic_ckpt: str | os.P
 def _save_atomic(obj: dict, path: Path) -> None:
     """torch.save to a temp file beside path, then rename (a crash never leaves half a file)."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no temp file stays
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fit_command(args) -> int:
@@ -741,7 +745,13 @@ def _labels_command(args) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, start=start, frames=T, **{k: v[0].numpy() for k, v in y.items()})
+        tmp = out.with_name(out.name + ".tmp.npz")  # renamed into place whole: Ctrl-C or a full disk leaves nothing
+        try:
+            np.savez(tmp, start=start, frames=T, **{k: v[0].numpy() for k, v in y.items()})
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         print(f"wrote {out}: " + ", ".join(f"{k} {tuple(v[0].shape)}" for k, v in y.items()))
     elif "codes" in y:
         for t, row in enumerate(y["codes"][0].t().tolist()):
@@ -811,19 +821,54 @@ def main(argv: list | None = None) -> int:
                                   "the codes")
     lp.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = torch default (default %(default)s)")
     args = ap.parse_args(argv)
+    prog = f"teachers.py {args.command}"
     if args.command == "labels":
         if args.seconds <= 0.02 or args.start < 0:
             ap.error("--seconds must be > 0.02 and --start >= 0")
+    else:
+        if args.k < 2:
+            ap.error("--k must be at least 2")
+        if args.hours < 0 or args.max_frames < 1 or args.iters < 1:
+            ap.error("--hours must be >= 0, --max_frames and --iters >= 1")
+    problem = _flag_problem(args)
+    if problem:  # before any work: one line, exit 2
+        print(f"{prog}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        return _labels_command(args) if args.command == "labels" else _fit_command(args)
+    except KeyboardInterrupt:  # outputs are written atomically: nothing partial stays
+        print(f"{prog}: interrupted (Ctrl-C); nothing written", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk while writing
+        print(f"{prog}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+
+
+def _flag_problem(args) -> str | None:
+    """A usage problem of the flags that name files and devices (checked before any work), or None."""
+    import audio  # the shared checks; only the command needs them
+    if getattr(args, "device", "cpu") != "cpu":
         try:
-            return _labels_command(args)
-        except (ValueError, OSError, KeyError) as e:   # a bad teacher checkpoint: one line
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    if args.k < 2:
-        ap.error("--k must be at least 2")
-    if args.hours < 0 or args.max_frames < 1 or args.iters < 1:
-        ap.error("--hours must be >= 0, --max_frames and --iters >= 1")
-    return _fit_command(args)
+            audio.pick_device(args.device)
+        except ValueError as e:
+            return str(e)
+    for flag in ("acoustic_ckpt", "mfcc_ckpt"):
+        path = getattr(args, flag, None)
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            return f"--{flag} {path}: no such file"
+        try:  # the teacher's own loader, so the file is read as training will read it
+            rvq.load(path) if flag == "acoustic_ckpt" else MFCCKMeansTeacher(path)
+        except Exception as e:  # whatever torch.load or the loader raised for a file that is not one
+            why = " ".join(str(e).split())[:160]
+            why = why if isinstance(e, ValueError) else f"{type(e).__name__}: {why}"
+            return f"--{flag} {path}: not a usable checkpoint ({why})"
+    if args.out:
+        problem = audio.output_problem(args.out)
+        if problem:
+            return f"--out {args.out}: {problem}"
+    return None
 
 
 if __name__ == "__main__":

@@ -208,6 +208,13 @@ TEACHER_FLAG_NAMES = ("rvq", "randproj", "mfcc", "cqt")  # --teachers' names (te
 FLAG_NAME = {"acoustic": "rvq"}  # teachers.py's name -> the one --teachers and the docs use
 NEEDS_ACOUSTIC = ("95m", "330m")  # sizes that refuse to run without EnCodec's (or an rvq.py) codes: check_teachers
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; run the command again
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports it: the same stop and checkpoint as SIGTERM
+
+
+def usage(msg: str) -> SystemExit:
+    """A usage error (a flag names something unusable): the message on stderr; `raise usage(...)` exits 2."""
+    print(msg, file=sys.stderr, flush=True)
+    return SystemExit(2)
 
 
 # -----------------------------------------------------------------------------
@@ -467,12 +474,12 @@ def init_from(path: str, size: str, heads: dict, model_over: dict, teachers: str
             import convert
             src_cfg, state, src = convert.load_checkpoint(path, for_training=True)
     except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"train.py: --init {e}")
+        raise usage(f"train.py: --init {e}") from None
     clash = [f"--{f} {model_over[f]} (source: {getattr(src_cfg, f)})" for f in ARCH_FIELDS + ("final_dim",)
              if f in model_over and model_over[f] != getattr(src_cfg, f)
              and (f != "final_dim" or "label_embs" in state)]  # final_dim is the source's only with its code heads
     if clash:
-        raise SystemExit(f"train.py: --init {src} fixes the model's shape; {', '.join(clash)} contradicts it")
+        raise usage(f"train.py: --init {src} fixes the model's shape; {', '.join(clash)} contradicts it")
     has_codes, has_cqt = "label_embs" in state, "cqt_head.weight" in state
     problems = []
     if has_codes and (src_cfg.n_codebooks, src_cfg.codebook_size) != (heads["n_codebooks"], heads["codebook_size"]):
@@ -481,7 +488,7 @@ def init_from(path: str, size: str, heads: dict, model_over: dict, teachers: str
     if has_cqt and src_cfg.cqt_bins != heads["cqt_bins"]:
         problems.append(f"a CQT head of {src_cfg.cqt_bins} bins, the teachers give {heads['cqt_bins']}")
     if problems:
-        raise SystemExit(f"train.py: --init {src} does not fit --teachers {teachers}: it has {'; '.join(problems)}")
+        raise usage(f"train.py: --init {src} does not fit --teachers {teachers}: it has {'; '.join(problems)}")
     cfg = MERTConfig.from_preset(size, **{**heads, **model_over})
     cfg = replace(cfg, **{f: getattr(src_cfg, f) for f in ARCH_FIELDS},
                   **({"final_dim": src_cfg.final_dim} if has_codes else {}))
@@ -698,10 +705,12 @@ def keep_data_table(proc: Proc, ds: audio.CropDataset, out: Path, resume: bool) 
 
 
 def _loader_worker_init(worker_id: int):
-    """Loader workers ignore SIGTERM (Slurm and torchrun signal the whole process group): the training
+    """Loader workers ignore SIGTERM and SIGINT (Slurm, torchrun and a terminal's Ctrl-C signal the whole process
+    group): the training
     process decides when to stop and shuts its workers down itself."""
     audio.worker_init(worker_id)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(ds: audio.CropDataset, tc: TrainConfig, proc: Proc, start: int, loaders: list):
@@ -724,18 +733,27 @@ def close_loader(dl):
 
 
 class StopFlag:
-    """SIGTERM handler: ask the loop to finish its step, write a checkpoint and exit with EXIT_PREEMPTED."""
+    """SIGTERM and SIGINT (Ctrl-C) handler: ask the loop to finish its step, write a checkpoint and exit with
+    EXIT_PREEMPTED (SIGTERM) or EXIT_INTERRUPTED (Ctrl-C). A second Ctrl-C stops at once (KeyboardInterrupt)."""
 
     def __init__(self, verbose: bool = True):
         self.requested, self.pid, self.verbose = False, os.getpid(), verbose
+        self.name, self.code = "SIGTERM", EXIT_PREEMPTED
 
     def __call__(self, signum, frame):
         if os.getpid() != self.pid:  # a forked loader worker that inherited the handler: nothing to do
             return
-        if not self.requested and self.verbose:
-            print(f"train.py: SIGTERM: finishing this step, then a checkpoint and exit {EXIT_PREEMPTED}",
-                  file=sys.stderr, flush=True)
+        if self.requested:
+            if signum == signal.SIGINT:  # the user insists: main() says what is kept
+                raise KeyboardInterrupt
+            return
         self.requested = True
+        if signum == signal.SIGINT:
+            self.name, self.code = "Ctrl-C", EXIT_INTERRUPTED
+        if self.verbose:
+            again = "; Ctrl-C again stops at once" if signum == signal.SIGINT else ""
+            print(f"train.py: {self.name}: finishing this step, then a checkpoint and exit {self.code}{again}",
+                  file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -902,6 +920,7 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
     stop = StopFlag(verbose=master)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
     # micro-step k = step * accum + m of rank r reads global samples [(k*W + r)*b, (k*W + r + 1)*b)
     loader = make_loader(train_ds, tc, proc, step * accum * world * tc.batch_size, loaders)
     flops_per_step, peak = estimate_flops_per_clip(cfg, crop) * total, peak_flops(device)
@@ -933,11 +952,11 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
         if stop_now:
             if ddp:
                 dist.barrier()  # nobody exits before rank 0 has written
-            print0(f"train.py: stopped by SIGTERM at step {step}; " +
+            print0(f"train.py: stopped by {stop.name} at step {step}; " +
                    ("its checkpoint could not be written" if save_failed else
                     f"checkpoint {ckpt_path} written" if step > start_step else "no new checkpoint") +
-                   f"; run the same command to continue (exit {EXIT_PREEMPTED})")
-            raise SystemExit(EXIT_PREEMPTED)
+                   f"; run the same command to continue (exit {stop.code})")
+            raise SystemExit(stop.code)
         if last:
             break
 
@@ -1028,8 +1047,10 @@ EPILOG = """examples:
   python train.py export runs/95m/ckpt.pt models/mine.pt   # the same as python convert.py ...
 
 A rerun of the same command continues the run in --out (--resume auto). SIGTERM finishes the current
-step, writes a checkpoint and exits with code 75; rerun the same command to continue. Exit codes:
-0 done, 1 unusable input (data, checkpoint), 2 usage, 3 non-finite losses, 75 stopped by SIGTERM.
+step, writes a checkpoint and exits with code 75; Ctrl-C does the same with exit code 130 (a second Ctrl-C
+stops at once); rerun the same command to continue. Exit codes: 0 done, 1 unusable input (data, checkpoint,
+a full disk), 2 usage (flags, a --device this torch lacks, an --out that cannot be written), 3 non-finite losses,
+75 stopped by SIGTERM, 130 stopped by Ctrl-C.
 Flags may be spelled with hyphens too (--max-steps); --data takes paths space- or comma-separated.
 """
 
@@ -1145,30 +1166,81 @@ def print_config(argv=None) -> int:
     return 0
 
 
+def _flag_errors(fn, *a):
+    """fn(*a), with a configuration refusal (SystemExit carrying its message) turned into a usage error: exit 2."""
+    try:
+        return fn(*a)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            raise usage(e.code) from None
+        raise
+
+
+def _interrupted(out: Path) -> str:
+    """What a Ctrl-C that stopped the run at once leaves: the newest checkpoint in out, if any."""
+    kept = checkpoints.checkpoint_candidates(out) if out.is_dir() else []
+    return f"the newest checkpoint is {kept[0]}; run the same command to continue" if kept else "no checkpoint written"
+
+
 def main(argv=None) -> int:
-    """Train as the command line says (see --help); SIGTERM stops it with a checkpoint and exit code 75.
-    `train.py export ...` is `convert.py ...` (the encoder as our .pt or a Hugging Face folder)."""
+    """Train as the command line says (see --help); SIGTERM stops it with a checkpoint and exit code 75, Ctrl-C
+    with exit code 130. `train.py export ...` is `convert.py ...` (the encoder as our .pt or a Hugging Face folder)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
         import convert
         return convert.main(argv[1:], prog="train.py export")
-    if {"--print_config", "--print-config"} & set(argv):
-        return print_config(argv)
-    given = parse_given(argv)
-    tc, model_over = configs_from(given)
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if on_main_thread else None
-    proc, loaders = setup_process(tc), []
     try:
-        return train(tc, model_over, given, proc, loaders)
-    finally:  # every way out: loader workers stopped, the SIGTERM handler restored, the process group left
+        if {"--print_config", "--print-config"} & set(argv):
+            return _flag_errors(print_config, argv)
+        given = parse_given(argv)
+        tc, model_over = _flag_errors(configs_from, given)
+    except KeyboardInterrupt:  # re-raised: the command line exits 130 (see the bottom of this file)
+        print("train.py: interrupted (Ctrl-C) before the run started; nothing written", file=sys.stderr)
+        raise
+    master = int(os.environ.get("RANK", 0)) == 0
+    if tc.device != "auto":  # the one device check every command shares
+        try:
+            audio.pick_device(tc.device)
+        except ValueError as e:
+            raise usage(f"train.py: {e}") from None
+    out = Path(tc.out)
+    problem = audio.output_problem(out, folder=True)
+    if problem:
+        raise usage(f"train.py: --out {out}: {problem}")
+    fresh = not out.exists()  # a start that fails leaves no run folder behind
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if on_main_thread else {}
+    proc, loaders, code = None, [], 1
+    try:
+        proc = setup_process(tc)
+        code = train(tc, model_over, given, proc, loaders)
+        return code
+    except SystemExit as e:
+        code = e.code
+        raise
+    except KeyboardInterrupt:  # before the loop's handler was in place, or a second Ctrl-C during a step
+        if master:
+            print(f"train.py: stopped at once by Ctrl-C; {_interrupted(out)}", file=sys.stderr, flush=True)
+        code = EXIT_INTERRUPTED
+        raise  # the command line exits 130; a caller in Python sees the interrupt
+    except OSError as e:  # a full disk or an I/O error outside the checkpoint writer (which goes on without it)
+        print(f"train.py: {audio.one_line(e)}" + (f": {e.filename}" if getattr(e, "filename", None) and
+                                                  str(e.filename) not in str(e) else ""), file=sys.stderr, flush=True)
+        return 1
+    finally:  # every way out: loader workers stopped, the signal handlers restored, the process group left
         for dl in loaders:
             close_loader(dl)
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-        if proc.ddp and dist.is_initialized():
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if proc is not None and proc.ddp and dist.is_initialized():
             dist.destroy_process_group()
+        if fresh and master and code not in (0, None) and out.is_dir() and not checkpoints.checkpoint_candidates(out):
+            import shutil
+            shutil.rmtree(out, ignore_errors=True)  # made by this failed start and holding no checkpoint
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # main() said what was kept, in one line
+        sys.exit(EXIT_INTERRUPTED)

@@ -234,8 +234,9 @@ def test_print_config_shows_the_official_global_batch(capsys, monkeypatch):
     assert train.main(["--size", "95m", "--print_config", "--total_batch_size", "16", "--batch_size", "4"] + code) == 0
     assert json.loads(capsys.readouterr().out)["accumulation"] == 4  # --total_batch_size still overrides
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(SystemExit, match="not a multiple"):
+    with pytest.raises(SystemExit) as e:  # a usage error: one line, exit 2
         train.main(["--size", "330m", "--print_config"] + code)
+    assert e.value.code == 2 and "not a multiple" in capsys.readouterr().err
 
 
 # -- 6. weight decay: fairseq's Adam (decoupled, AdamW-like) on every parameter

@@ -233,9 +233,9 @@ def test_bad_data_and_export_inputs_are_one_line_errors(music, tmp_path, capsys)
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    for path, problem in ((tmp_path / "gone.pt", "no such file"), (text, ""), (tmp_path / "other.pt", "")):
-        capsys.readouterr()
-        assert train.main(["export", str(path), str(tmp_path / "enc.pt")]) == 1
+    for path, problem, code in ((tmp_path / "gone.pt", "no such file", 2), (text, "", 1), (tmp_path / "other.pt", "", 1)):
+        capsys.readouterr()  # a checkpoint that is not there is a usage error (2), one that is not a checkpoint 1
+        assert train.main(["export", str(path), str(tmp_path / "enc.pt")]) == code
         err = capsys.readouterr().err
         assert err.startswith(f"train.py export: {path}: {problem}") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "enc.pt").exists()
