@@ -151,3 +151,20 @@ def test_probe_frame_task_on_the_25hz_grid(tmp_path):
     assert probe.main([str(tmp_path / "chords.csv"), "--feats", str(feats), "--json", str(tmp_path / "f.json")]
                       + fast) == 0
     assert json.loads((tmp_path / "f.json").read_text())["frame_times"] == r["frame_times"]
+
+
+def test_chunk_dependence_script_takes_mert2(tmp_path, capsys):
+    """research/chunk_dependence.py (docs/mert2.md's chunking table) on a MERT-v2 folder: one row per setting,
+    no --chunk_stats modes, every state of a chunked file off the whole-file pass."""
+    sys.path.insert(0, str(ROOT / "research"))
+    try:
+        import chunk_dependence
+    finally:
+        sys.path.pop(0)
+    sf.write(tmp_path / "s.wav", music(24000 * 4, seed=2), 24000, subtype="FLOAT")
+    chunk_dependence.main([str(tmp_path / "s.wav"), "--ckpt", str(SMALL), "--offset", "0", "--seconds", "4",
+                           "--chunks", "2:0.5"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 / 0.5 s")]
+    assert len(rows) == 1 and rows[0].split("|")[2].strip() == "-"
+    rel = [float(v) for v in rows[0].split("|")[3:-1]]
+    assert len(rel) == 3 and min(rel) > 1e-3
