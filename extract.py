@@ -4,19 +4,24 @@
     python extract.py music/ -o feats/ --layers 4-8 --pool mean   # -> feats/<sub/dirs>/<stem>.npy: [layers, dim]
 
 Any format soundfile reads, any sample rate or channel count (mixed to mono, resampled to 24 kHz).
-A file that fits in one --chunk runs whole, every sample, as transformers' HubertModel runs it. Longer files
-run in chunks overlapping by --overlap, the last one running to the end of the file; each output frame comes
-from the chunk where it lies furthest from an edge, so frames and timestamps are the whole file's: frame t
-covers samples [320 t, 320 t + 400) at 24 kHz. With --chunk_stats file (default) every chunk's GroupNorm after
-conv 0 takes the whole file's statistics, as one forward would; attention sees the chunk only.
+--ckpt picks the model by its checkpoint: a config.json with model_type "mert2" loads MERT-v2 (mert2.py), anything
+else MERT-v1 (mert.py; a fairseq file through convert.py). A file that fits in one --chunk runs whole, every
+sample, as the reference code runs it (default --chunk: 30 s; MERT-v2: the longest input it was trained on, 30 s
+for MERT-v2-30s, 360 s for FullSong). Longer files run in chunks overlapping by --overlap, the last one running to
+the end of the file; each output frame comes from the chunk where it lies furthest from an edge, so frames and
+timestamps are the whole file's: MERT-v1 frame t covers samples [320 t, 320 t + 400) at 24 kHz (75 Hz, centre
+320 t + 200); MERT-v2 frame t is centred on sample 960 t + 360 (25 Hz; it sees the whole input, docs/mert2.md).
+With --chunk_stats file (default, MERT-v1 only) every chunk's GroupNorm after conv 0 takes the whole file's
+statistics, as one forward would; attention sees the chunk only (MERT-v2 has no such statistics: its GRN layers
+and attention see the chunk only).
 
       file  |------------------------------------------------------------------|
       chunk |==========keep======|~~~~|                        overlap ~~, boundary at its middle
       chunk              |~~~~|======keep=======|~~~~|
       chunk                                |~~~~|=========keep====(to the end)=|
 
-song.npy.json beside each output records what made it (model fingerprint, settings, the input's size, time,
-hash): a rerun skips outputs made the same way, recomputes those whose input changed, and refuses (exit 2)
+song.npy.json beside each output records what made it (model fingerprint, settings, frame grid, the input's
+size, time, hash): a rerun skips outputs made the same way, recomputes those whose input changed, and refuses (exit 2)
 to replace outputs made another way unless --overwrite. Arrays are written to song.npy.tmp and renamed after
 their record, so a killed run leaves no partial song.npy. Bad inputs are named on stderr and skipped: exit 1
 when any failed, 2 on usage errors (no input at all included).
@@ -43,7 +48,7 @@ import sys
 import time
 import uuid
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # Ctrl-C (or SIGTERM) only sets a flag that the run checks at safe points: a KeyboardInterrupt raised inside
@@ -68,6 +73,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import audio  # noqa: E402
+import mert2  # noqa: E402
 from mert import MERT, CheckpointError, NeedsConvert  # noqa: E402
 
 # The model extract.py uses when --ckpt is not given: a small model pretrained by this repository's own
@@ -142,13 +148,67 @@ def plan_chunks(n_frames: int, chunk: int, overlap: int) -> list[tuple[int, int,
     return plan
 
 
-def load_model(ckpt) -> MERT:
-    """MERT.from_pretrained; a fairseq checkpoint through convert.py, imported only for one."""
+# config.json model types of MERT-v1 folders: the official remote code's and transformers' HubertModel (ours)
+MERT1_MODEL_TYPES = ("mert_model", "hubert")
+
+
+def load_model(ckpt) -> "MERT | mert2.MERT2":
+    """The model of a checkpoint: MERT-v2 (mert2.py) where its config.json says model_type "mert2", else MERT-v1
+    (MERT.from_pretrained; a fairseq checkpoint through convert.py, imported only for one). A config.json of any
+    other model type is a CheckpointError naming it."""
+    if mert2.is_mert2(ckpt):
+        return mert2.MERT2.from_pretrained(ckpt)
+    kind = _config_model_type(ckpt)
+    if kind is not None and kind not in MERT1_MODEL_TYPES:
+        raise CheckpointError(f"{ckpt}: config.json has model_type {kind!r}, not a MERT model (MERT-v1: "
+                              f"{' or '.join(map(repr, MERT1_MODEL_TYPES))}; MERT-v2: 'mert2')")
     try:
         return MERT.from_pretrained(ckpt)
     except NeedsConvert:
         import convert
         return convert.from_pretrained(ckpt)
+
+
+def _config_model_type(ckpt):
+    """model_type of the config.json of a folder (or beside a weight file), if it has one that says; else None."""
+    try:
+        p = Path(os.path.expanduser(str(ckpt)))
+        cfg = p / "config.json" if p.is_dir() else p.with_name("config.json")
+        kind = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
+    except (OSError, ValueError, AttributeError):  # unreadable: left to the loader, which names the problem
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What extract.py and probe.py need to know of a loaded model beyond its extract(): framing and defaults."""
+    name: str  # "MERT-v1" or "MERT-v2"
+    sample_rate: int
+    hop: int  # input samples per frame
+    field: int  # samples the first frame spans: n frames take (n - 1) * hop + field samples
+    first: float  # centre of frame 0, in samples
+    min_samples: int  # the shortest input the model takes
+    dim: int
+    chunk_s: float  # the default --chunk: longer files run in chunks
+    file_stats: bool  # --chunk_stats applies (MERT-v1's GroupNorm after conv 0)
+
+    @property
+    def grid(self) -> tuple:
+        """(hop, centre of frame 0, sample rate): frame t is centred on (first + hop t) / sample_rate seconds."""
+        return self.hop, self.first, self.sample_rate
+
+
+def model_info(model) -> ModelInfo:
+    """ModelInfo of a MERT (MERT-v1) or mert2.MERT2 model."""
+    c = model.config
+    if isinstance(model, mert2.MERT2):
+        # frame t pools mel frames 4t..4t+3, centred on samples 240 (4t .. 4t + 3): 960 t + 360 (mert2.FRAME_GRID);
+        # the MERT-v2 release was trained on inputs up to context_seconds long, which run whole by default
+        return ModelInfo("MERT-v2", c.sampling_rate, c.hop, c.hop, 1.5 * c.hop_length, c.min_samples, c.hidden_size,
+                         float(c.context_seconds), False)
+    return ModelInfo("MERT-v1", c.sample_rate, c.hop, c.receptive_field, c.receptive_field / 2, c.receptive_field,
+                     c.dim, 30.0, True)
 
 
 def model_fingerprint(model: MERT) -> str:
@@ -534,8 +594,9 @@ def check_stop():
 class DecodeSet(torch.utils.data.Dataset):
     """Item k: (k, float32 mono samples at `sr` as a tensor or None, error message or "", warnings)."""
 
-    def __init__(self, files: list[Path], sr: int, min_len: int, normalize: bool, slots=None):
+    def __init__(self, files: list[Path], sr: int, min_len: int, normalize: bool, slots=None, name: str = "the model"):
         self.files, self.sr, self.min_len, self.normalize, self.slots = files, sr, min_len, normalize, slots
+        self.name = name  # the model, in the too-short message
 
     def __len__(self):
         return len(self.files)
@@ -551,7 +612,7 @@ class DecodeSet(torch.utils.data.Dataset):
                 x = audio.load(src, sr=self.sr)
                 if len(x) < self.min_len:
                     raise audio.AudioError(f"{src}: too short ({len(x)} samples at {self.sr} Hz; "
-                                           f"one frame needs {self.min_len})")
+                                           f"{self.name} needs at least {self.min_len})")
             except audio.AudioError as e:
                 x, msg = None, str(e)
             else:
@@ -679,7 +740,7 @@ def _size(path: Path) -> int:
 
 
 def extract_files(model: MERT, jobs: list[tuple[Path, Path]], layers: list[int], pool: str = "none",
-                  chunk_s: float = 30.0, overlap_s: float = 5.0, batch: int = 1, overwrite: bool = False,
+                  chunk_s: float | None = None, overlap_s: float = 5.0, batch: int = 1, overwrite: bool = False,
                   progress: bool = True, normalize: bool = False, chunk_stats: str = "file",
                   model_id: str | None = None, ckpt_name: str | None = None, workers: int = 0, sink=None,
                   stats: dict | None = None, agree=None) -> tuple[int, int, list[str]]:
@@ -690,19 +751,23 @@ def extract_files(model: MERT, jobs: list[tuple[Path, Path]], layers: list[int],
     any work unless `overwrite`. `model_id` names the model in the records (default: model_fingerprint).
     `workers` > 0 decodes in that many DataLoader processes; `sink` takes the arrays (NpySink() by default,
     or a ShardSink); `stats`, a dict, receives "seconds" of audio written; `agree` maps this process's list
-    of conflicts to every rank's (torchrun). Raises Interrupted at Ctrl-C or SIGTERM, outputs complete."""
-    cfg = model.config
-    hop, rf, sr = cfg.hop, cfg.receptive_field, cfg.sample_rate
+    of conflicts to every rank's (torchrun). Raises Interrupted at Ctrl-C or SIGTERM, outputs complete.
+    `chunk_s` None: the model's default (model_info); `chunk_stats` is recorded as None for MERT-v2 (no GroupNorm)."""
+    info = model_info(model)
+    hop, rf, sr = info.hop, info.field, info.sample_rate
     device = next(model.parameters()).device
     sink = sink or NpySink()
+    chunk_s = info.chunk_s if chunk_s is None else chunk_s
     chunk = int(round(chunk_s * sr / hop))
     overlap = int(round(overlap_s * sr / hop))
-    if chunk_s and chunk < 1:
-        raise ValueError(f"--chunk {chunk_s}: shorter than one frame ({hop / sr * 1000:.1f} ms)")
+    if chunk_s and (chunk < 1 or (chunk - 1) * hop + rf < info.min_samples):
+        raise ValueError(f"--chunk {chunk_s}: shorter than the {info.name} model's shortest input "
+                         f"({max(hop, info.min_samples) / sr * 1000:.1f} ms)")
     if chunk and overlap >= chunk:
         raise ValueError("--overlap must be shorter than --chunk")
     if chunk_stats not in ("file", "chunk"):
         raise ValueError(f"chunk_stats must be 'file' or 'chunk', not {chunk_stats!r}")
+    chunk_stats = chunk_stats if info.file_stats else None
     settings = {"version": EXTRACT_VERSION, "model": model_id or model_fingerprint(model), "layers": list(layers),
                 "pool": pool, "chunk": float(chunk_s), "overlap": float(overlap_s), "chunk_stats": chunk_stats,
                 "normalize": bool(normalize), "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
@@ -742,7 +807,7 @@ def extract_files(model: MERT, jobs: list[tuple[Path, Path]], layers: list[int],
 
     # longest first: neighbours have similar lengths, so batches waste little on padding
     order = sorted(range(len(todo)), key=lambda k: (-_size(todo[k][0]), k))
-    ds = DecodeSet([s for s, _ in todo], sr, rf, normalize)
+    ds = DecodeSet([s for s, _ in todo], sr, info.min_samples, normalize, name=info.name)
     window = 1 if batch == 1 else 4 * batch  # segments waiting, sorted by length before each batch
     pending = []  # (writer, wav segment, keep_lo, keep_hi, start, file stats or None) waiting for a batch
     remaining = {}  # writer -> chunks not yet written
@@ -773,7 +838,8 @@ def extract_files(model: MERT, jobs: list[tuple[Path, Path]], layers: list[int],
             if any(p[5] is not None for p in now):  # rows that run whole take their own statistics
                 own = [p[5] if p[5] is not None else model.norm_stats(wav[i, :lens[i]]) for i, p in enumerate(now)]
                 norm = tuple(torch.cat([s[j] for s in own]) for j in (0, 1))
-            feats = model.extract(wav, lengths=lens if len(set(lens)) > 1 else None, layers=layers, norm_stats=norm)
+            feats = model.extract(wav, lengths=lens if len(set(lens)) > 1 else None, layers=layers,
+                                  **({"norm_stats": norm} if norm is not None else {}))  # MERT-v1's only
             feats = feats.float().cpu().numpy()  # (layers, B, T, dim)
         except RuntimeError as e:  # out of memory and the like: fail these files, keep going
             for w, *_ in now:
@@ -811,8 +877,9 @@ def extract_files(model: MERT, jobs: list[tuple[Path, Path]], layers: list[int],
                 bar.update(1)
                 continue
             n_frames = int(model.num_frames(len(x)))
-            shape = (len(layers), n_frames, cfg.dim)
-            record = {**settings, "ckpt": ckpt_name, "source": _source_stamp(src), "shape": list(shape),
+            shape = (len(layers), n_frames, info.dim)
+            record = {**settings, "ckpt": ckpt_name, "arch": info.name, "frame_grid": list(info.grid),
+                      "source": _source_stamp(src), "shape": list(shape),
                       "frames": n_frames, "device": str(device), "torch": torch.__version__,
                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
             try:
@@ -862,7 +929,8 @@ def add_flag(p: argparse.ArgumentParser, name: str, **kw):
 def build_parser() -> argparse.ArgumentParser:
     """The command line's flags."""
     p = argparse.ArgumentParser(
-        description="Extract MERT features (all hidden states, 75 frames/s) from audio files or folders.",
+        description="Extract MERT features (all hidden states; MERT-v1 75 frames/s, MERT-v2 25 frames/s) from audio "
+                    "files or folders.",
         epilog="examples:\n"
                "  python extract.py song.wav                 # song.npy beside it, the shipped model\n"
                "  python extract.py music/ -o feats/ --ckpt m-a-p/MERT-v1-95M --layers 4-8 --pool mean\n"
@@ -870,22 +938,25 @@ def build_parser() -> argparse.ArgumentParser:
                "--chunk 30 --overlap 0 --chunk_stats chunk   # near MARBLE's MERT-v1-95M setup\n"
                "  torchrun --nproc_per_node 8 extract.py music/ -o feats/ --batch 8   # 8 GPUs, a balanced share each\n"
                "  python extract.py music/ -o feats/ --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT\n"
+               "  python extract.py song.wav --ckpt m-a-p/MERT-v2-30s --layers all   # MERT-v2: 25 states, 25 Hz\n"
                "flags with an underscore also take hyphens (--chunk-stats).",
         formatter_class=argparse.RawDescriptionHelpFormatter)  # keep the epilog's lines
     p.add_argument("inputs", nargs="+", help="audio files and/or folders (searched recursively)")
     p.add_argument("-o", "--out", default=None, help="output folder (default: beside each input)")
     add_flag(p, "--ckpt", default=None,
-             help="model: HF folder, hub id in the local HF cache, fairseq .pt or ours (default: the shipped model)")
+             help="model: HF folder (MERT-v1 or MERT-v2), hub id in the local HF cache, fairseq .pt or ours "
+                  "(default: the shipped model)")
     add_flag(p, "--layers", default="all",
              help="hidden states to keep: all, N, A-B, or a comma list; 0 = input of layer 1 (default: all)")
     add_flag(p, "--pool", default="none", choices=["none", "mean", "meanstd"],
              help="pool over time: none -> [layers, frames, dim]; mean -> [layers, dim]; "
                   "meanstd -> [layers, 2*dim] (default: none)")
-    add_flag(p, "--chunk", type=float, default=30.0,
-             help="seconds per chunk for long files; 0: every file whole (default: 30)")
+    add_flag(p, "--chunk", type=float, default=None,
+             help="seconds per chunk for long files; 0: every file whole (default: 30; MERT-v2: its training "
+                  "length, 30 for MERT-v2-30s, 360 for FullSong)")
     add_flag(p, "--overlap", type=float, default=5.0, help="seconds of overlap between chunks (default: 5)")
-    add_flag(p, "--chunk_stats", default="file", choices=["file", "chunk"],
-             help="statistics of the GroupNorm after conv 0 in a chunked file: the whole file's, as one "
+    add_flag(p, "--chunk_stats", default=None, choices=["file", "chunk"],
+             help="MERT-v1: statistics of the GroupNorm after conv 0 in a chunked file: the whole file's, as one "
                   "forward takes them, or each chunk's own, as separate clips (MARBLE) (default: file)")
     add_flag(p, "--normalize", action="store_true",
              help="scale each file to zero mean and unit variance first, as MARBLE's MERT-v1-95M configs do "
@@ -1020,7 +1091,7 @@ def _run(args, held: list) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     master = rank == 0
     err = lambda msg: print(f"extract.py: {msg}", file=sys.stderr) if master else None  # noqa: E731
-    if args.batch < 1 or not 0 <= args.chunk < math.inf or not 0 <= args.overlap < math.inf:
+    if args.batch < 1 or not 0 <= (args.chunk or 0) < math.inf or not 0 <= args.overlap < math.inf:
         err("--batch must be >= 1 and --chunk/--overlap finite and >= 0")
         return 2
     if args.workers is not None and args.workers < 0:
@@ -1089,6 +1160,10 @@ def _run(args, held: list) -> int:
         model_id = model_fingerprint(model)  # before the cast: the weights as the checkpoint holds them
         model = model.to(device=device, dtype=dtype)
         layers = parse_layers(args.layers, model.num_states)
+        info = model_info(model)
+        if args.chunk_stats and not info.file_stats:
+            print(f"note: --chunk_stats ignored: {info.name} has no GroupNorm statistics to share across chunks",
+                  file=sys.stderr)
     except (audio.AudioError, CheckpointError, ValueError, RuntimeError) as e:
         err(audio.one_line(e))
         return 2
@@ -1104,7 +1179,7 @@ def _run(args, held: list) -> int:
     try:
         n_done, skipped, failed = extract_files(
             model, [jobs[i] for i in mine], layers, args.pool, args.chunk, args.overlap, args.batch,
-            args.overwrite, progress=local_rank == 0, normalize=args.normalize, chunk_stats=args.chunk_stats,
+            args.overwrite, progress=local_rank == 0, normalize=args.normalize, chunk_stats=args.chunk_stats or "file",
             model_id=model_id, ckpt_name=str(ckpt), workers=workers, sink=sink, stats=stats,
             agree=lambda c: [x for r in gather(c) for x in r])
     except ValueError as e:

@@ -7,6 +7,7 @@ softmax-weighted combination of all layers. Clip tasks probe the mean over time,
     python probe.py labels.csv --features cqt         # hand-made baseline: mean and std of the log CQT
     python probe.py labels.csv --features random      # the same architecture at random initialisation
     python probe.py chords.csv --task chords          # over time: chords, beats, notes, segments
+    python probe.py chords.csv --task chords --ckpt m-a-p/MERT-v2-FullSong   # MERT-v2: frames at 25 Hz
 
 labels.csv has the columns path,label[,split] (a header row is optional). Paths are relative to the CSV's folder.
   classify: one label per clip              -> accuracy
@@ -217,9 +218,22 @@ def _load_model(ckpt) -> "extract.MERT":
         raise ProbeError(str(e))
 
 
-# Frame grid (hop, centre of frame 0, sample rate) of extract.py's features for every MERT conv stack (hop 320,
-# receptive field 400 at 24 kHz); features read with --feats are taken to follow it.
+# Frame grid (hop, centre of frame 0, sample rate) of extract.py's features for every MERT-v1 conv stack (hop 320,
+# receptive field 400 at 24 kHz); features read with --feats follow the grid their records name, else this one.
 MERT_GRID = (HOP, teachers.MODEL_FIELD / 2, SAMPLE_RATE)
+
+
+def _feats_grid(paths) -> tuple:
+    """The frame grid extract.py recorded beside the first of these feature files that has a record (MERT-v2's
+    is 25 Hz), else MERT_GRID."""
+    for p in paths:
+        try:
+            g = json.loads(extract.record_path(p).read_text()).get("frame_grid")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(g, list) and len(g) == 3 and all(isinstance(v, (int, float)) and v >= 0 for v in g) and g[0] > 0:
+            return tuple(g)
+    return MERT_GRID
 
 
 def _layer_spec(args) -> str:
@@ -234,6 +248,7 @@ def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[
     grid, keep = MERT_GRID, None
     if args.feats:
         root, name = Path(args.feats), f"features in {args.feats}"
+        grid = _feats_grid(_cache_path(root, csv_dir, src) for src, _ in items)
     else:
         if args.features in ("cqt", "mfcc"):
             key, grid = args.features, (HOP, 0.0, SAMPLE_RATE)  # CQT and MFCC frames are centred on 320 t
@@ -244,7 +259,7 @@ def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[
             if frames or args.features == "random":  # (clip tasks over cached features never load the model)
                 loaded = _load_model(ckpt)
                 cfg = loaded.config
-                grid = (cfg.hop, cfg.receptive_field / 2, cfg.sample_rate)  # frame t centred on (hop t + rf / 2) / sr
+                grid = extract.model_info(loaded).grid  # MERT-v1: frame t centred on (hop t + rf / 2) / sr
             if args.features == "random":  # keyed by architecture and seed: any checkpoint of it gives the same
                 key = f"random|{args.seed}|{json.dumps(asdict(cfg), sort_keys=True)}"
                 name = f"{ckpt}'s architecture at random initialisation (seed {args.seed})"
@@ -253,7 +268,7 @@ def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[
             key += f"|extract v{extract.EXTRACT_VERSION}"  # features of an older extraction convention are stale
             if frames:  # frame features are big: extract and cache only the layers asked for
                 try:
-                    keep = extract.parse_layers(_layer_spec(args), cfg.n_layers + 1)
+                    keep = extract.parse_layers(_layer_spec(args), loaded.num_states)
                 except ValueError as e:
                     raise ProbeError(str(e))
                 key += f"|frames|{keep}"
@@ -288,7 +303,7 @@ def compute_features(items, args, csv_dir: Path, frames: bool = False) -> tuple[
         elif todo:  # the checkpoint is loaded only when some clip still needs its features
             if args.features == "random":
                 torch.manual_seed(args.seed)
-                model = extract.MERT(cfg).eval()
+                model = type(loaded)(cfg).eval()  # MERT-v1 or MERT-v2, as the checkpoint
             else:
                 model = loaded or _load_model(ckpt)  # loaded once, when the frame grid needed its config
             model = model.to(extract.pick_device(args.device))

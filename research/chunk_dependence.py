@@ -2,13 +2,18 @@
 
     python research/chunk_dependence.py music/heldout/*.ogg --seconds 75 --chunks 30:5,20:5,10:2
     python research/chunk_dependence.py music/heldout/*.ogg --ckpt random:95m --seconds 75
+    python research/chunk_dependence.py long.wav --ckpt random:mert2 --blocks 4 --seconds 75 --chunks 30:5,10:2
 
 For each file (cut to --seconds from --offset, so the whole-file forward fits in memory and time), runs
 extract.py's own code path (extract_files, pool none) once with --chunk 0 (the whole excerpt in one forward,
 the reference) and once per chunk:overlap setting and --chunk_stats mode, and prints the relative L2 error
 per hidden state, ||chunked - whole|| / ||whole|| over all frames, and its mean over the files.
---ckpt takes anything extract.py does, or random:<preset> for that preset at random initialisation (seed 0).
+--ckpt takes anything extract.py does (MERT-v1 or MERT-v2), random:<preset> for that MERT-v1 preset at random
+initialisation (seed 0), or random:mert2 for MERT-v2 at the released widths with --blocks Conformer blocks and
+research/mert2_reference.py's seeded weights (random, at trained-like scales, GRN on: a fresh MERT-v2's GRN is the
+identity). MERT-v2 has no --chunk_stats (no GroupNorm): its rows say "-".
 """
+import importlib.util
 import argparse
 import sys
 import tempfile
@@ -21,15 +26,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import audio  # noqa: E402
 import extract  # noqa: E402
+import mert2  # noqa: E402
 from mert import MERT, MERTConfig  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def load_model(spec: str) -> MERT:
-    """A checkpoint as extract.py loads it, or random:<preset> (seed 0, encoder only)."""
+
+def load_model(spec: str, blocks: int = 24):
+    """A checkpoint as extract.py loads it, random:<preset> (seed 0, encoder only) or random:mert2 (seeded)."""
+    if spec == "random:mert2":
+        ref_spec = importlib.util.spec_from_file_location("mert2_reference", ROOT / "research" / "mert2_reference.py")
+        ref = importlib.util.module_from_spec(ref_spec)
+        ref_spec.loader.exec_module(ref)  # its seeded weights only; the reference itself is not imported
+        model = mert2.MERT2(mert2.MERT2Config(num_hidden_layers=blocks))
+        model.load_state_dict(ref.seeded_state({k: v.shape for k, v in model.state_dict().items()}), strict=True)
+        return model.eval()
     if spec.startswith("random:"):
         torch.manual_seed(0)
         return MERT(MERTConfig.from_preset(spec.split(":", 1)[1], n_codebooks=0, cqt_bins=0)).eval()
-    return MERT.from_pretrained(spec)
+    return extract.load_model(spec)
 
 
 def features(model, wav_path: Path, out: Path, chunk: float, overlap: float, stats: str) -> np.ndarray:
@@ -51,11 +66,12 @@ def main(argv=None):
     p.add_argument("--chunks", default="30:5,20:5,10:2", help="chunk:overlap settings, seconds (default: 30:5,20:5,10:2)")
     p.add_argument("--stats", default="chunk,file", help="--chunk_stats modes to measure (default: chunk,file)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    p.add_argument("--blocks", type=int, default=24, help="Conformer blocks of random:mert2 (default: 24)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_model(args.ckpt)
+    model = load_model(args.ckpt, args.blocks)
     settings = [tuple(float(v) for v in s.split(":")) for s in args.chunks.split(",")]
-    modes = args.stats.split(",")
+    modes = args.stats.split(",") if extract.model_info(model).file_stats else ["-"]  # MERT-v2: no statistics
     rows = {}  # (chunk, overlap, mode) -> [per-file rel L2 per layer]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -71,7 +87,7 @@ def main(argv=None):
             print(f"{Path(f).name}: {len(x) / 24000:.1f} s, {whole.shape[1]} frames", flush=True)
             for chunk, overlap in settings:
                 for mode in modes:
-                    got = features(model, wav, tmp / str(i), chunk, overlap, mode)
+                    got = features(model, wav, tmp / str(i), chunk, overlap, "file" if mode == "-" else mode)
                     rel = np.linalg.norm((got - whole).reshape(whole.shape[0], -1), axis=1) / norm
                     rows.setdefault((chunk, overlap, mode), []).append(rel)
                     print(f"  chunk {chunk:g}/{overlap:g} s, stats {mode:5s}: " + " ".join(f"{r:.3f}" for r in rel),

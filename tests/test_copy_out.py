@@ -67,6 +67,16 @@ SMOKE = {
             h = m.extract(torch.randn(1, 24000))
         assert h.shape[:3] == (2, 1, 74), h.shape
         """,
+    "mert2": """
+        import torch
+        cfg = mert2.MERT2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_mel_bins=16, subsampling_channels=(16, 24, 32), subsampling_depths=(1, 1, 1))
+        m = mert2.MERT2(cfg).eval()
+        m.save_pretrained("m2")
+        x = 0.1 * torch.randn(24000)
+        h = mert2.MERT2.from_pretrained("m2").extract(x)
+        assert h.shape == (2, 1, 25, 32) and torch.equal(h, m.extract(x)), h.shape
+        """,
     "audio": """
         import numpy as np, soundfile as sf
         sf.write("a.wav", np.full(4800, 0.25, np.float32), 24000, subtype="FLOAT")
