@@ -38,7 +38,7 @@ import soundfile as sf
 __all__ = ["SAMPLE_RATE", "AudioError", "AudioWarning", "AUDIO_EXTENSIONS", "load", "info", "resample", "find_audio",
            "load_crop", "read_manifest", "CropDataset", "CropContext", "RankBatches", "EpochBatches", "make_loader",
            "worker_init", "prepare", "shard_codes", "describe_codes", "codes_key", "SHARD_FORMAT", "one_line", "write_json",
-           "output_problem", "pick_device"]
+           "output_problem", "pick_device", "limit_blas_threads"]
 
 SAMPLE_RATE = 24_000  # MERT's input rate: the default of every reader and of the shards
 
@@ -1071,7 +1071,7 @@ class _Examples:
         return self.dataset.example(key)
 
 
-def _limit_blas_threads(n: int) -> None:
+def limit_blas_threads(n: int) -> None:
     """Set the BLAS thread count of this process (already-loaded OpenBLAS/MKL), best effort."""
     try:
         from threadpoolctl import threadpool_limits
@@ -1099,7 +1099,7 @@ def worker_init(worker_id: int = 0) -> None:
         os.environ[var] = "1"  # for anything the worker starts; the loaded libraries are set below
     import torch
     torch.set_num_threads(1)
-    _limit_blas_threads(1)
+    limit_blas_threads(1)
 
 
 def make_loader(dataset, batch_size: int, start: int = 0, rank: int = 0, world_size: int = 1,
@@ -1207,7 +1207,7 @@ def shard_codes(sources) -> dict:
 def _prepare_worker_init():
     import signal  # Ctrl-C reaches the whole process group: the parent stops the pool and says so, once
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _limit_blas_threads(1)
+    limit_blas_threads(1)
 
 
 def write_json(path: Path, obj, indent: int | None = None) -> None:

@@ -651,7 +651,7 @@ def _one_blas_thread():
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # for good, then: in this process only the resampler's matmuls use numpy's BLAS
-        audio._limit_blas_threads(1)
+        audio.limit_blas_threads(1)
         yield
         return
     with threadpool_limits(1, user_api="blas"):
@@ -1000,13 +1000,17 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 LOCK_NAME = ".extract.lock"
 
 
-def take_lock(folder: Path, shard: tuple[int, int]) -> list:
+def take_lock(folder: Path, shard: tuple[int, int], made: list | None = None) -> list:
     """Lock an output folder for this run (fcntl.flock, released when the process ends): exclusive for a
     whole run; for --shard I/N shared, plus an exclusive lock of that part, so parts run side by side.
-    Creating the lock file is the writability check. Raises ValueError (one line) if not possible."""
+    Creating the lock file is the writability check. Raises ValueError (one line) if not possible. Folders
+    this call creates are appended to `made`, outermost first."""
     held = []
     try:
+        new = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
         folder.mkdir(parents=True, exist_ok=True)
+        if made is not None:
+            made += new
         names = [(LOCK_NAME, fcntl.LOCK_SH if shard[1] > 1 else fcntl.LOCK_EX)]
         if shard[1] > 1:
             names.append((f".extract.shard-{shard[0]}-of-{shard[1]}.lock", fcntl.LOCK_EX))
@@ -1034,6 +1038,18 @@ def take_lock(folder: Path, shard: tuple[int, int]) -> list:
             f.close()
         raise
     return held
+
+
+def _remove_made(made: list) -> None:
+    """Remove the folders a failed start created (innermost first), with the lock files in them, if they hold
+    nothing else."""
+    for folder in reversed(made):
+        try:
+            for f in folder.glob(".extract*.lock"):
+                f.unlink()
+            folder.rmdir()
+        except OSError:  # something else is there now: keep it
+            pass
 
 
 def _roots(inputs: list[str], out: str | None) -> list[Path]:
@@ -1071,9 +1087,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     dist = torch.distributed
     with _signals():
-        held = []
+        held, made = [], []
+        rc = 2
         try:
-            return _run(args, held)
+            rc = _run(args, held, made)
+            return rc
         except Interrupted:
             print("extract.py: interrupted; every output written is complete, and a rerun finishes the rest",
                   file=sys.stderr)
@@ -1081,11 +1099,13 @@ def main(argv=None) -> int:
         finally:
             for f in held:
                 f.close()
+            if rc == 2:  # a failed start leaves no output folder it made behind (nothing was written into it)
+                _remove_made(made)
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
 
 
-def _run(args, held: list) -> int:
+def _run(args, held: list, made: list) -> int:
     dist = torch.distributed
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -1142,7 +1162,7 @@ def _run(args, held: list) -> int:
     if master:
         try:
             for root in _roots(args.inputs, args.out):
-                held += take_lock(root, shard)
+                held += take_lock(root, shard, made)
             if args.out_format == "shards":
                 ShardSink.clean_folder(Path(args.out), None if shard[1] == 1 else f"{shard[0]:03d}of{shard[1]:03d}")
         except ValueError as e:

@@ -719,7 +719,7 @@ def load_checkpoint(path, map_location="cpu", for_training: bool = False) -> tup
         if (p.parent / "config.json").exists():
             return _load_hf_folder(p.parent, map_location, fill=not for_training)
         raise CheckpointError(f"{p}: a Hugging Face weight file needs its config.json beside it")
-    not_torch = _not_a_torch_file(p)
+    not_torch = not_a_torch_file(p)
     if not_torch:
         raise CheckpointError(f"{p}: {not_torch}")
     try:
@@ -752,7 +752,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: " + (msg.split(". ")[0] if len(msg) > 120 else msg)
 
 
-def _not_a_torch_file(p: Path) -> str | None:
+def not_a_torch_file(p: Path) -> str | None:
     """Why p cannot be a torch.save file, or None if it may be one. torch.save writes a zip archive (torch
     >= 1.6) or, in the legacy format, a pickle, whose first byte is the PROTO opcode 0x80; anything else
     would only fail deep inside the unpickler with a message about opcodes."""

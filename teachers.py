@@ -48,12 +48,12 @@ ACOUSTIC_CONTEXT_SECONDS = 10.0             # audio before a crop an LSTM acoust
 # The run's labelling defaults, one copy: `teachers.py labels` and train.py's TrainConfig both take them.
 LABEL_DEFAULTS = {"teachers": "rvq+cqt", "n_q": 8, "seed": 1337}
 TEACHER_NAMES = ("acoustic", "cqt", "mfcc", "randproj")
-_ALIASES = {"rvq": "acoustic", "encodec": "acoustic", "musical": "cqt", "random": "randproj",
-            "bestrq": "randproj", "best-rq": "randproj"}
+ALIASES = {"rvq": "acoustic", "encodec": "acoustic", "musical": "cqt", "random": "randproj",
+           "bestrq": "randproj", "best-rq": "randproj"}
 
 __all__ = ["SAMPLE_RATE", "HOP", "LABEL_DEFAULTS", "model_frames", "Teacher", "AcousticTeacher", "MusicalTeacher",
            "MFCC", "MFCCKMeansTeacher", "RandomProjectionTeacher", "Teachers", "build_teachers", "fit_mfcc_kmeans",
-           "kmeans_pp", "TEACHER_NAMES", "FileCoder", "file_sha256"]
+           "kmeans_pp", "TEACHER_NAMES", "ALIASES", "FileCoder", "file_sha256"]
 
 
 # ----------------------------------------------------------------------------- common machinery
@@ -601,7 +601,7 @@ def build_teachers(names: list | str = "acoustic,cqt", acoustic_ckpt: str | os.P
     """
     if isinstance(names, str):
         names = [n for n in names.replace(" ", "").split(",") if n]
-    names = [_ALIASES.get(n.lower(), n.lower()) for n in names]
+    names = [ALIASES.get(n.lower(), n.lower()) for n in names]
     for n in names:
         if n not in TEACHER_NAMES:
             raise ValueError(f"unknown teacher {n!r}; choose from {', '.join(TEACHER_NAMES)}")

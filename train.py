@@ -53,7 +53,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import audio
 import checkpoints
 import teachers as teachers_lib
-from mert import (MERT, MERTConfig, PRESETS, CheckpointError, NeedsConvert, _not_a_torch_file, compute_mask_indices,
+from mert import (MERT, MERTConfig, PRESETS, CheckpointError, NeedsConvert, not_a_torch_file, compute_mask_indices,
                   load_checkpoint, load_state_strict)
 
 # -----------------------------------------------------------------------------
@@ -376,22 +376,16 @@ def prepare_batch(batch: dict, context: tuple, device: torch.device) -> tuple:
     return wav, batch["length"].tolist(), ctx
 
 
-def usage_error(msg: str):
-    """A mistake on the command line: one line on stderr, exit 2."""
-    print(f"train.py: {msg}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
 def teacher_names(spec: str) -> list[str]:
     """--teachers "rvq+cqt" -> teachers.py's names ["acoustic", "cqt"]; an unknown or repeated name exits 2."""
     given = [n.strip().lower() for n in spec.replace("+", ",").split(",") if n.strip()]
-    names = [teachers_lib._ALIASES.get(n, n) for n in given]
+    names = [teachers_lib.ALIASES.get(n, n) for n in given]
     for g, n in zip(given, names):
         if n not in teachers_lib.TEACHER_NAMES:
-            usage_error(f"--teachers {spec}: unknown teacher {g!r}; choose from {', '.join(TEACHER_FLAG_NAMES)}, "
+            raise usage(f"train.py: --teachers {spec}: unknown teacher {g!r}; choose from {', '.join(TEACHER_FLAG_NAMES)}, "
                         f"joined by '+' (MERT: rvq+cqt)")
     if not names or len(set(names)) != len(names):
-        usage_error(f"--teachers {spec!r}: name each teacher once, joined by '+' (MERT: rvq+cqt)")
+        raise usage(f"train.py: --teachers {spec!r}: name each teacher once, joined by '+' (MERT: rvq+cqt)")
     return names
 
 
@@ -403,21 +397,21 @@ def check_teachers(tc: TrainConfig) -> None:
     ask for another code teacher. Reading the files fully happens in build_teachers (errors exit 2 there too)."""
     names = teacher_names(tc.teachers)
     if "acoustic" in names and not tc.acoustic_ckpt and tc.size in NEEDS_ACOUSTIC:
-        usage_error(f"--size {tc.size} trains on EnCodec 24 kHz's codes: pass --acoustic_ckpt "
+        raise usage(f"train.py: --size {tc.size} trains on EnCodec 24 kHz's codes: pass --acoustic_ckpt "
                     f"encodec_24khz-d7cc33bc.th (README: where to get it) or an rvq.py checkpoint, or name another "
                     f"code teacher explicitly (--teachers randproj+cqt)")
     if "mfcc" in names and not tc.mfcc_ckpt:
-        usage_error("--teachers mfcc needs --mfcc_ckpt (fit one: python teachers.py fit-mfcc --data DIR --out "
+        raise usage("train.py: --teachers mfcc needs --mfcc_ckpt (fit one: python teachers.py fit-mfcc --data DIR --out "
                     "mfcc_km.pt)")
     for flag, path, used in (("--acoustic_ckpt", tc.acoustic_ckpt, "acoustic" in names),
                              ("--mfcc_ckpt", tc.mfcc_ckpt, "mfcc" in names)):
         if path and used:
             if not Path(path).is_file():
-                usage_error(f"{flag} {path}: " + ("a folder, not a checkpoint file" if Path(path).is_dir()
+                raise usage(f"train.py: {flag} {path}: " + ("a folder, not a checkpoint file" if Path(path).is_dir()
                                                   else "no such file"))
-            why = _not_a_torch_file(Path(path))
+            why = not_a_torch_file(Path(path))
             if why:
-                usage_error(f"{flag} {path}: {why}")
+                raise usage(f"train.py: {flag} {path}: {why}")
 
 
 def _read_teacher_file(flag: str, path: str, read):
@@ -425,7 +419,7 @@ def _read_teacher_file(flag: str, path: str, read):
     try:
         return read(path)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
-        usage_error(f"{flag} {path}: not a usable checkpoint ({audio.one_line(e)})")
+        raise usage(f"train.py: {flag} {path}: not a usable checkpoint ({audio.one_line(e)})")
 
 
 def _read_mfcc(path: str) -> dict:
@@ -449,7 +443,7 @@ def build_teachers(tc: TrainConfig, device, log) -> teachers_lib.Teachers:
         return teachers_lib.build_teachers(names, acoustic_ckpt=acoustic, mfcc_ckpt=mfcc, device=device, seed=tc.seed,
                                            n_q=tc.n_q, cqt_log=tc.cqt_log, log=log).to(device).eval()
     except ValueError as e:  # e.g. --n_q beyond the checkpoint's codebooks, two code teachers
-        usage_error(f"--teachers {tc.teachers} (--n_q {tc.n_q}): {e}")
+        raise usage(f"train.py: --teachers {tc.teachers} (--n_q {tc.n_q}): {e}")
 
 
 def fresh_model_config(tc: TrainConfig, teach, model_over: dict, log) -> tuple[MERTConfig, dict | None]:
@@ -1141,7 +1135,7 @@ def configs_from(given: dict, require_data: bool = True) -> tuple[TrainConfig, d
     if tc.batch_size < 1 or tc.max_steps < 0 or tc.crop_seconds <= 0.02:
         raise SystemExit("train.py: --batch_size must be >= 1, --max_steps >= 0 and --crop_seconds > 0.02")
     if tc.dist_timeout <= 0:
-        usage_error(f"--dist_timeout must be > 0 minutes, not {tc.dist_timeout:g}")
+        raise usage(f"train.py: --dist_timeout must be > 0 minutes, not {tc.dist_timeout:g}")
     check_teachers(tc)
     return tc, model_over
 

@@ -7,6 +7,7 @@ folder with no missing or unexpected keys and gives extract.py's hidden states (
 distinguishable special rows) gives the same first-step loss as the same weights in our own checkpoint.
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -240,17 +241,23 @@ def test_init_from_hf_folder_is_encoder_only_and_resume_wins(known, music, tmp_p
     assert after["model"]["label_embs"].shape == before["label_embs"].shape
 
 
-def test_init_that_does_not_fit_the_teachers_stops_with_one_line(known, music, tmp_path, monkeypatch):  # noqa: F811
+def test_init_that_does_not_fit_the_teachers_stops_with_one_line(known, music, tmp_path, monkeypatch,  # noqa: F811
+                                                                 capsys):
     m, d = known
     fs = fairseq_checkpoint(m, tmp_path / "MERT-fairseq.pt", monkeypatch)
     base = MICRO + ["--data", str(music), "--max_steps", "1", "--batch_size", "2", "--out", str(tmp_path / "x")]
-    with pytest.raises(SystemExit, match=r"does not fit --teachers randproj\+cqt: it has code heads for 8 codebooks "
-                                         r"x 1024 codes, the teachers give 4 x 1024$"):
-        train.main(base + ["--init", str(fs), "--n_q", "4"])
-    with pytest.raises(SystemExit, match=r"a CQT head of 336 bins, the teachers give 0$"):
-        train.main(base + ["--init", str(d / "ours.pt"), "--teachers", "randproj"])
-    with pytest.raises(SystemExit, match=r"--n_layers 3 \(source: 2\) contradicts it"):
-        train.main(base + ["--init", str(fs), "--n_layers", "3"])
+
+    def refused(argv, pattern):  # a usage error: exit 2, the reason as the last line on stderr
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err and re.search(pattern, err[-1]), err
+
+    refused(base + ["--init", str(fs), "--n_q", "4"], r"does not fit --teachers randproj\+cqt: it has code heads for "
+                                                      r"8 codebooks x 1024 codes, the teachers give 4 x 1024$")
+    refused(base + ["--init", str(d / "ours.pt"), "--teachers", "randproj"],
+            r"a CQT head of 336 bins, the teachers give 0$")
+    refused(base + ["--init", str(fs), "--n_layers", "3"], r"--n_layers 3 \(source: 2\) contradicts it")
     assert not (tmp_path / "x" / "ckpt.pt").exists()
 
 
@@ -296,7 +303,7 @@ def test_convert_cli_writes_pt_and_hf_and_reads_fairseq(known, tmp_path, monkeyp
                                                                     "preprocessor_config.json"]
     assert torch.equal(MERT.from_pretrained(tmp_path / "hf").extract(torch.from_numpy(audio.load(clip)))[:, 0], want)
     r = cli(tmp_path / "absent.pt", tmp_path / "x.pt")
-    assert r.returncode == 1 and r.stderr == f"convert.py: {tmp_path / 'absent.pt'}: no such file or folder\n"
+    assert r.returncode == 2 and r.stderr == f"convert.py: {tmp_path / 'absent.pt'}: no such file or folder\n"
     assert not (tmp_path / "x.pt").exists()
     # extract.py reads the fairseq file itself (through convert.py) and gives the known weights' features
     assert extract.main([str(clip), "-o", str(tmp_path / "feats"), "--ckpt", str(fs)]) == 0
