@@ -81,13 +81,7 @@ MICRO = ["--size", "tiny", "--dim", "32", "--n_layers", "2", "--n_heads", "2", "
          "--eval_interval", "1000", "--ckpt_interval", "1000", "--batch_size", "2", "--max_steps", "4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The micro model's ops are too small for two threads; one keeps these runs quick on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

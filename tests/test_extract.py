@@ -27,16 +27,6 @@ def music(n, sr=24000, seed=0):
 
 
 @pytest.fixture(scope="module")
-def micro_ckpt(tmp_path_factory):
-    """A very small model, so that a 10-minute song runs in seconds."""
-    torch.manual_seed(0)
-    m = MERT(MERTConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, conv_dim=(32,) * 7, pos_conv_groups=4)).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "micro.pt"
-    m.save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny model whose hidden state 0 depends only on +-64 frames (LayerNorm extractor, no attention)."""
     torch.manual_seed(0)

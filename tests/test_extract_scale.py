@@ -16,8 +16,8 @@ import soundfile as sf
 import torch
 
 import audio
+from conftest import children
 import extract
-from mert import MERT, MERTConfig
 
 ROOT = Path(extract.__file__).resolve().parent
 
@@ -27,15 +27,6 @@ def music(n, sr=24000, seed=0, channels=1):
     t = np.arange(n) / sr
     x = sum(0.2 / h * np.sin(2 * np.pi * (150 + 20 * seed) * h * t) for h in range(1, 5)) + 0.02 * g.standard_normal(n)
     return np.stack([x, 0.5 * x[::-1]], 1).astype(np.float32) if channels == 2 else x.astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def micro_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    m = MERT(MERTConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, conv_dim=(32,) * 7, pos_conv_groups=4)).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "micro.pt"
-    m.save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -208,19 +199,6 @@ def test_ctrl_c_during_startup_and_mid_folder(micro_ckpt, tmp_path):
         assert not [q for q in (out.iterdir() if out.exists() else []) if q.suffix == ".tmp"]
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(d.name))
-    return kids
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
 def test_torchrun_with_a_killed_rank_then_rerun_equals_one_process_byte_for_byte(micro_ckpt, tmp_path, capsys):
     """torchrun, 2 gloo ranks, --batch 1: one rank SIGKILLed mid-folder; the same command again completes
@@ -239,7 +217,7 @@ def test_torchrun_with_a_killed_rank_then_rerun_equals_one_process_byte_for_byte
     deadline = time.time() + 240
     while not list(out.glob("*.npy")) and p.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    ranks = _children(p.pid)
+    ranks = children(p.pid)
     assert len(ranks) == 2, ranks
     os.kill(ranks[1], signal.SIGKILL)
     log, _ = p.communicate(timeout=240)

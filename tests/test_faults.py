@@ -17,6 +17,7 @@ import soundfile as sf
 import torch
 
 import audio
+from conftest import children
 import checkpoints
 import train
 from test_train import MICRO, ROOT
@@ -25,14 +26,7 @@ from test_train import MICRO, ROOT
 BASE = MICRO + ["--max_steps", "8", "--batch_size", "2", "--ckpt_interval", "2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The micro model's ops are too small for two threads; one keeps these runs quick on a busy machine
-    (every in-process run of this module uses it, so their bits compare)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -364,19 +358,6 @@ def _wait_for(path: Path, p: subprocess.Popen, timeout=240):
         time.sleep(0.005)
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(d.name))
-    return kids
-
-
 @pytest.fixture(scope="module")
 def torchrun_reference(tracks, tmp_path_factory):
     out = tmp_path_factory.mktemp("torchrun_ref") / "run"
@@ -393,7 +374,7 @@ def test_torchrun_restarts_after_a_worker_is_killed(tracks, torchrun_reference, 
     out = tmp_path / "run"
     p = _torchrun(out, tracks, restarts=1)
     _wait_for(out / "ckpt_2.pt", p)
-    workers = [c for c in _children(p.pid)]
+    workers = [c for c in children(p.pid)]
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
     log, _ = p.communicate(timeout=300)
