@@ -1093,8 +1093,14 @@ def limit_blas_threads(n: int) -> None:
                 break
 
 
-def worker_init(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: one thread per worker process (no BLAS/torch oversubscription)."""
+def worker_init(worker_id: int = 0, ignore_signals: bool = False) -> None:
+    """DataLoader worker_init_fn: one thread per worker process (no BLAS/torch oversubscription). ignore_signals: the
+    worker ignores SIGTERM and SIGINT, which Slurm, torchrun and a terminal's Ctrl-C send the whole process group,
+    so that the training process decides when to stop and shuts its workers down itself (close_loader)."""
+    if ignore_signals:
+        import signal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"  # for anything the worker starts; the loaded libraries are set below
     import torch
@@ -1104,8 +1110,8 @@ def worker_init(worker_id: int = 0) -> None:
 
 def make_loader(dataset, batch_size: int, start: int = 0, rank: int = 0, world_size: int = 1,
                 num_workers: int = 0, num_batches: int | None = None, pin_memory: bool = False,
-                sampling: str | None = None):
-    """DataLoader from global position `start` (batches x batch_size).
+                sampling: str | None = None, ignore_signals: bool = False):
+    """DataLoader from global position `start` (batches x batch_size); ignore_signals: see worker_init.
 
     sampling None: RankBatches of ds[i], float32 [batch_size, crop_samples]. "duration" (RankBatches)
     or "epoch" (EpochBatches): batches of CropDataset.example dicts, {"audio": [B, left + L + right],
@@ -1118,8 +1124,17 @@ def make_loader(dataset, batch_size: int, start: int = 0, rank: int = 0, world_s
         else RankBatches(batch_size, rank, world_size, start, num_batches)
     return torch.utils.data.DataLoader(
         dataset if sampling is None else _Examples(dataset), batch_sampler=sampler,
-        num_workers=num_workers, worker_init_fn=worker_init if num_workers > 0 else None,
-        pin_memory=pin_memory, persistent_workers=num_workers > 0)
+        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+        worker_init_fn=functools.partial(worker_init, ignore_signals=ignore_signals) if num_workers > 0 else None)
+
+
+def close_loader(dl) -> None:
+    """Stop a DataLoader's worker processes now (they exit when told). Needed on the way out with an exception
+    (SIGTERM's exit 75, a crash): the traceback keeps the loader alive until interpreter exit, where multiprocessing
+    would SIGTERM workers that ignore it (worker_init's ignore_signals), and wait."""
+    it = getattr(dl, "_iterator", None)  # a persistent-workers DataLoader keeps its iterator here
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1202,6 +1217,33 @@ def shard_codes(sources) -> dict:
                 raise AudioError(f"{s / 'index.json'}: unusable shard index ({one_line(e)})") from None
         out[str(s)] = info
     return out
+
+
+def match_shard_codes(sources, want: dict | None, label: str, note=None) -> bool:
+    """True if every source is a shard folder holding the acoustic codes `want` describes (teacher file and SHA-256,
+    n_q, codebook size, hop: codes_key), False if none holds codes (or want is None: the caller runs no acoustic
+    teacher, and codes found are said through `note`, default stderr). A mix of sources with and without codes, or
+    codes of another teacher, raise ValueError naming the source, both descriptions and `label` (the flag); an
+    unreadable index raises AudioError."""
+    infos = shard_codes(sources)
+    have = {s: i for s, i in infos.items() if i}
+    if not have:
+        return False
+    first = next(iter(have))
+    if want is None:
+        (note or functools.partial(print, file=sys.stderr))(
+            f"{first} holds {describe_codes(have[first])}; not used, as no acoustic teacher runs")
+        return False
+    lacking = [s for s, i in infos.items() if not i]
+    if lacking:
+        raise ValueError(f"{label} mixes shards with acoustic codes ({first}) and sources without ({lacking[0]}); "
+                         f"prepare them all with --codes, or none")
+    for s, info in have.items():
+        if codes_key(info) != codes_key(want):
+            raise ValueError(f"{s} holds {describe_codes(info)}, but {label} asks for {describe_codes(want)}; prepare "
+                             f"the shards again with --codes {want['teacher']['file']} --n_q {want['n_q']}, or run "
+                             f"with the teacher they were made with")
+    return True
 
 
 def _prepare_worker_init():

@@ -18,6 +18,8 @@ Decisions:
   the next one tried (fairseq likewise restores save_dir/checkpoint_last.pt by default).
 - plan_run decides before anything is built, on one process: fresh start, continue, or refuse with
   one line (Refusal). Which config fields a resume may change is the caller's policy, passed in.
+- A stop request (SIGTERM from Slurm, Kubernetes or torchrun; Ctrl-C) lets the step finish and a checkpoint be
+  written, then the run exits EXIT_PREEMPTED (75) or EXIT_INTERRUPTED (130): StopFlag, the caller's signal handler.
 - The log holds each step once: on resume the records past the checkpoint's step are dropped, and
   a torn last line (a kill mid-write) is skipped when read.
 """
@@ -25,6 +27,7 @@ Decisions:
 import json
 import os
 import shutil
+import signal
 import sys
 import uuid
 import zipfile
@@ -50,6 +53,34 @@ class Refusal(Exception):
 def _oneline(e: BaseException) -> str:
     """An exception's message on one line."""
     return " ".join(str(e).split()) or type(e).__name__
+
+
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; run the command again
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports it: the same stop and checkpoint as SIGTERM
+
+
+class StopFlag:
+    """SIGTERM and SIGINT (Ctrl-C) handler: ask the loop to finish its step, write a checkpoint and exit with
+    EXIT_PREEMPTED (SIGTERM) or EXIT_INTERRUPTED (Ctrl-C). A second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+    def __init__(self, prog: str, verbose: bool = True):
+        self.requested, self.pid, self.prog, self.verbose = False, os.getpid(), prog, verbose
+        self.name, self.code = "SIGTERM", EXIT_PREEMPTED
+
+    def __call__(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked loader worker that inherited the handler: nothing to do
+            return
+        if self.requested:
+            if signum == signal.SIGINT:  # the user insists: the caller says what is kept
+                raise KeyboardInterrupt
+            return
+        self.requested = True
+        if signum == signal.SIGINT:
+            self.name, self.code = "Ctrl-C", EXIT_INTERRUPTED
+        if self.verbose:
+            again = "; Ctrl-C again stops at once" if signum == signal.SIGINT else ""
+            print(f"{self.prog}: {self.name}: finishing this step, then a checkpoint and exit {self.code}{again}",
+                  file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------

@@ -16,6 +16,8 @@ own HubertModel and AutoModel load without remote code; MERT's fields stand besi
 official remote code reads it too. model.safetensors is written with the standard library, and the folder
 appears whole or not at all (written beside it, then renamed).
 
+--init: `init_from` maps a model in any of these formats onto a new training run (train.py imports this file
+for --init only).
 Kept apart from mert.py so that the model file stays the model: mert.py still reads its own format and the
 official Hugging Face weights alone, and names this file (NeedsConvert) when handed a fairseq one.
 `train.py export` is an alias of this command. Imports mert, torch and the standard library.
@@ -65,6 +67,55 @@ def from_pretrained(path, map_location="cpu", **overrides) -> MERT:
     model = MERT(cfg)
     load_state_strict(model, state, src)
     return model.eval()
+
+
+# The fields that shape an encoder's weights and outputs: train.py --init takes them from its source.
+ARCH_FIELDS = ("dim", "n_layers", "n_heads", "ffn_dim", "pre_ln", "conv_dim", "conv_kernel", "conv_stride", "conv_bias",
+               "extractor_norm", "proj_norm", "pos_conv_kernel", "pos_conv_groups", "norm_eps", "sample_rate")
+
+
+def init_from(path, size: str, heads: dict, given: dict, fits: str = "the teachers") -> tuple[MERTConfig, dict, list]:
+    """train.py --init: (the run's model config, the weights to load, notes for the log) from a model in any format.
+
+    The encoder's shape comes from the source; everything else (dropout, masking, loss weights) from the preset
+    `size` and the model fields `given` on the command line, as for any fresh run. A pretraining head the source has
+    (code heads: label tables and final projection; CQT head) must fit `heads` (the teachers') exactly and is loaded;
+    one it lacks starts fresh. A source that cannot be read, or that a given field or the heads contradict, raises
+    ValueError (CheckpointError) naming it; `fits` names what the heads come from in that message."""
+    src_cfg, state, src = load_checkpoint(path, for_training=True)
+    clash = [f"--{f} {given[f]} (source: {getattr(src_cfg, f)})" for f in ARCH_FIELDS + ("final_dim",)
+             if f in given and given[f] != getattr(src_cfg, f)
+             and (f != "final_dim" or "label_embs" in state)]  # final_dim is the source's only with its code heads
+    if clash:
+        raise ValueError(f"{src} fixes the model's shape; {', '.join(clash)} contradicts it")
+    has_codes, has_cqt = "label_embs" in state, "cqt_head.weight" in state
+    problems = []
+    if has_codes and (src_cfg.n_codebooks, src_cfg.codebook_size) != (heads["n_codebooks"], heads["codebook_size"]):
+        problems.append(f"code heads for {src_cfg.n_codebooks} codebooks x {src_cfg.codebook_size} codes, the teachers "
+                        f"give {heads['n_codebooks']} x {heads['codebook_size']}")
+    if has_cqt and src_cfg.cqt_bins != heads["cqt_bins"]:
+        problems.append(f"a CQT head of {src_cfg.cqt_bins} bins, the teachers give {heads['cqt_bins']}")
+    if problems:
+        raise ValueError(f"{src} does not fit {fits}: it has {'; '.join(problems)}")
+    cfg = MERTConfig.from_preset(size, **{**heads, **given})
+    cfg = replace(cfg, **{f: getattr(src_cfg, f) for f in ARCH_FIELDS},
+                  **({"final_dim": src_cfg.final_dim} if has_codes else {}))
+    loaded, fresh = ["encoder"], []
+    codes = f"code heads ({cfg.n_codebooks} x {cfg.codebook_size} codes, final_dim {cfg.final_dim})"
+    if has_codes or cfg.n_codebooks:
+        (loaded if has_codes else fresh).append(codes)
+    if has_cqt or cfg.cqt_bins:
+        (loaded if has_cqt else fresh).append(f"CQT head ({cfg.cqt_bins} bins)")
+    if "masked_spec_embed" not in state:
+        fresh.append("mask embedding")
+    notes = [f"{src}: loaded {', '.join(loaded)}; fresh (not in the source): {', '.join(fresh) or 'nothing'}; the "
+             f"optimiser, learning-rate schedule and step start anew"]
+    shaped_like = [n for n in mert.PRESETS
+                   if all(getattr(MERTConfig.from_preset(n), f) == getattr(cfg, f) for f in ARCH_FIELDS)]
+    if shaped_like and size not in shaped_like:
+        notes.append(f"the source has --size {shaped_like[0]}'s shape; the training settings follow --size {size} "
+                     f"(pass --size {shaped_like[0]} for its learning rate, dropout and crops)")
+    return cfg, state, notes
 
 
 # -----------------------------------------------------------------------------

@@ -53,7 +53,8 @@ ALIASES = {"rvq": "acoustic", "encodec": "acoustic", "musical": "cqt", "random":
 
 __all__ = ["SAMPLE_RATE", "HOP", "LABEL_DEFAULTS", "model_frames", "Teacher", "AcousticTeacher", "MusicalTeacher",
            "MFCC", "MFCCKMeansTeacher", "RandomProjectionTeacher", "Teachers", "build_teachers", "fit_mfcc_kmeans",
-           "kmeans_pp", "TEACHER_NAMES", "ALIASES", "FileCoder", "file_sha256"]
+           "kmeans_pp", "TEACHER_NAMES", "ALIASES", "FileCoder", "file_sha256", "FLAG_NAMES", "FlagError",
+           "names_from_flag", "check_flags", "from_flags"]
 
 
 # ----------------------------------------------------------------------------- common machinery
@@ -630,6 +631,76 @@ def build_teachers(names: list | str = "acoustic,cqt", acoustic_ckpt: str | os.P
     return Teachers(built).to(device)
 
 
+# ----------------------------------------------------------------------------- the flags train.py and `labels` share
+
+FLAG_NAMES = ("rvq", "randproj", "mfcc", "cqt")  # what --teachers and the docs call them (ALIASES map them)
+FLAG_NAME = {"acoustic": "rvq"}  # a teacher's name here -> the one --teachers uses
+
+
+class FlagError(ValueError):
+    """A teacher flag that names something unusable; the message names the flag (and the file): a usage error."""
+
+
+def names_from_flag(spec: str) -> list[str]:
+    """--teachers "rvq+cqt" -> ["acoustic", "cqt"]; an unknown or repeated name raises FlagError."""
+    given = [n.strip().lower() for n in spec.replace("+", ",").split(",") if n.strip()]
+    names = [ALIASES.get(n, n) for n in given]
+    for g, n in zip(given, names):
+        if n not in TEACHER_NAMES:
+            raise FlagError(f"--teachers {spec}: unknown teacher {g!r}; choose from {', '.join(FLAG_NAMES)}, joined "
+                            f"by '+' (MERT: rvq+cqt)")
+    if not names or len(set(names)) != len(names):
+        raise FlagError(f"--teachers {spec!r}: name each teacher once, joined by '+' (MERT: rvq+cqt)")
+    return names
+
+
+def check_flags(spec: str, acoustic_ckpt=None, mfcc_ckpt=None) -> list[str]:
+    """The teacher flags before any work, cheaply: the names, and that each file a named teacher needs is there.
+    Returns the names; FlagError otherwise. from_flags reads the files."""
+    names = names_from_flag(spec)
+    if "mfcc" in names and not mfcc_ckpt:
+        raise FlagError("--teachers mfcc needs --mfcc_ckpt (fit one: python teachers.py fit-mfcc --data DIR --out "
+                        "mfcc_km.pt)")
+    for flag, path, used in (("--acoustic_ckpt", acoustic_ckpt, "acoustic" in names),
+                             ("--mfcc_ckpt", mfcc_ckpt, "mfcc" in names)):
+        if path and used and not Path(path).is_file():
+            raise FlagError(f"{flag} {path}: " + ("a folder, not a checkpoint file" if Path(path).is_dir()
+                                                  else "no such file"))
+    return names
+
+
+def _read_mfcc(path) -> dict:
+    """An MFCC k-means checkpoint's dict, checked by building the teacher from it (ValueError if it is not one)."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise ValueError(f"holds a {type(obj).__name__}, not an MFCC k-means checkpoint")
+    MFCCKMeansTeacher(obj)
+    return obj
+
+
+def from_flags(spec: str, acoustic_ckpt=None, mfcc_ckpt=None, *, seed: int = LABEL_DEFAULTS["seed"],
+               n_q: int = LABEL_DEFAULTS["n_q"], cqt_log: bool = False, device="cpu", log=None) -> Teachers:
+    """The teachers the flags name (check_flags first), each file read once, frozen in eval mode on `device`. A file
+    that is not the checkpoint its flag wants, or flags that do not fit (--n_q beyond the checkpoint's codebooks,
+    two code teachers), raise FlagError naming them."""
+    names = check_flags(spec, acoustic_ckpt, mfcc_ckpt)
+    files = {}
+    for flag, path, name, read in (("--acoustic_ckpt", acoustic_ckpt, "acoustic", rvq.load),
+                                   ("--mfcc_ckpt", mfcc_ckpt, "mfcc", _read_mfcc)):
+        if path and name in names:
+            try:  # the teacher's own loader, so the file is read as training reads it
+                files[flag] = read(path)
+            except Exception as e:  # whatever torch.load or the loader raised for a file that is not one
+                why = " ".join(str(e).split())[:160]
+                raise FlagError(f"{flag} {path}: not a usable checkpoint "
+                                f"({why if isinstance(e, ValueError) else f'{type(e).__name__}: {why}'})") from None
+    try:
+        return build_teachers(names, acoustic_ckpt=files.get("--acoustic_ckpt"), mfcc_ckpt=files.get("--mfcc_ckpt"),
+                              device=device, seed=seed, n_q=n_q, cqt_log=cqt_log, log=log).eval()
+    except ValueError as e:  # --n_q beyond the checkpoint's codebooks, two code teachers
+        raise FlagError(f"--teachers {spec} (--n_q {n_q}): {e}") from None
+
+
 # ----------------------------------------------------------------------------- command line
 
 def _save_atomic(obj: dict, path: Path) -> None:
@@ -710,8 +781,8 @@ def _labels_command(args) -> int:
         print(f"{args.file}: training crops start on the {HOP}-sample frame grid; start {args.start:g} s -> "
               f"{start // HOP * HOP / SAMPLE_RATE:g} s", file=sys.stderr)
         start = start // HOP * HOP
-    teach = build_teachers(args.teachers.replace("+", ","), acoustic_ckpt=args.acoustic_ckpt,
-                           mfcc_ckpt=args.mfcc_ckpt, seed=args.seed, n_q=args.n_q, cqt_log=args.cqt_log).eval()
+    teach = from_flags(args.teachers, args.acoustic_ckpt, args.mfcc_ckpt, seed=args.seed, n_q=args.n_q,
+                       cqt_log=args.cqt_log)
     context = teach.context(args.context)
     crop = int(round(args.seconds * SAMPLE_RATE))
     try:  # read exactly as train.py's CropDataset does: hop grid, context around the crop
@@ -836,6 +907,9 @@ def main(argv: list | None = None) -> int:
         return 2
     try:
         return _labels_command(args) if args.command == "labels" else _fit_command(args)
+    except FlagError as e:  # a teacher file that is not the checkpoint its flag wants: read before any labelling
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # outputs are written atomically: nothing partial stays
         print(f"{prog}: interrupted (Ctrl-C); nothing written", file=sys.stderr)
         return 130
@@ -845,25 +919,18 @@ def main(argv: list | None = None) -> int:
 
 
 def _flag_problem(args) -> str | None:
-    """A usage problem of the flags that name files and devices (checked before any work), or None."""
+    """A usage problem of the flags that name teachers, files and devices (checked before any work), or None."""
     import audio  # the shared checks; only the command needs them
     if getattr(args, "device", "cpu") != "cpu":
         try:
             audio.pick_device(args.device)
         except ValueError as e:
             return str(e)
-    for flag in ("acoustic_ckpt", "mfcc_ckpt"):
-        path = getattr(args, flag, None)
-        if path is None:
-            continue
-        if not Path(path).is_file():
-            return f"--{flag} {path}: no such file"
-        try:  # the teacher's own loader, so the file is read as training will read it
-            rvq.load(path) if flag == "acoustic_ckpt" else MFCCKMeansTeacher(path)
-        except Exception as e:  # whatever torch.load or the loader raised for a file that is not one
-            why = " ".join(str(e).split())[:160]
-            why = why if isinstance(e, ValueError) else f"{type(e).__name__}: {why}"
-            return f"--{flag} {path}: not a usable checkpoint ({why})"
+    if args.command == "labels":
+        try:
+            check_flags(args.teachers, args.acoustic_ckpt, args.mfcc_ckpt)
+        except FlagError as e:
+            return str(e)
     if args.out:
         problem = audio.output_problem(args.out)
         if problem:

@@ -36,12 +36,11 @@ import functools
 import json
 import math
 import os
-import pickle
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,8 +52,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import audio
 import checkpoints
 import teachers as teachers_lib
-from mert import (MERT, MERTConfig, PRESETS, CheckpointError, NeedsConvert, not_a_torch_file, compute_mask_indices,
-                  load_checkpoint, load_state_strict)
+from mert import MERT, MERTConfig, PRESETS, CheckpointError, not_a_torch_file, compute_mask_indices, load_state_strict
 
 # -----------------------------------------------------------------------------
 # configs
@@ -201,14 +199,8 @@ TRAIN_PRESETS = {
                  total_batch_size=3584, out="runs/330m"),
 }
 HEAD_FIELDS = ("n_codebooks", "codebook_size", "cqt_bins")  # MERTConfig fields the teachers set
-# The fields that shape an encoder's weights and outputs: --init takes them from its source.
-ARCH_FIELDS = ("dim", "n_layers", "n_heads", "ffn_dim", "pre_ln", "conv_dim", "conv_kernel", "conv_stride", "conv_bias",
-               "extractor_norm", "proj_norm", "pos_conv_kernel", "pos_conv_groups", "norm_eps", "sample_rate")
-TEACHER_FLAG_NAMES = ("rvq", "randproj", "mfcc", "cqt")  # --teachers' names (teachers.py's aliases work too)
-FLAG_NAME = {"acoustic": "rvq"}  # teachers.py's name -> the one --teachers and the docs use
 NEEDS_ACOUSTIC = ("95m", "330m")  # sizes that refuse to run without EnCodec's (or an rvq.py) codes: check_teachers
-EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; run the command again
-EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports it: the same stop and checkpoint as SIGTERM
+EXIT_PREEMPTED, EXIT_INTERRUPTED = checkpoints.EXIT_PREEMPTED, checkpoints.EXIT_INTERRUPTED  # 75 and 130
 
 
 def usage(msg: str) -> SystemExit:
@@ -376,131 +368,48 @@ def prepare_batch(batch: dict, context: tuple, device: torch.device) -> tuple:
     return wav, batch["length"].tolist(), ctx
 
 
-def teacher_names(spec: str) -> list[str]:
-    """--teachers "rvq+cqt" -> teachers.py's names ["acoustic", "cqt"]; an unknown or repeated name exits 2."""
-    given = [n.strip().lower() for n in spec.replace("+", ",").split(",") if n.strip()]
-    names = [teachers_lib.ALIASES.get(n, n) for n in given]
-    for g, n in zip(given, names):
-        if n not in teachers_lib.TEACHER_NAMES:
-            raise usage(f"train.py: --teachers {spec}: unknown teacher {g!r}; choose from {', '.join(TEACHER_FLAG_NAMES)}, "
-                        f"joined by '+' (MERT: rvq+cqt)")
-    if not names or len(set(names)) != len(names):
-        raise usage(f"train.py: --teachers {spec!r}: name each teacher once, joined by '+' (MERT: rvq+cqt)")
-    return names
-
-
 def check_teachers(tc: TrainConfig) -> None:
-    """The teacher flags before anything is built: names, the files they need, and no silent stand-in for EnCodec.
+    """The teacher flags before anything is built (teachers.check_flags), and no silent stand-in for EnCodec.
 
     95m and 330m reproduce MERT, whose code targets are EnCodec 24 kHz's: without --acoustic_ckpt they refuse
     rather than train a cluster on random-projection codes; naming randproj or mfcc in --teachers is the way to
-    ask for another code teacher. Reading the files fully happens in build_teachers (errors exit 2 there too)."""
-    names = teacher_names(tc.teachers)
+    ask for another code teacher. The files are read in build_teachers (errors exit 2 there too)."""
+    try:
+        names = teachers_lib.check_flags(tc.teachers, tc.acoustic_ckpt, tc.mfcc_ckpt)
+    except teachers_lib.FlagError as e:
+        raise usage(f"train.py: {e}") from None
     if "acoustic" in names and not tc.acoustic_ckpt and tc.size in NEEDS_ACOUSTIC:
         raise usage(f"train.py: --size {tc.size} trains on EnCodec 24 kHz's codes: pass --acoustic_ckpt "
                     f"encodec_24khz-d7cc33bc.th (README: where to get it) or an rvq.py checkpoint, or name another "
                     f"code teacher explicitly (--teachers randproj+cqt)")
-    if "mfcc" in names and not tc.mfcc_ckpt:
-        raise usage("train.py: --teachers mfcc needs --mfcc_ckpt (fit one: python teachers.py fit-mfcc --data DIR --out "
-                    "mfcc_km.pt)")
     for flag, path, used in (("--acoustic_ckpt", tc.acoustic_ckpt, "acoustic" in names),
                              ("--mfcc_ckpt", tc.mfcc_ckpt, "mfcc" in names)):
-        if path and used:
-            if not Path(path).is_file():
-                raise usage(f"train.py: {flag} {path}: " + ("a folder, not a checkpoint file" if Path(path).is_dir()
-                                                  else "no such file"))
-            why = not_a_torch_file(Path(path))
-            if why:
-                raise usage(f"train.py: {flag} {path}: {why}")
-
-
-def _read_teacher_file(flag: str, path: str, read):
-    """read(path), or exit 2 naming the flag and the file when it is not the checkpoint it should be."""
-    try:
-        return read(path)
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
-        raise usage(f"train.py: {flag} {path}: not a usable checkpoint ({audio.one_line(e)})")
-
-
-def _read_mfcc(path: str) -> dict:
-    """An MFCC k-means checkpoint's dict, checked by building the teacher from it (ValueError if it is not one)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict):
-        raise ValueError(f"holds a {type(obj).__name__}, not an MFCC k-means checkpoint")
-    teachers_lib.MFCCKMeansTeacher(obj)
-    return obj
+        why = path and used and not_a_torch_file(Path(path))  # a text file: say so, not the unpickler's opcodes
+        if why:
+            raise usage(f"train.py: {flag} {path}: {why}")
 
 
 def build_teachers(tc: TrainConfig, device, log) -> teachers_lib.Teachers:
     """The run's teachers, frozen, on `device`; a checkpoint that does not load exits 2 naming its flag."""
-    names = teacher_names(tc.teachers)
-    acoustic = mfcc = None
-    if "acoustic" in names and tc.acoustic_ckpt:
-        acoustic = _read_teacher_file("--acoustic_ckpt", tc.acoustic_ckpt, teachers_lib.rvq.load)
-    if "mfcc" in names and tc.mfcc_ckpt:
-        mfcc = _read_teacher_file("--mfcc_ckpt", tc.mfcc_ckpt, _read_mfcc)
     try:
-        return teachers_lib.build_teachers(names, acoustic_ckpt=acoustic, mfcc_ckpt=mfcc, device=device, seed=tc.seed,
-                                           n_q=tc.n_q, cqt_log=tc.cqt_log, log=log).to(device).eval()
-    except ValueError as e:  # e.g. --n_q beyond the checkpoint's codebooks, two code teachers
-        raise usage(f"train.py: --teachers {tc.teachers} (--n_q {tc.n_q}): {e}")
+        return teachers_lib.from_flags(tc.teachers, tc.acoustic_ckpt, tc.mfcc_ckpt, seed=tc.seed, n_q=tc.n_q,
+                                       cqt_log=tc.cqt_log, device=device, log=log)
+    except teachers_lib.FlagError as e:
+        raise usage(f"train.py: {e}") from None
 
 
 def fresh_model_config(tc: TrainConfig, teach, model_over: dict, log) -> tuple[MERTConfig, dict | None]:
     """A new run's model config (heads sized by the teachers) and, with --init, the weights to start from."""
     heads = dict(n_codebooks=teach.n_codebooks, codebook_size=teach.codebook_size, cqt_bins=teach.cqt_bins)
-    if tc.init:  # the source fixes the model's shape
-        return init_from(tc.init, tc.size, heads, model_over, tc.teachers, log)
-    return MERTConfig.from_preset(tc.size, **{**heads, **model_over}), None
-
-
-def init_from(path: str, size: str, heads: dict, model_over: dict, teachers: str, log) -> tuple[MERTConfig, dict]:
-    """--init: (the run's model config, the initial weights to load) from an existing model.
-
-    The encoder's shape comes from the source; everything else (dropout, masking, loss weights) from --size and
-    the command line, as for any fresh run. A pretraining head the source has (code heads: label tables and
-    final projection; CQT head) must fit the teachers exactly and is loaded; one it lacks starts fresh.
-    """
+    if not tc.init:
+        return MERTConfig.from_preset(tc.size, **{**heads, **model_over}), None
+    import convert  # reads every format and maps the source onto the run: --init only
     try:
-        try:
-            src_cfg, state, src = load_checkpoint(path, for_training=True)
-        except NeedsConvert:  # a fairseq file: convert.py reads it, imported only then
-            import convert
-            src_cfg, state, src = convert.load_checkpoint(path, for_training=True)
+        cfg, state, notes = convert.init_from(tc.init, tc.size, heads, model_over, fits=f"--teachers {tc.teachers}")
     except (CheckpointError, ValueError) as e:
         raise usage(f"train.py: --init {e}") from None
-    clash = [f"--{f} {model_over[f]} (source: {getattr(src_cfg, f)})" for f in ARCH_FIELDS + ("final_dim",)
-             if f in model_over and model_over[f] != getattr(src_cfg, f)
-             and (f != "final_dim" or "label_embs" in state)]  # final_dim is the source's only with its code heads
-    if clash:
-        raise usage(f"train.py: --init {src} fixes the model's shape; {', '.join(clash)} contradicts it")
-    has_codes, has_cqt = "label_embs" in state, "cqt_head.weight" in state
-    problems = []
-    if has_codes and (src_cfg.n_codebooks, src_cfg.codebook_size) != (heads["n_codebooks"], heads["codebook_size"]):
-        problems.append(f"code heads for {src_cfg.n_codebooks} codebooks x {src_cfg.codebook_size} codes, the teachers "
-                        f"give {heads['n_codebooks']} x {heads['codebook_size']}")
-    if has_cqt and src_cfg.cqt_bins != heads["cqt_bins"]:
-        problems.append(f"a CQT head of {src_cfg.cqt_bins} bins, the teachers give {heads['cqt_bins']}")
-    if problems:
-        raise usage(f"train.py: --init {src} does not fit --teachers {teachers}: it has {'; '.join(problems)}")
-    cfg = MERTConfig.from_preset(size, **{**heads, **model_over})
-    cfg = replace(cfg, **{f: getattr(src_cfg, f) for f in ARCH_FIELDS},
-                  **({"final_dim": src_cfg.final_dim} if has_codes else {}))
-    loaded, fresh = ["encoder"], []
-    codes = f"code heads ({cfg.n_codebooks} x {cfg.codebook_size} codes, final_dim {cfg.final_dim})"
-    if has_codes or cfg.n_codebooks:
-        (loaded if has_codes else fresh).append(codes)
-    if has_cqt or cfg.cqt_bins:
-        (loaded if has_cqt else fresh).append(f"CQT head ({cfg.cqt_bins} bins)")
-    if "masked_spec_embed" not in state:
-        fresh.append("mask embedding")
-    log(f"init: {src}: loaded {', '.join(loaded)}; fresh (not in the source): {', '.join(fresh) or 'nothing'}; "
-        f"the optimiser, learning-rate schedule and step start anew")
-    shaped_like = [n for n in PRESETS
-                   if all(getattr(MERTConfig.from_preset(n), f) == getattr(cfg, f) for f in ARCH_FIELDS)]
-    if shaped_like and size not in shaped_like:
-        log(f"init: the source has --size {shaped_like[0]}'s shape; the training settings follow --size {size} "
-            f"(pass --size {shaped_like[0]} for its learning rate, dropout and crops)")
+    for note in notes:
+        log(f"init: {note}")
     return cfg, state
 
 
@@ -626,39 +535,22 @@ def plan_run(tc: TrainConfig, model_over: dict, given: dict) -> dict:
 
 
 def codes_from_shards(tc: TrainConfig, teach, sources: str, flag: str, proc: Proc) -> bool:
-    """True if the crops of `sources` (--data or --val_data) read their acoustic codes from the shards
-    (`audio.py prepare --codes`) instead of the acoustic teacher: when the run's code teacher is the acoustic one
-    and every source holds its codes. Shards whose codes come from another teacher checkpoint (SHA-256), n_q or
-    codebook size, or a mix of sources with and without codes, are refused: one line naming both, exit 2."""
-    def refuse(msg):
-        if proc.master:
-            print(f"train.py: {msg}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
-
+    """True if the crops of `sources` (--data or --val_data) read their acoustic codes from the shards (`audio.py
+    prepare --codes`) instead of the run's acoustic teacher (audio.match_shard_codes): shards of another teacher
+    checkpoint, n_q or codebook size, or a mix with and without codes, are refused in one line, exit 2."""
+    want = None
+    if isinstance(teach.code_teacher, teachers_lib.AcousticTeacher):
+        want = {"teacher": {"file": Path(tc.acoustic_ckpt).name, "sha256": teachers_lib.file_sha256(tc.acoustic_ckpt)},
+                "n_q": tc.n_q, "codebook_size": teach.codebook_size, "hop": teachers_lib.HOP}
     try:
-        infos = audio.shard_codes(sources.split(","))
-    except audio.AudioError as e:
+        return audio.match_shard_codes(sources.split(","), want, f"--{flag} (--acoustic_ckpt {tc.acoustic_ckpt}, "
+                                       f"--n_q {tc.n_q})", note=lambda m: proc.master and print(f"train.py: {m}"))
+    except audio.AudioError as e:  # an unreadable shard index
         raise SystemExit(f"train.py: {e}") from None
-    have = {s: i for s, i in infos.items() if i}
-    if not have:
-        return False
-    if not isinstance(teach.code_teacher, teachers_lib.AcousticTeacher):
+    except ValueError as e:  # the flags ask for other codes than the shards hold
         if proc.master:
-            print(f"train.py: {next(iter(have))} holds {audio.describe_codes(next(iter(have.values())))}; this run's "
-                  f"code teacher is not --acoustic_ckpt, so they are not used", flush=True)
-        return False
-    lacking = [s for s, i in infos.items() if not i]
-    if lacking:
-        refuse(f"--{flag} mixes shards with acoustic codes ({next(iter(have))}) and sources without ({lacking[0]}); "
-               f"prepare them all with --codes {tc.acoustic_ckpt}, or none")
-    want = {"teacher": {"file": Path(tc.acoustic_ckpt).name, "sha256": teachers_lib.file_sha256(tc.acoustic_ckpt)},
-            "n_q": tc.n_q, "codebook_size": teach.codebook_size, "hop": teachers_lib.HOP}
-    for s, info in have.items():
-        if audio.codes_key(info) != audio.codes_key(want):
-            refuse(f"{s} holds {audio.describe_codes(info)}, but this run asks for {audio.describe_codes(want)} "
-                   f"(--acoustic_ckpt {tc.acoustic_ckpt}, --n_q {tc.n_q}); prepare the shards again with --codes "
-                   f"{tc.acoustic_ckpt} --n_q {tc.n_q}, or run with the teacher they were made with")
-    return True
+            print(f"train.py: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def load_data(tc: TrainConfig, proc: Proc, crop: int, teach) -> tuple:
@@ -698,56 +590,15 @@ def keep_data_table(proc: Proc, ds: audio.CropDataset, out: Path, resume: bool) 
     return d["restore"]
 
 
-def _loader_worker_init(worker_id: int):
-    """Loader workers ignore SIGTERM and SIGINT (Slurm, torchrun and a terminal's Ctrl-C signal the whole process
-    group): the training
-    process decides when to stop and shuts its workers down itself."""
-    audio.worker_init(worker_id)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def make_loader(ds: audio.CropDataset, tc: TrainConfig, proc: Proc, start: int, loaders: list):
-    """The training batches from global sample `start` on, this rank's share; registered in `loaders` to close."""
+    """The training batches from global sample `start` on, this rank's share; registered in `loaders` to close.
+    Its workers ignore SIGTERM and Ctrl-C: this process stops them (audio.close_loader)."""
     dl = audio.make_loader(ds, tc.batch_size, start=start, rank=proc.rank, world_size=proc.world,
-                           num_workers=tc.num_workers, pin_memory=proc.device.type == "cuda", sampling=tc.sampling)
+                           num_workers=tc.num_workers, pin_memory=proc.device.type == "cuda", sampling=tc.sampling,
+                           ignore_signals=True)
     if tc.num_workers > 0:
-        dl.worker_init_fn = _loader_worker_init
         loaders.append(dl)
     return iter(dl)
-
-
-def close_loader(dl):
-    """Stop a DataLoader's worker processes now (they exit when told). Needed on the way out with an
-    exception (SIGTERM's exit 75, a crash): the traceback keeps the loader alive until interpreter exit,
-    where multiprocessing would SIGTERM the workers, which ignore it (_loader_worker_init), and wait."""
-    it = getattr(dl, "_iterator", None)  # a persistent-workers DataLoader keeps its iterator here
-    if it is not None and hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()
-
-
-class StopFlag:
-    """SIGTERM and SIGINT (Ctrl-C) handler: ask the loop to finish its step, write a checkpoint and exit with
-    EXIT_PREEMPTED (SIGTERM) or EXIT_INTERRUPTED (Ctrl-C). A second Ctrl-C stops at once (KeyboardInterrupt)."""
-
-    def __init__(self, verbose: bool = True):
-        self.requested, self.pid, self.verbose = False, os.getpid(), verbose
-        self.name, self.code = "SIGTERM", EXIT_PREEMPTED
-
-    def __call__(self, signum, frame):
-        if os.getpid() != self.pid:  # a forked loader worker that inherited the handler: nothing to do
-            return
-        if self.requested:
-            if signum == signal.SIGINT:  # the user insists: main() says what is kept
-                raise KeyboardInterrupt
-            return
-        self.requested = True
-        if signum == signal.SIGINT:
-            self.name, self.code = "Ctrl-C", EXIT_INTERRUPTED
-        if self.verbose:
-            again = "; Ctrl-C again stops at once" if signum == signal.SIGINT else ""
-            print(f"train.py: {self.name}: finishing this step, then a checkpoint and exit {self.code}{again}",
-                  file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -909,9 +760,9 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
                     find_unused_parameters=cfg.layerdrop > 0, static_graph=cfg.layerdrop == 0 and accum == 1,
                     gradient_as_bucket_view=True)  # gradients live in the buckets: no copy, less memory
 
-    # SIGTERM (Slurm, Kubernetes, torchrun passing one on) finishes the step: see StopFlag. Installed
-    # before the loader starts its workers, which ignore it (_loader_worker_init).
-    stop = StopFlag(verbose=master)
+    # SIGTERM (Slurm, Kubernetes, torchrun passing one on) finishes the step: see checkpoints.StopFlag. Installed
+    # before the loader starts its workers, which ignore it (audio.worker_init).
+    stop = checkpoints.StopFlag("train.py", verbose=master)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
@@ -1152,7 +1003,7 @@ def print_config(argv=None) -> int:
     out = {"train": asdict(tc), "model": asdict(cfg), "world_size": world, "micro_batch": tc.batch_size,
            "accumulation": accum, "global_batch": {"clips": total, "seconds_per_clip": tc.crop_seconds,
                                                    "audio_hours": round(total * tc.crop_seconds / 3600, 3)},
-           "teachers": {FLAG_NAME.get(n, n): (tc.acoustic_ckpt if n == "acoustic" else tc.mfcc_ckpt if n == "mfcc"
+           "teachers": {teachers_lib.FLAG_NAME.get(n, n): (tc.acoustic_ckpt if n == "acoustic" else tc.mfcc_ckpt if n == "mfcc"
                                                else None) for n in teach.names},
            "teacher_context_seconds": [left / audio.SAMPLE_RATE, right / audio.SAMPLE_RATE]}
     if int(os.environ.get("RANK", 0)) == 0:
@@ -1223,7 +1074,7 @@ def main(argv=None) -> int:
         return 1
     finally:  # every way out: loader workers stopped, the signal handlers restored, the process group left
         for dl in loaders:
-            close_loader(dl)
+            audio.close_loader(dl)
         for s, h in previous.items():
             signal.signal(s, h)
         if proc is not None and proc.ddp and dist.is_initialized():
