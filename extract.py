@@ -739,6 +739,125 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _fail(failed: list, msg: str):
+    """Name a failed input in `failed` and on stderr."""
+    failed.append(msg)
+    tqdm.write(f"error: {msg}", file=sys.stderr)  # tqdm.write: the progress bar stays whole
+
+
+def _triage(jobs, sink, settings: dict, overwrite: bool, agree, failed: list) -> tuple[list, int]:
+    """(pairs to compute, number already done); collisions go to `failed`; OutputConflict (all ranks alike)."""
+    seen, todo, skipped, conflicts = {}, [], 0, []
+    for src, dst in jobs:
+        if dst in seen:
+            _fail(failed, f"{src}: its output {dst} collides with that of {seen[dst]}")
+            continue
+        seen[dst] = src
+        if overwrite:  # recomputed whatever its record says: no need to read (or hash) anything
+            todo.append((src, dst))
+            continue
+        state, why = sink.status(src, dst, settings)
+        if state == "ok":
+            skipped += 1
+        elif state == "conflict":
+            conflicts.append(f"{dst}: {why}")
+        else:
+            if state == "stale":
+                tqdm.write(f"note: {dst}: recomputing, {why}", file=sys.stderr)
+            todo.append((src, dst))
+    if agree is not None:
+        conflicts = agree(conflicts)
+    if conflicts:
+        more = f" (and {len(conflicts) - 1} more output(s) like it)" if len(conflicts) > 1 else ""
+        raise OutputConflict(f"{conflicts[0]}{more}; pass --overwrite to replace them, or write to another -o")
+    return todo, skipped
+
+
+def _segments(model, info: ModelInfo, x: torch.Tensor, plan: list, chunk_stats, device) -> list[tuple]:
+    """A file's chunks to run, per plan_chunks entry: (wav segment, keep_lo, keep_hi, start, file stats or None)."""
+    # conv 0's GroupNorm statistics over the whole file, as one forward would take them
+    file_stats = model.norm_stats(x.to(device)) if len(plan) > 1 and chunk_stats == "file" else None
+    # the last chunk (or the whole file) runs to the file's end: the samples past the last whole
+    # frame feed the GroupNorm statistics, as they do in the official model
+    ends = [start * info.hop + (length - 1) * info.hop + info.field for start, length, _, _ in plan[:-1]] + [len(x)]
+    return [(x[start * info.hop:end], lo, hi, start, file_stats) for (start, _, lo, hi), end in zip(plan, ends)]
+
+
+class _Batches:
+    """Chunks waiting for a forward pass, run --batch at a time; writes each file's output once its last lands."""
+
+    def __init__(self, model, layers: list[int], batch: int, device, failed: list, bar):
+        self.model, self.layers, self.batch, self.device = model, layers, batch, device
+        self.failed, self.bar = failed, bar  # extract_files' list of failures and progress bar, shared
+        self.window = 1 if batch == 1 else 4 * batch  # segments waiting, sorted by length before each batch
+        self.pending = []  # (writer, wav segment, keep_lo, keep_hi, start, file stats or None) waiting for a batch
+        self.remaining = {}  # writer -> chunks not yet written
+        self.n_done, self.seconds, self.t0, self.shown = 0, 0.0, time.time(), 0.0
+
+    def add(self, w, segments: list[tuple]):
+        """Queue a file's segments (see _segments), running a batch whenever the window fills."""
+        self.remaining[w] = len(segments)
+        for seg in segments:
+            self.pending.append((w, *seg))
+            self.drain(self.window - 1)
+
+    def drain(self, keep: int):
+        """Run batches until at most `keep` segments wait."""
+        while len(self.pending) > keep:
+            self.run()
+            check_stop()
+
+    def drop(self, w, msg: str):
+        """Fail a file still in progress (once), discarding what it wrote."""
+        if w in self.remaining:
+            _fail(self.failed, msg)
+            w.abort()
+            del self.remaining[w]
+            self.bar.update(1)
+
+    def run(self):
+        """One forward pass over the next --batch segments (longest first when a window waits); write their frames."""
+        if self.window > 1:
+            self.pending.sort(key=lambda p: -len(p[1]))
+        now, self.pending = self.pending[:self.batch], self.pending[self.batch:]  # the rest waits for the next
+        lens = [len(p[1]) for p in now]
+        wav = torch.zeros(len(now), max(lens), pin_memory=self.device.type == "cuda")  # pinned: overlaps the GPU
+        for i, p in enumerate(now):
+            wav[i, :lens[i]] = p[1]
+        try:
+            wav = wav.to(self.device, non_blocking=True)
+            norm = None
+            if any(p[5] is not None for p in now):  # rows that run whole take their own statistics
+                own = [p[5] if p[5] is not None else self.model.norm_stats(wav[i, :lens[i]])
+                       for i, p in enumerate(now)]
+                norm = tuple(torch.cat([s[j] for s in own]) for j in (0, 1))
+            feats = self.model.extract(wav, lengths=lens if len(set(lens)) > 1 else None, layers=self.layers,
+                                       **({"norm_stats": norm} if norm is not None else {}))  # MERT-v1's only
+            feats = feats.float().cpu().numpy()  # (layers, B, T, dim)
+        except RuntimeError as e:  # out of memory and the like: fail these files, keep going
+            for w, *_ in now:
+                self.drop(w, f"{w.src}: model failed ({type(e).__name__}: {str(e).splitlines()[0]})")
+            return
+        for i, (w, _, lo, hi, start, _) in enumerate(now):
+            if w not in self.remaining:
+                continue
+            try:
+                w.write(lo, feats[:, i, lo - start:hi - start])
+                self.remaining[w] -= 1
+                if self.remaining[w] == 0:
+                    w.close()
+                    del self.remaining[w]
+                    self.n_done += 1
+                    self.seconds += w.seconds
+                    self.bar.update(1)
+            except OSError as e:
+                self.drop(w, f"{w.path}: cannot write ({audio.one_line(e)})")
+        if time.time() - self.shown > 1:
+            self.shown = time.time()
+            self.bar.set_postfix_str(f"{self.seconds / 3600:.2f} h audio, "
+                                     f"{self.seconds / max(self.shown - self.t0, 1e-9):.0f} audio-s/s")
+
+
 def extract_files(model: MERT, jobs: list[tuple[Path, Path]], layers: list[int], pool: str = "none",
                   chunk_s: float | None = None, overlap_s: float = 5.0, batch: int = 1, overwrite: bool = False,
                   progress: bool = True, normalize: bool = False, chunk_stats: str = "file",
@@ -771,109 +890,26 @@ def extract_files(model: MERT, jobs: list[tuple[Path, Path]], layers: list[int],
     settings = {"version": EXTRACT_VERSION, "model": model_id or model_fingerprint(model), "layers": list(layers),
                 "pool": pool, "chunk": float(chunk_s), "overlap": float(overlap_s), "chunk_stats": chunk_stats,
                 "normalize": bool(normalize), "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
-
-    def say(kind, msg):
-        tqdm.write(f"{kind}: {msg}", file=sys.stderr)
-
-    seen, todo, skipped, failed, conflicts = {}, [], 0, [], []
-
-    def fail(msg):
-        failed.append(msg)
-        say("error", msg)
-    for src, dst in jobs:
-        if dst in seen:
-            fail(f"{src}: its output {dst} collides with that of {seen[dst]}")
-            continue
-        seen[dst] = src
-        if overwrite:  # recomputed whatever its record says: no need to read (or hash) anything
-            todo.append((src, dst))
-            continue
-        state, why = sink.status(src, dst, settings)
-        if state == "ok":
-            skipped += 1
-        elif state == "conflict":
-            conflicts.append(f"{dst}: {why}")
-        else:
-            if state == "stale":
-                say("note", f"{dst}: recomputing, {why}")
-            todo.append((src, dst))
-    if agree is not None:
-        conflicts = agree(conflicts)
-    if conflicts:
-        more = f" (and {len(conflicts) - 1} more output(s) like it)" if len(conflicts) > 1 else ""
-        raise OutputConflict(f"{conflicts[0]}{more}; pass --overwrite to replace them, or write to another -o")
+    failed = []
+    todo, skipped = _triage(jobs, sink, settings, overwrite, agree, failed)
     for _, dst in todo:
         sink.clean(dst)
 
     # longest first: neighbours have similar lengths, so batches waste little on padding
     order = sorted(range(len(todo)), key=lambda k: (-_size(todo[k][0]), k))
     ds = DecodeSet([s for s, _ in todo], sr, info.min_samples, normalize, name=info.name)
-    window = 1 if batch == 1 else 4 * batch  # segments waiting, sorted by length before each batch
-    pending = []  # (writer, wav segment, keep_lo, keep_hi, start, file stats or None) waiting for a batch
-    remaining = {}  # writer -> chunks not yet written
-    n_done, seconds, t0, shown = 0, 0.0, time.time(), 0.0
     bar = tqdm(total=len(todo), unit="file", desc="extract", file=sys.stderr, disable=None if progress else True,
                dynamic_ncols=True)
-    pin = device.type == "cuda"
-
-    def drop(w, msg):
-        if w in remaining:
-            fail(msg)
-            w.abort()
-            del remaining[w]
-            bar.update(1)
-
-    def run_batch():
-        nonlocal n_done, seconds, shown
-        if window > 1:
-            pending.sort(key=lambda p: -len(p[1]))
-        now, rest = pending[:batch], pending[batch:]
-        lens = [len(p[1]) for p in now]
-        wav = torch.zeros(len(now), max(lens), pin_memory=pin)  # pinned: the copy below overlaps the GPU's work
-        for i, p in enumerate(now):
-            wav[i, :lens[i]] = p[1]
-        try:
-            wav = wav.to(device, non_blocking=True)
-            norm = None
-            if any(p[5] is not None for p in now):  # rows that run whole take their own statistics
-                own = [p[5] if p[5] is not None else model.norm_stats(wav[i, :lens[i]]) for i, p in enumerate(now)]
-                norm = tuple(torch.cat([s[j] for s in own]) for j in (0, 1))
-            feats = model.extract(wav, lengths=lens if len(set(lens)) > 1 else None, layers=layers,
-                                  **({"norm_stats": norm} if norm is not None else {}))  # MERT-v1's only
-            feats = feats.float().cpu().numpy()  # (layers, B, T, dim)
-        except RuntimeError as e:  # out of memory and the like: fail these files, keep going
-            for w, *_ in now:
-                drop(w, f"{w.src}: model failed ({type(e).__name__}: {str(e).splitlines()[0]})")
-            pending[:] = rest
-            return
-        for i, (w, _, lo, hi, start, _) in enumerate(now):
-            if w not in remaining:
-                continue
-            try:
-                w.write(lo, feats[:, i, lo - start:hi - start])
-                remaining[w] -= 1
-                if remaining[w] == 0:
-                    w.close()
-                    del remaining[w]
-                    n_done += 1
-                    seconds += w.seconds
-                    bar.update(1)
-            except OSError as e:
-                drop(w, f"{w.path}: cannot write ({audio.one_line(e)})")
-        pending[:] = rest
-        if time.time() - shown > 1:
-            shown = time.time()
-            bar.set_postfix_str(f"{seconds / 3600:.2f} h audio, {seconds / max(shown - t0, 1e-9):.0f} audio-s/s")
-
+    batches = _Batches(model, layers, batch, device, failed, bar)
     items = decoded(ds, order, workers)
     try:
         for k, x, msg, caught in items:
             check_stop()
             src, dst = todo[k]
             for wmsg in caught:
-                say("warning", wmsg)
+                tqdm.write(f"warning: {wmsg}", file=sys.stderr)
             if x is None:
-                fail(msg)
+                _fail(failed, msg)
                 bar.update(1)
                 continue
             n_frames = int(model.num_frames(len(x)))
@@ -886,39 +922,24 @@ def extract_files(model: MERT, jobs: list[tuple[Path, Path]], layers: list[int],
                 w = PoolWriter(src, dst, shape, record, sink, pool) if pool != "none" else \
                     FrameWriter(src, dst, shape, record, sink)
             except OSError as e:
-                fail(f"{dst}: cannot write ({audio.one_line(e)})")
+                _fail(failed, f"{dst}: cannot write ({audio.one_line(e)})")
                 bar.update(1)
                 continue
             w.seconds = len(x) / sr
             plan = plan_chunks(n_frames, chunk, overlap)
-            file_stats = None
-            if len(plan) > 1 and chunk_stats == "file":
-                # conv 0's GroupNorm statistics over the whole file, as one forward would take them
-                file_stats = model.norm_stats(x.to(device))
-            remaining[w] = len(plan)
-            for j, (start, length, lo, hi) in enumerate(plan):
-                # the last chunk (or the whole file) runs to the file's end: the samples past the last whole
-                # frame feed the GroupNorm statistics, as they do in the official model
-                end = len(x) if j == len(plan) - 1 else start * hop + (length - 1) * hop + rf
-                pending.append((w, x[start * hop:end], lo, hi, start, file_stats))
-                while len(pending) >= window:
-                    run_batch()
-                    check_stop()
-        while pending:
-            run_batch()
-            check_stop()
+            batches.add(w, _segments(model, info, x, plan, chunk_stats, device))
+        batches.drain(0)
     except BaseException:
-        for w in list(remaining):  # interrupted: what is not complete is not an output
+        for w in batches.remaining:  # interrupted: what is not complete is not an output
             w.abort()
-        remaining.clear()
         raise
     finally:
         items.close()  # stops the loader's workers
         sink.finish()
         bar.close()
     if stats is not None:
-        stats["seconds"] = stats.get("seconds", 0.0) + seconds
-    return n_done, skipped, failed
+        stats["seconds"] = stats.get("seconds", 0.0) + batches.seconds
+    return batches.n_done, skipped, failed
 
 
 def add_flag(p: argparse.ArgumentParser, name: str, **kw):
