@@ -161,6 +161,21 @@ def write_checkpoint(out: Path, obj: dict, keep: int) -> Path:
     return main
 
 
+def write_or_report(out: Path, obj: dict, keep: int, prog: str = "train.py") -> str | None:
+    """write_checkpoint, said in one line; a failed write (full disk, quota, I/O error) is named on stderr and the run
+    goes on, the previous checkpoints untouched: returns that message to repeat at the end, else None."""
+    try:
+        write_checkpoint(out, obj, keep)
+    except OSError as e:
+        prev = checkpoint_candidates(out)
+        failed = (f"{prog}: step {obj['step']}: could not write a checkpoint in {out} ({_oneline(e)}); the newest one "
+                  f"left is {prev[0].name if prev else 'none'}")
+        print(failed + "; training goes on and tries again at the next checkpoint", file=sys.stderr, flush=True)
+        return failed
+    print(f"step {obj['step']} | checkpoint {out / 'ckpt.pt'} (also ckpt_{obj['step']}.pt)", flush=True)
+    return None
+
+
 # -----------------------------------------------------------------------------
 # reading
 
@@ -289,6 +304,47 @@ def compare_data_table(path: Path, now: dict) -> tuple[bool, str, dict | None]:
                       f"in the draw and are skipped when drawn, as in the run itself"), saved
     return False, (f"--data has {len(new - old)} files the run did not start with; the crops come from today's "
                    f"files"), saved
+
+
+def keep_data_table(out: Path, table: dict, resume: bool, ddp: bool = False, master: bool = True,
+                    prog: str = "train.py") -> dict | None:
+    """A fresh run saves the table of the items it draws crops from (OUT/data.pt, rank 0); a resumed one gets the
+    saved table back (to use instead of `table`, today's scan) when some of its items are gone now
+    (compare_data_table), so it reads the same crops. None: use `table`."""
+    path = out / "data.pt"
+    if not resume:
+        if master:
+            save(path, table)
+        return None
+    d = decide_on_rank0(lambda: dict(zip(("restore", "note", "_table"), compare_data_table(path, table))), ddp,
+                        master, prog)
+    if d["note"] and master:
+        print(f"{prog}: {d['note']}", flush=True)
+    if not d["restore"]:
+        return None
+    return d.get("_table") or torch.load(path, map_location="cpu", weights_only=True)  # rank 0 has read it already
+
+
+def decide_on_rank0(fn, ddp: bool, master: bool, prog: str = "train.py"):
+    """fn() on rank 0, its dict result (or its Refusal: one line, then exit with its code on every rank) sent to every
+    rank under torch.distributed; keys starting with '_' stay on rank 0."""
+    result = None
+    if master:
+        try:
+            result = fn()
+        except Refusal as e:
+            result = {"refusal": (str(e), e.code)}
+    if ddp:
+        import torch.distributed as dist
+        box = [None if result is None else {k: v for k, v in result.items() if not k.startswith("_")}]
+        dist.broadcast_object_list(box, src=0)
+        result = result if master else box[0]
+    if "refusal" in result:
+        msg, code = result["refusal"]
+        if master:
+            print(f"{prog}: {msg}", file=sys.stderr, flush=True)
+        raise SystemExit(code)
+    return result
 
 
 # -----------------------------------------------------------------------------

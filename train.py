@@ -3,30 +3,25 @@
     python train.py --size tiny --data ./music --out runs/tiny --max_steps 60 --warmup_steps 10  # a CPU
     torchrun --nproc_per_node=8 train.py --size 330m --data /music --out runs/330m  # a GPU node
 
-Every step: a batch of random crops (audio.py) -> the teachers label the clean audio (RVQ codes, CQT
-frames; teachers.py) -> in-batch noise is mixed in -> spans of frames are masked -> the model predicts
-the teachers' labels at the masked frames (mert.py holds the loss). Any field of TrainConfig or
-MERTConfig can be set on the command line (`--lr 3e-4`, `--n_layers 6`); the resolved configuration is
-printed at the start and saved in every checkpoint. Read top-down: configs, the recipe's pieces, the
-run (train: set-up, then the loop), the command line.
+Every step: random crops (audio.py) -> the teachers label the clean audio (RVQ codes, CQT frames;
+teachers.py) -> in-batch noise is mixed in -> spans of frames are masked -> the model predicts the labels
+at the masked frames (mert.py holds the loss). Any TrainConfig or MERTConfig field is a flag (`--lr 3e-4`);
+the resolved configs are printed at the start and saved in every checkpoint. Read top-down: configs, the
+recipe's pieces, the run's plumbing, the run (set-up, then the loop), the command line.
 
 Design notes:
-- MERT's recipe by default (README's recipe table): the official global batch per preset, with the
-  gradient accumulation that reaches it on any number of devices; one crop per file per epoch in
-  length-grouped batches cut to their shortest clip; the acoustic codes of each crop equal the whole
-  file's (the teacher encodes audio before the crop first, or they come precomputed in the shards:
-  `audio.py prepare --codes`, read instead of running the teacher); masks with equal counts per device's
-  micro-batch; fairseq's gradient normalisation (each micro-batch weighted by its masked frames).
-- Exact resume: micro-batch g = (step * accum + micro) * world + rank reads global batch g of the
-  data stream (a pure function of the seed and g) and seeds its masks, noise and dropout from
-  (seed, g), so a resumed run continues bit for bit, and one process accumulating the micro-batches
-  of N processes computes what they compute.
-- Checkpoints hold model, optimiser, step and both configs, saved from the unwrapped model; the run
-  folder (atomic writes, kept checkpoints, CRC-checked reads, the log, the start-or-continue plan) is
-  checkpoints.py's. What a resume may change is each TrainConfig field's "resume" metadata.
-- Faults: the same command continues the run in --out (--resume auto), so a torchrun restart or a
-  requeued job resumes by itself; SIGTERM ends the step with a checkpoint (exit 75); the newest
-  --keep_ckpts checkpoints stay, CRC-checked on resume, a damaged one is named and skipped.
+- MERT's recipe by default (README's recipe table): the official global batch per preset, reached by
+  gradient accumulation on any number of devices; one crop per file per epoch in length-grouped batches cut
+  to their shortest clip; each crop's acoustic codes equal the whole file's (the teacher encodes audio
+  before the crop first, or the codes come from the shards: `audio.py prepare --codes`); masks with equal
+  counts per device's micro-batch; fairseq's gradient normalisation (micro-batches weighted by masked frames).
+- Exact resume: micro-batch g = (step * accum + micro) * world + rank reads global batch g of the data
+  stream (a pure function of the seed and g) and seeds its masks, noise and dropout from (seed, g), so a
+  resumed run continues bit for bit, and one process accumulating N processes' micro-batches computes theirs.
+- The run folder (atomic checkpoints from the unwrapped model, CRC-checked reads, the log, the plan to start
+  or continue, the stop request) is checkpoints.py's; what a resume may change is each field's "resume".
+- Faults: the same command continues the run in --out, so a torchrun restart or a requeued job resumes by
+  itself; SIGTERM ends the step with a checkpoint (exit 75); a damaged checkpoint is named and skipped.
 """
 
 import argparse
@@ -119,13 +114,11 @@ class TrainConfig:
     mfcc_ckpt: str = _f("", "MFCC k-means teacher file (`python teachers.py fit-mfcc`)")
     n_q: int = _f(teachers_lib.LABEL_DEFAULTS["n_q"],
                   "codebooks of the rvq/randproj teacher to predict, the first n_q (MERT: 8)")
-    acoustic_context: float = _f(teachers_lib.ACOUSTIC_CONTEXT_SECONDS,
-                                 "seconds of audio before each crop that an acoustic teacher with an LSTM encodes "
-                                 "first, so the crop's codes equal the whole file's (MERT encodes whole files); the "
-                                 "convolutions' own reach is always added exactly")
+    acoustic_context: float = _f(teachers_lib.ACOUSTIC_CONTEXT_SECONDS, "seconds before each crop that an LSTM "
+                                 "acoustic teacher encodes first, so the crop's codes equal the whole file's (MERT "
+                                 "encodes whole files); the convolutions' reach is added exactly")
     cqt_log: bool = _f(False, "reconstruct log10(|CQT| + 1e-3) + 1.5 instead of MERT's linear CQT magnitude")
-    freeze: str = _f("", "comma-separated parameter-name prefixes to keep at initialisation, e.g. "
-                         "encoder.pos_conv_embed")
+    freeze: str = _f("", "comma-separated parameter-name prefixes kept at initialisation (encoder.pos_conv_embed)")
     max_steps: int = _f(400_000, "optimiser steps", MAY_CHANGE)
     warmup_steps: int = _f(32_000, "linear warm-up steps, then linear decay to 0 at max_steps", MAY_CHANGE)
     lr: float = _f(5e-4, "peak learning rate", MAY_CHANGE)
@@ -144,42 +137,38 @@ class TrainConfig:
     sampling: str = _f("epoch", "epoch: every file gives one random crop an epoch, batches of similar length cut "
                                 "to their shortest clip (MERT); duration: files drawn by duration with replacement, "
                                 "short ones zero-padded (padding is never masked, labelled, scored or mixed in)")
-    noise_prob: float = _f(0.5, "probability that a clip gets in-batch noise (MERT's mixture_prob is the probability "
-                                "it does not: noise iff rand > mixture_prob; 0.5 either way); validation batches are "
-                                "mixed too, as MERT's")
+    noise_prob: float = _f(0.5, "probability that a clip gets in-batch noise (MERT's mixture_prob is that it does "
+                                "not; 0.5 either way); validation batches are mixed too, as MERT's")
     noise_min_seconds: float = _f(0.5, "shortest noise segment")
     noise_max_seconds: float = _f(1.0, "longest noise segment")
     eval_interval: int = _f(500, "steps between validation losses", MAY_CHANGE)
     eval_clips: int = _f(64, "validation clips per evaluation", MAY_CHANGE)
     ckpt_interval: int = _f(1000, "steps between checkpoints (SIGTERM also writes one)", MAY_CHANGE)
-    keep_ckpts: int = _f(2, "checkpoints kept as OUT/ckpt_<step>.pt, the newest K (-1: all, to probe or export a "
-                            "run's history); a resume falls back to an older one when the newest is damaged",
+    keep_ckpts: int = _f(2, "the newest K checkpoints kept as OUT/ckpt_<step>.pt (-1: all); a resume falls back to "
+                            "an older one when the newest is damaged",
                          MAY_CHANGE, type=_keep_count, metavar="K")
     max_bad_steps: int = _f(5, "consecutive non-finite steps that stop the run", MAY_CHANGE)
     seed: int = _f(teachers_lib.LABEL_DEFAULTS["seed"], "seed of crops, masks, noise and initialisation")
     num_workers: int = _f(2, "data loader processes per device", MACHINE)
     device: str = _f("auto", "auto, cpu, cuda", MACHINE)
-    dtype: str = _f("auto", "autocast precision: bfloat16; float16 with dynamic loss scaling (torch.amp.GradScaler), "
-                            "as MERT trained (fairseq fp16); float32: none; auto: bfloat16 on CUDA, float32 elsewhere. "
-                            "Weights, optimiser and the loss terms stay float32", MACHINE,
+    dtype: str = _f("auto", "autocast: bfloat16; float16 with dynamic loss scaling, as MERT trained (fairseq fp16); "
+                            "float32: none; auto: bfloat16 on CUDA, else float32. Weights, optimiser, loss terms stay "
+                            "float32", MACHINE,
                     choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = _f(False, "torch.compile the model, in place and before DDP wraps it (PyTorch's \"Where to apply "
                               "torch.compile?\"); checkpoints are saved from the plain model", MACHINE)
-    dist_timeout: float = _f(60.0, "minutes a collective may wait under torchrun before the run fails (torch's NCCL "
-                                   "default is 10): rank 0 alone writes a 330m checkpoint of 3.8 GB with its "
-                                   "optimiser state and fsyncs it, or CRC-checks and reads it on resume, while the "
-                                   "other ranks wait; at 5-10 MB/s on a busy shared file system that is 6-13 "
-                                   "minutes, so 60 leaves a margin while a hung rank still ends the job",
-                             MACHINE)
+    # rank 0 alone writes (or CRC-checks and reads) a 330m checkpoint of 3.8 GB while the others wait: 6-13 minutes
+    # at 5-10 MB/s on a busy shared file system, beyond NCCL's default 10; a hung rank still ends the job
+    dist_timeout: float = _f(60.0, "minutes a collective may wait under torchrun before the run fails (a 330m "
+                                   "checkpoint's write on a slow file system takes minutes)", MACHINE)
     # fairseq likewise restores save_dir/checkpoint_last.pt by default (checkpoint.restore_file in
     # fairseq/dataclass/configs.py)
     resume: str = _f("auto", "auto: continue the run in OUT if there is one, else start it (what a restarted job "
                              "needs); true: continue, error if OUT has no checkpoint; false: start fresh, error if "
                              "OUT holds a run", MACHINE,
                      type=_resume_mode, nargs="?", const="true", metavar="{auto,true,false}")
-    init: str = _f("", "start a fresh run (new optimiser and schedule) from these weights: a train.py checkpoint, an "
-                       "official MERT fairseq .pt with its pretraining heads, or a Hugging Face folder or hub id "
-                       "(encoder only; heads start fresh). Ignored when the run resumes", IGNORED)
+    init: str = _f("", "start a fresh run from these weights: a train.py checkpoint, an official MERT fairseq .pt "
+                       "(with its heads), a Hugging Face folder or hub id (encoder only). Ignored on resume", IGNORED)
 
 
 TRAIN_PRESETS = {
@@ -479,7 +468,7 @@ def setup_process(tc: TrainConfig) -> Proc:
     use_cuda = torch.cuda.is_available() and tc.device in ("auto", "cuda")
     device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
-        torch.cuda.set_device(device)  # before the first collective (decide_on_rank0's broadcast)
+        torch.cuda.set_device(device)  # before the first collective (the plan's broadcast)
     store, rank, world = next(dist.rendezvous("env://"))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"mert/attempt{attempt}/", store),
@@ -494,26 +483,6 @@ def any_rank(proc: Proc, *flags: bool) -> list[bool]:
     t = torch.tensor([float(f) for f in flags], device=proc.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
-
-
-def decide_on_rank0(proc: Proc, fn):
-    """fn() on rank 0, its result (or its Refusal) sent to every rank; keys starting with '_' stay on rank 0."""
-    result = None
-    if proc.master:
-        try:
-            result = fn()
-        except checkpoints.Refusal as e:
-            result = {"refusal": (str(e), e.code)}
-    if proc.ddp:
-        box = [None if result is None else {k: v for k, v in result.items() if not k.startswith("_")}]
-        dist.broadcast_object_list(box, src=0)
-        result = result if proc.master else box[0]
-    if "refusal" in result:
-        msg, code = result["refusal"]
-        if proc.master:
-            print(f"train.py: {msg}", file=sys.stderr, flush=True)
-        raise SystemExit(code)
-    return result
 
 
 def _expected_model(size: str, model_over: dict) -> dict:
@@ -534,60 +503,34 @@ def plan_run(tc: TrainConfig, model_over: dict, given: dict) -> dict:
                                 upgrade=_in_todays_terms)
 
 
-def codes_from_shards(tc: TrainConfig, teach, sources: str, flag: str, proc: Proc) -> bool:
-    """True if the crops of `sources` (--data or --val_data) read their acoustic codes from the shards (`audio.py
-    prepare --codes`) instead of the run's acoustic teacher (audio.match_shard_codes): shards of another teacher
-    checkpoint, n_q or codebook size, or a mix with and without codes, are refused in one line, exit 2."""
-    want = None
+def load_data(tc: TrainConfig, proc: Proc, crop: int, teach) -> tuple:
+    """(training CropDataset, validation CropDataset or None): crops on the label frame grid, each with its acoustic
+    codes from the shards (`audio.py prepare --codes`, when they are the run's acoustic teacher's: another teacher
+    file, n_q or codebook size, or a mix of sources with and without codes, exit 2) or with the audio around it that
+    the teachers need (ds.context)."""
+    kw = dict(crop_samples=crop, on_bad=checkpoints.BadFileLog(Path(tc.out) / "skipped_files.txt", proc.rank),
+              hop=teachers_lib.HOP)
+    want = None  # the codes the shards must hold to stand in for the acoustic teacher
     if isinstance(teach.code_teacher, teachers_lib.AcousticTeacher):
         want = {"teacher": {"file": Path(tc.acoustic_ckpt).name, "sha256": teachers_lib.file_sha256(tc.acoustic_ckpt)},
                 "n_q": tc.n_q, "codebook_size": teach.codebook_size, "hop": teachers_lib.HOP}
-    try:
-        return audio.match_shard_codes(sources.split(","), want, f"--{flag} (--acoustic_ckpt {tc.acoustic_ckpt}, "
-                                       f"--n_q {tc.n_q})", note=lambda m: proc.master and print(f"train.py: {m}"))
-    except audio.AudioError as e:  # an unreadable shard index
-        raise SystemExit(f"train.py: {e}") from None
-    except ValueError as e:  # the flags ask for other codes than the shards hold
-        if proc.master:
-            print(f"train.py: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-
-
-def load_data(tc: TrainConfig, proc: Proc, crop: int, teach) -> tuple:
-    """(training CropDataset, validation CropDataset or None): crops on the label frame grid, each with its acoustic
-    codes from the shards (codes_from_shards) or with the audio around it that the teachers need (ds.context)."""
-    kw = dict(crop_samples=crop, on_bad=checkpoints.BadFileLog(Path(tc.out) / "skipped_files.txt", proc.rank),
-              hop=teachers_lib.HOP)
-    context = teach.context(tc.acoustic_context)
     out = []
     for sources, flag, seed in ((tc.data, "data", tc.seed), (tc.val_data, "val_data", tc.seed + 1)):
         if not sources:
             out.append(None)
             continue
-        codes = codes_from_shards(tc, teach, sources, flag, proc)
         try:  # codes from the shards: the acoustic teacher does not run, and the CQT needs no context
+            codes = audio.match_shard_codes(sources.split(","), want, f"--{flag} (--acoustic_ckpt {tc.acoustic_ckpt}, "
+                                            f"--n_q {tc.n_q})", note=lambda m: proc.master and print(f"train.py: {m}"))
             out.append(audio.CropDataset(sources.split(","), seed=seed, codes=codes,
-                                         context=(0, 0) if codes else context, **kw))
-        except audio.AudioError as e:  # a missing --data path, or nothing usable in it
+                                         context=(0, 0) if codes else teach.context(tc.acoustic_context), **kw))
+        except audio.AudioError as e:  # a missing --data path, nothing usable in it, an unreadable shard index
             raise SystemExit(f"train.py: {e}") from None
+        except ValueError as e:  # the flags ask for other codes than the shards hold
+            if proc.master:
+                print(f"train.py: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
     return tuple(out)
-
-
-def keep_data_table(proc: Proc, ds: audio.CropDataset, out: Path, resume: bool) -> bool:
-    """Fresh run: save the items it draws crops from (OUT/data.pt). Resume: draw from the saved items if some of
-    them are gone now (checkpoints.compare_data_table), so the resumed run reads the same crops. True if restored."""
-    path = out / "data.pt"
-    if not resume:
-        if proc.master:
-            checkpoints.save(path, ds.table())
-        return False
-    d = decide_on_rank0(proc, lambda: dict(zip(("restore", "note", "_table"),
-                                               checkpoints.compare_data_table(path, ds.table()))))
-    if d["note"] and proc.master:
-        print(f"train.py: {d['note']}", flush=True)
-    if d["restore"]:  # rank 0 has read it already
-        ds.use_table(d.get("_table") or torch.load(path, map_location="cpu", weights_only=True))
-    return d["restore"]
 
 
 def make_loader(ds: audio.CropDataset, tc: TrainConfig, proc: Proc, start: int, loaders: list):
@@ -671,27 +614,13 @@ def evaluate(model, raw: MERT, teach, val_ds, tc: TrainConfig, proc: Proc, conte
     return reduce_step(sums, proc)["loss"].item()
 
 
-def save_checkpoint(out: Path, ck: dict, keep: int) -> str | None:
-    """Rank 0: OUT/ckpt.pt (and ckpt_<step>.pt). A failed write is named and the run goes on: returns its message."""
-    try:
-        checkpoints.write_checkpoint(out, ck, keep)
-    except OSError as e:  # full disk, quota, I/O error: the previous checkpoints are untouched
-        prev = checkpoints.checkpoint_candidates(out)
-        failed = (f"train.py: step {ck['step']}: could not write a checkpoint in {out} ({audio.one_line(e)}); the "
-                  f"newest one left is {prev[0].name if prev else 'none'}")
-        print(failed + "; training goes on and tries again at the next checkpoint", file=sys.stderr, flush=True)
-        return failed
-    print(f"step {ck['step']} | checkpoint {out / 'ckpt.pt'} (also ckpt_{ck['step']}.pt)", flush=True)
-    return None
-
-
 def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: list) -> int:
     """The run: fresh start or resume, teachers, data, model, then the loop. Returns the exit code."""
     ddp, rank, world, device, master = *proc, proc.master
     print0 = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
 
     # -- fresh start or resume (rank 0 decides, every rank follows): see checkpoints.plan_run
-    plan = decide_on_rank0(proc, lambda: plan_run(tc, model_over, given))
+    plan = checkpoints.decide_on_rank0(lambda: plan_run(tc, model_over, given), ddp, master)
     tc = TrainConfig(**plan["train_config"])
     for note in plan["notes"]:
         print0(f"train.py: {note}")
@@ -708,8 +637,10 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
     if train_ds.codes_info is not None and (val_ds is None or val_ds.codes_info is not None):
         teach.code_teacher.cpu()  # never runs: its codes come from the shards; off the accelerator
     data_id = {"n_files": train_ds.n_files, "seconds": round(float(train_ds.seconds), 3)}
-    if keep_data_table(proc, train_ds, out, bool(plan["resume"])):
-        data_id = None  # the run's own items: the checkpoint's data id still holds
+    saved = checkpoints.keep_data_table(out, train_ds.table(), bool(plan["resume"]), ddp, master)
+    if saved is not None:  # some of the run's items are gone: draw from its own table, whose data id still holds
+        train_ds.use_table(saved)
+        data_id = None
 
     # -- the model and optimiser: fresh, from --init, or as the checkpoint left them
     state = init_state = None
@@ -789,7 +720,7 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
             if master:
                 checkpoints.append_log(log_path, {"step": step, "val_loss": v})
         if master and step > start_step and (stop_now or last or step % tc.ckpt_interval == 0):
-            save_failed = save_checkpoint(out, {
+            save_failed = checkpoints.write_or_report(out, {
                 "config": asdict(cfg), "train_config": asdict(tc), "model": raw_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step, "data": data_id, "run_id": plan["run_id"],
                 "position": data_position(step * accum * world, tc, train_ds),
