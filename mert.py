@@ -1,30 +1,27 @@
 """MERT: a BERT-style music audio encoder (24 kHz waveform -> 75 Hz frame features), in one file.
 
-The architecture is HuBERT's, as used by MERT-v1 (Li et al., 2023, "MERT: Acoustic Music Understanding
-Model with Large-Scale Self-supervised Training"):
+HuBERT's architecture as MERT-v1 uses it (Li et al., 2023, "MERT: Acoustic Music Understanding Model with
+Large-Scale Self-supervised Training"):
 
     wav [B, L] --7 strided convs (stride 320)--> [B, T, 512] --LayerNorm, Linear--> [B, T, d]
         --+ positional conv (kernel 128, 16 groups, weight norm)--> transformer (fused QKV, SDPA)
     T = floor((L - 400) / 320) + 1 frames, i.e. 75 per second at 24 kHz.
 
 Design choices:
-- One fused QKV projection and F.scaled_dot_product_attention as the fast path. Attention relaxation
-  (MERT-330M's fp16 guard, softmax((s/a - max(s/a)) * a)) is mathematically the plain softmax; it lives
-  on the unfused path only, which is used when `attn_impl="math"`.
-- Batches of unequal length are exact: the GroupNorm after the first conv takes its statistics over
-  each clip's own samples only, padded frames are zeroed before the positional conv and masked out of
-  attention, so every clip gets the features it gets alone (transformers' HubertModel does not).
-- Hidden states follow transformers 4.x `output_hidden_states`, which MARBLE and published probes use:
-  index 0 is the input of layer 1 and index i the output of layer i; for pre-LN models (330M) the last
-  index is the final LayerNorm's output.
-- Reads our own checkpoints, Hugging Face MERT folders (config.json + pytorch_model.bin or
-  model.safetensors, read without the safetensors package) and hub ids found in the local Hugging Face
-  cache (never downloads), so this file copied alone loads the official weights. Other formats live in
-  convert.py (the fairseq reader, the Hugging Face writer); a fairseq file here raises NeedsConvert.
+- One fused QKV projection; F.scaled_dot_product_attention is the fast path. Attention relaxation (MERT-330M's
+  fp16 guard, softmax((s/a - max(s/a)) * a)) is mathematically the plain softmax, so it lives only on the
+  unfused path (`attn_impl="math"`).
+- Padded batches are exact: conv 0's GroupNorm takes its statistics over each clip's own samples, padded
+  frames are zeroed before the positional conv and masked out of attention, so each clip gets the features
+  it gets alone (transformers' HubertModel does not).
+- Hidden states follow transformers 4.x `output_hidden_states` (used by MARBLE and published probes): index 0
+  is layer 1's input, index i layer i's output; for pre-LN models (330M) the last is the final LayerNorm's.
+- Reads our checkpoints, Hugging Face MERT folders (config.json + pytorch_model.bin, or model.safetensors read
+  without the safetensors package) and hub ids in the local Hugging Face cache (never downloads): copied alone,
+  it loads the official weights. A fairseq file raises NeedsConvert (convert.py reads it, and writes HF folders).
 
-Layout, top-down: config and presets, attention and blocks, the conv front end, `MERT` (forward, loss,
-extract), span masking, loading; the CPU inference fast paths at the bottom.
-Imports only torch, numpy and the standard library; copy it into your project as is.
+Layout, top-down: config and presets, attention and blocks, the conv front end, `MERT` (forward, loss, extract,
+FLOPs), span masking, loading, CPU inference fast paths. Imports only torch, numpy and the standard library.
 """
 
 import json
@@ -92,10 +89,9 @@ class MERTConfig:
             raise ValueError("conv_dim, conv_kernel and conv_stride must have the same length")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.extractor_norm not in ("group", "layer"):
-            raise ValueError(f"extractor_norm must be 'group' or 'layer', not {self.extractor_norm!r}")
-        if self.attn_impl not in ("sdpa", "math"):
-            raise ValueError(f"attn_impl must be 'sdpa' or 'math', not {self.attn_impl!r}")
+        for name, ok in (("extractor_norm", ("group", "layer")), ("attn_impl", ("sdpa", "math"))):
+            if getattr(self, name) not in ok:
+                raise ValueError(f"{name} must be {ok[0]!r} or {ok[1]!r}, not {getattr(self, name)!r}")
 
     @property
     def hop(self) -> int:
@@ -120,8 +116,7 @@ class MERTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "MERTConfig":
         """Build from a dict (e.g. a checkpoint's), rejecting unknown fields by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown MERTConfig field(s): {', '.join(unknown)}")
         return cls(**d)
@@ -139,8 +134,7 @@ PRESETS = {
 
 
 # -----------------------------------------------------------------------------
-# Attention and blocks. Attribute names follow transformers' HuBERT so that its state dicts map almost
-# 1:1 (the one difference: q/k/v are fused into attention.qkv).
+# Attention and blocks; attribute names follow transformers' HuBERT, so its keys map 1:1 but for the fused qkv.
 
 
 class Attention(nn.Module):
@@ -165,8 +159,7 @@ class Attention(nn.Module):
         return linear(y.transpose(1, 2).reshape(B, T, D), self.out_proj)
 
     def _math(self, q, k, v, mask, p):
-        # The unfused path: materialises the (B, H, T, T) scores. With relaxation alpha the softmax
-        # input is (s/alpha - max(s/alpha)) * alpha, which keeps fp16 scores in range (MERT-330M).
+        # Unfused: materialises the (B, H, T, T) scores; relaxation alpha keeps fp16 scores in range (MERT-330M)
         s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))
@@ -245,10 +238,9 @@ class ConvLayer(nn.Module):
             self.layer_norm = nn.LayerNorm(c_out, eps=eps)
 
     def forward(self, x: torch.Tensor, n: torch.Tensor | None, stats=None) -> torch.Tensor:
-        """x [B, C_in, T_in] -> [B, C_out, T_out]; n [B] valid output frames (None: all valid).
-
-        stats: (mean, var) [B, C_out] float64 for the GroupNorm instead of this input's own (a long file
-        run in chunks normalises every chunk with the whole file's statistics, as one forward would)."""
+        """x [B, C_in, T_in] -> [B, C_out, T_out]; n [B] valid output frames (None: all valid); stats (mean, var)
+        [B, C_out] float64 for the GroupNorm instead of x's own (a long file run in chunks normalises every chunk
+        with the whole file's statistics, as one forward would)."""
         if self.norm is None:
             return conv1d_gelu(x, self.conv)
         x = self.conv(x)
@@ -262,9 +254,8 @@ class ConvLayer(nn.Module):
                 x = masked_channel_norm(x, n, self.layer_norm.weight, self.layer_norm.bias, self.eps)
         elif self.norm == "layer":
             x = self.layer_norm(x.transpose(1, 2)).transpose(1, 2)
-        if not torch.is_grad_enabled():  # x is a fresh buffer: GELU in place saves a (B, C, T) allocation
-            return torch.ops.aten.gelu_(x)
-        return F.gelu(x)
+        # x is a fresh buffer: at inference GELU in place saves a (B, C, T) allocation
+        return F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
 
 
 class FeatureExtractor(nn.Module):
@@ -306,17 +297,13 @@ class FeatureProjection(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        if self.layer_norm is not None:
-            x = self.layer_norm(x)
+        x = x if self.layer_norm is None else self.layer_norm(x)
         return self.dropout(linear(x, self.projection))
 
 
 class WeightNormConv1d(nn.Module):
-    """Conv1d whose weight is g * v / ||v||, the norm taken over all dims but the kernel axis (dim=2).
-
-    Kept as explicit weight_g / weight_v parameters (fairseq's and older transformers' key layout) so
-    the file needs no torch parametrization machinery and loads every checkpoint layout directly.
-    """
+    """Conv1d with weight g * v / ||v||, the norm over all dims but the kernel axis (dim=2). Explicit weight_g /
+    weight_v parameters (fairseq's and older transformers' keys): no parametrization machinery, every layout loads."""
 
     def __init__(self, channels: int, kernel: int, groups: int):
         super().__init__()
@@ -326,8 +313,7 @@ class WeightNormConv1d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def weight(self) -> torch.Tensor:
-        v = self.weight_v
-        return v * (self.weight_g / v.norm(dim=(0, 1), keepdim=True))
+        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
 
     def forward(self, x):
         return F.conv1d(x, self.weight(), self.bias, padding=self.padding, groups=self.groups)
@@ -343,8 +329,7 @@ class PositionalConvEmbedding(nn.Module):
 
     def forward(self, x):
         y = self.conv(x.transpose(1, 2))  # (B, d, T + trim)
-        if self.trim:
-            y = y[:, :, :-self.trim]
+        y = y[:, :, :-self.trim] if self.trim else y
         return F.gelu(y).transpose(1, 2)
 
 
@@ -409,12 +394,26 @@ class MERT(nn.Module):
         """Number of hidden states extract() returns: layers + 1."""
         return self.config.n_layers + 1
 
+    def estimate_flops(self, n_samples: int) -> float:
+        """Forward + backward FLOPs for one clip: 3 x (2 x multiply-adds) of convs, linears and attention."""
+        cfg, macs, n, c_in = self.config, 0, n_samples, 1
+        for c, k, s in zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride):
+            n = (n - k) // s + 1
+            macs += n * c * c_in * k
+            c_in = c
+        T, d = n, cfg.dim
+        macs += T * cfg.conv_dim[-1] * d  # feature projection
+        macs += T * d * (d // cfg.pos_conv_groups) * cfg.pos_conv_kernel  # positional conv
+        macs += cfg.n_layers * (T * (4 * d * d + 2 * d * cfg.ffn_dim) + 2 * T * T * d)  # linears + QK^T and AV
+        # heads: an upper bound (the loss runs them on masked frames only); the cosine logits are not counted
+        macs += T * d * (cfg.n_codebooks * cfg.final_dim + cfg.cqt_bins)
+        return 3 * 2 * macs  # backward costs about twice the forward
+
     # -- forward ----------------------------------------------------------------
 
     def _embed(self, wav, lengths, norm_stats=None):
         """wav [B, L] -> (conv features [B, T, C], frame mask [B, T] or None); norm_stats as in extract."""
-        if wav.dim() == 1:
-            wav = wav[None]
+        wav = wav[None] if wav.dim() == 1 else wav
         if wav.dim() != 2:
             raise ValueError(f"expected a waveform [batch, samples], got shape {tuple(wav.shape)}")
         B, L = wav.shape
@@ -439,10 +438,8 @@ class MERT(nn.Module):
         return feats, frame_mask
 
     def _encode(self, x, frame_mask, out=None, upto=None):
-        """Run positional conv and layers on projected features x [B, T, d].
-
-        Writes hidden state i (0..upto) into out[i] when out is given; returns the last state computed.
-        """
+        """Positional conv and layers on projected features x [B, T, d]; writes hidden state i (0..upto) into
+        out[i] when out is given, and returns the last state computed."""
         cfg, enc = self.config, self.encoder
         upto = cfg.n_layers if upto is None else upto
         attn_mask = None
@@ -469,13 +466,12 @@ class MERT(nn.Module):
     def forward(self, wav: torch.Tensor, lengths=None, targets: dict | None = None, mask=None):
         """wav [B, L] at 24 kHz (unnormalised) -> (last hidden state [B, T, d], loss, loss parts).
 
-        Without targets: loss is None and parts {}. With targets, a dict holding "codes" (LongTensor
-        [B, K, T]) and/or "cqt" ([B, T, cqt_bins]) from the teachers, frames are masked (`mask` [B, T]
-        bool, else drawn with compute_mask_indices) and replaced by the learned mask embedding, and the
-        loss is: sum over codebooks of the cross-entropy of cosine logits / logit_temp on masked frames
-        + cqt_weight * MSE of the CQT head on masked frames + feature_penalty * mean(conv features^2), plus
-        unmasked_weight times the same code and CQT losses on the unmasked (valid) frames when it is > 0.
-        """
+        Without targets: loss is None and parts {}. With targets, a dict holding "codes" (LongTensor [B, K, T])
+        and/or "cqt" ([B, T, cqt_bins]) from the teachers, frames are masked (`mask` [B, T] bool, else drawn with
+        compute_mask_indices) and replaced by the learned mask embedding, and the loss is: sum over codebooks of
+        the cross-entropy of cosine logits / logit_temp on masked frames + cqt_weight * MSE of the CQT head on
+        masked frames + feature_penalty * mean(conv features^2), plus unmasked_weight times the same code and CQT
+        losses on the unmasked (valid) frames when it is > 0."""
         cfg = self.config
         feats, frame_mask = self._embed(wav, lengths)
         x = self.feature_projection(feats)
@@ -531,13 +527,10 @@ class MERT(nn.Module):
         return loss
 
     def code_loss(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Per-codebook cross-entropy [K] of cosine(proj_k(x), emb_k) / temp for x [N, d], codes [N, K].
-
-        One normalised batched matmul (K, N, F) x (K, F, V); never a (codes, frames, dim) expansion. This
-        equals fairseq HuBERT's positive/negative NCE with every other code as a negative.
-        """
-        cfg = self.config
-        K, Fd = cfg.n_codebooks, cfg.final_dim
+        """Per-codebook cross-entropy [K] of cosine(proj_k(x), emb_k) / temp for x [N, d], codes [N, K]: one
+        normalised batched matmul (K, N, F) x (K, F, V), never a (codes, frames, dim) expansion; this equals fairseq
+        HuBERT's positive/negative NCE with every other code as a negative."""
+        cfg, K, Fd = self.config, self.config.n_codebooks, self.config.final_dim
         if codes.shape[-1] != K:
             raise ValueError(f"targets have {codes.shape[-1]} codebooks, the model's heads {K}")
         with torch.autocast(x.device.type, enabled=False):  # float32 logits and cross-entropy under any autocast
@@ -551,20 +544,17 @@ class MERT(nn.Module):
     def extract(self, wav: torch.Tensor, lengths=None, layers=None, norm_stats=None) -> torch.Tensor:
         """All hidden states [layers + 1, B, T, d] for wav [B, L] or [L]; padded frames come back as zeros.
 
-        `lengths` [B] gives each clip's true sample count when wav is a zero-padded batch; each clip then
-        gets exactly the features it gets alone. `layers` (a list of indices) returns only those states
-        and stops the transformer after the deepest one. `norm_stats` (from `norm_stats()` of a longer
-        signal, [B, C] each) replaces the statistics of the GroupNorm after conv 0, so that a chunk of a
-        file is normalised as the whole file is in one forward.
-        """
+        `lengths` [B]: each clip's true sample count in a zero-padded batch (each clip then gets exactly the
+        features it gets alone). `layers` (indices): only those states, the transformer stopped after the deepest.
+        `norm_stats` (from `norm_stats()` of a longer signal, [B, C] each) replaces the statistics of conv 0's
+        GroupNorm, so that a chunk of a file is normalised as the whole file is in one forward."""
         feats, frame_mask = self._embed(wav.to(self.masked_spec_embed.dtype), lengths, norm_stats)  # [L] -> [1, L]
         x = self.feature_projection(feats)
         del feats
         B, T, D = x.shape
         keep = list(range(self.num_states)) if layers is None else [int(i) for i in layers]
-        for i in keep:
-            if not 0 <= i < self.num_states:
-                raise ValueError(f"layer index {i} out of range 0..{self.num_states - 1}")
+        if bad := [i for i in keep if not 0 <= i < self.num_states]:
+            raise ValueError(f"layer index {bad[0]} out of range 0..{self.num_states - 1}")
         upto = max(keep)
         out = x.new_empty(upto + 1, B, T, D)
         self._encode(x, frame_mask, out=out, upto=upto)
@@ -582,10 +572,9 @@ class MERT(nn.Module):
     # -- checkpoints ------------------------------------------------------------
 
     def save(self, path, heads: bool = True, dtype: torch.dtype | None = None, **extra):
-        """Write {"config", "model", **extra} atomically (temp file, then rename).
-
-        heads=False drops the pretraining heads (an encoder for feature extraction); dtype=torch.float16
-        stores the weights at half size (they are cast back to the model's dtype when loaded)."""
+        """Write {"config", "model", **extra} atomically (temp file, then rename). heads=False drops the pretraining
+        heads (an encoder for feature extraction); dtype=torch.float16 stores the weights at half size (cast back
+        to the model's dtype when loaded)."""
         path = Path(path)
         cfg, state = asdict(self.config), self.state_dict()
         if not heads:
@@ -602,14 +591,11 @@ class MERT(nn.Module):
             tmp.unlink(missing_ok=True)
             raise
 
-
     @classmethod
     def from_pretrained(cls, path, map_location="cpu", **overrides) -> "MERT":
-        """Load a Hugging Face MERT folder or hub id (local cache only) or our own .pt.
-
-        `overrides` replace config fields (e.g. attn_impl="math"). The model comes back in eval mode. A fairseq
-        checkpoint raises NeedsConvert: convert.from_pretrained reads it (and every format this reads).
-        """
+        """Load a Hugging Face MERT folder or hub id (local cache only) or our own .pt, in eval mode; `overrides`
+        replace config fields (e.g. attn_impl="math"). A fairseq checkpoint raises NeedsConvert:
+        convert.from_pretrained reads it (and every format this reads)."""
         cfg, state, src = load_checkpoint(path, map_location)
         cfg = replace(cfg, **overrides) if overrides else cfg
         model = cls(cfg)
@@ -631,14 +617,12 @@ def compute_mask_indices(B: int, T: int, mask_prob: float, mask_length: int, min
                          lengths=None, rng: np.random.Generator | None = None) -> np.ndarray:
     """Span masks [B, T] bool with fairseq's compute_mask_indices semantics ("static" lengths, overlap allowed).
 
-    Per clip of n valid frames: int(mask_prob * n / mask_length + u) span starts (u ~ U[0, 1)), at least
-    min_masks, drawn without replacement from [0, n - mask_length); each masks mask_length frames. Then,
-    as fairseq's require_same_masks, every clip keeps a random subset of its masked frames as large as the
-    smallest clip's, so that all B rows mask the same number of frames. fairseq applies this to one
-    device's batch (the model's forward), so pass one device's micro-batch, not the global batch: the
-    cut grows with the rows. At T = 374, 0.8 / 5 masks 58.3% of a lone row, 54.7% of each of 8 rows,
-    52.2% at 64 rows (docs/recipe.md).
-    """
+    Per clip of n valid frames: int(mask_prob * n / mask_length + u) span starts (u ~ U[0, 1)), at least min_masks,
+    drawn without replacement from [0, n - mask_length); each masks mask_length frames. Then, as fairseq's
+    require_same_masks, every clip keeps a random subset of its masked frames as large as the smallest clip's, so
+    that all B rows mask the same number of frames. fairseq applies this to one device's batch (the model's
+    forward), so pass one device's micro-batch, not the global batch: the cut grows with the rows. At T = 374,
+    0.8 / 5 masks 58.3% of a lone row, 54.7% of each of 8 rows, 52.2% at 64 rows (docs/recipe.md)."""
     rng = rng if rng is not None else np.random.default_rng()
     lengths = [T] * B if lengths is None else [int(n) for n in lengths]
     chosen = []
@@ -668,10 +652,9 @@ class CheckpointError(ValueError):
 
 
 class NeedsConvert(CheckpointError):
-    """A fairseq checkpoint (or another pickle beyond tensors): convert.py reads it, this file does not.
-
-    `path` is the file; `obj` what torch.load(weights_only=True) made of it, or None where it refused the
-    pickle (fairseq's pickled config and Dictionary objects), so that convert.py need not read it twice."""
+    """A fairseq checkpoint (or another pickle beyond tensors): convert.py reads it, this file does not. `path` is
+    the file; `obj` what torch.load(weights_only=True) made of it, or None where it refused the pickle (fairseq's
+    pickled config and Dictionary objects), so that convert.py need not read it twice."""
 
     def __init__(self, path, obj=None):
         self.path, self.obj = Path(path), obj
@@ -688,13 +671,8 @@ def load_state_strict(model: nn.Module, state: dict, src: str):
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = []
-    if missing:
-        problems.append("missing key(s): " + ", ".join(missing))
-    if unexpected:
-        problems.append("unexpected key(s): " + ", ".join(unexpected))
-    if shapes:
-        problems.append("shape mismatch: " + "; ".join(shapes))
+    problems = [what + sep.join(keys) for what, sep, keys in (("missing key(s): ", ", ", missing),
+                ("unexpected key(s): ", ", ", unexpected), ("shape mismatch: ", "; ", shapes)) if keys]
     if problems:
         raise CheckpointError(f"{src}: " + " | ".join(problems))
     model.load_state_dict(state, strict=True)
@@ -703,10 +681,9 @@ def load_state_strict(model: nn.Module, state: dict, src: str):
 def load_checkpoint(path, map_location="cpu", for_training: bool = False) -> tuple[MERTConfig, dict, str]:
     """Resolve `path` and read it into (config, state dict in our key layout, source description).
 
-    for_training (train.py --init): leave out what a source lacks (a Hugging Face folder without mask
-    embedding) instead of filling it, so it starts fresh. A fairseq file raises NeedsConvert;
-    convert.load_checkpoint reads it (its pretraining heads too, for training) and everything this reads.
-    """
+    for_training (train.py --init): leave out what a source lacks (a Hugging Face folder without mask embedding)
+    instead of filling it, so it starts fresh. A fairseq file raises NeedsConvert; convert.load_checkpoint reads
+    it (its pretraining heads too, for training) and everything this reads."""
     p = Path(os.path.expanduser(str(path)))
     if not p.exists():
         if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
@@ -719,8 +696,7 @@ def load_checkpoint(path, map_location="cpu", for_training: bool = False) -> tup
         if (p.parent / "config.json").exists():
             return _load_hf_folder(p.parent, map_location, fill=not for_training)
         raise CheckpointError(f"{p}: a Hugging Face weight file needs its config.json beside it")
-    not_torch = not_a_torch_file(p)
-    if not_torch:
+    if not_torch := not_a_torch_file(p):
         raise CheckpointError(f"{p}: {not_torch}")
     try:
         obj = torch.load(p, map_location=map_location, weights_only=True)
@@ -732,8 +708,7 @@ def load_checkpoint(path, map_location="cpu", for_training: bool = False) -> tup
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p}: expected a dict checkpoint, found {type(obj).__name__}")
     if "config" in obj and "model" in obj and isinstance(obj["config"], dict):
-        cfg = MERTConfig.from_dict(obj["config"])
-        return cfg, dict(obj["model"]), str(p)
+        return MERTConfig.from_dict(obj["config"]), dict(obj["model"]), str(p)
     if is_fairseq(obj):
         raise NeedsConvert(p, obj)
     raise CheckpointError(f"{p}: not a MERT checkpoint (ours needs 'config' and 'model'; "
@@ -781,8 +756,7 @@ def hf_cache_snapshot(repo_id: str) -> Path:
     else:
         root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface" / "hub"
     repo = root / ("models--" + repo_id.replace("/", "--"))
-    snaps = repo / "snapshots"
-    ref = repo / "refs" / "main"
+    snaps, ref = repo / "snapshots", repo / "refs" / "main"
     if ref.exists() and (snaps / ref.read_text().strip()).is_dir():
         return snaps / ref.read_text().strip()
     if snaps.is_dir():
@@ -831,16 +805,9 @@ _HF_FIELDS = {
 
 def config_from_hf(hf: dict, src: str = "config.json") -> MERTConfig:
     """Map a transformers HubertConfig / MERTConfig dict onto MERTConfig, refusing what we don't implement."""
-    unsupported = []
-    if hf.get("feature_extractor_cqt"):
-        unsupported.append("feature_extractor_cqt")
-    if hf.get("deepnorm"):
-        unsupported.append("deepnorm")
-    if hf.get("conv_pos_batch_norm"):
-        unsupported.append("conv_pos_batch_norm")
-    for act in ("hidden_act", "feat_extract_activation"):
-        if hf.get(act, "gelu") != "gelu":
-            unsupported.append(f"{act}={hf[act]}")
+    unsupported = [k for k in ("feature_extractor_cqt", "deepnorm", "conv_pos_batch_norm") if hf.get(k)]
+    unsupported += [f"{act}={hf[act]}" for act in ("hidden_act", "feat_extract_activation")
+                    if hf.get(act, "gelu") != "gelu"]
     if unsupported:
         raise CheckpointError(f"{src}: unsupported MERT option(s): {', '.join(unsupported)}")
     kw = {ours: hf[theirs] for theirs, ours in _HF_FIELDS.items() if theirs in hf}
@@ -866,12 +833,11 @@ def _load_hf_folder(folder: Path, map_location, fill: bool = True) -> tuple[MERT
     if not cfg_file.exists():
         raise CheckpointError(f"{folder}: no config.json (expected a Hugging Face MERT folder)")
     cfg = config_from_hf(json.loads(cfg_file.read_text()), str(cfg_file))
-    if (folder / "model.safetensors").exists():
-        wfile = folder / "model.safetensors"
-        state = _read_safetensors(wfile)
-    elif (folder / "pytorch_model.bin").exists():
-        wfile = folder / "pytorch_model.bin"
-        state = torch.load(wfile, map_location=map_location, weights_only=True)
+    st, pt = folder / "model.safetensors", folder / "pytorch_model.bin"
+    if st.exists():
+        wfile, state = st, _read_safetensors(st)
+    elif pt.exists():
+        wfile, state = pt, torch.load(pt, map_location=map_location, weights_only=True)
     else:
         raise CheckpointError(f"{folder}: neither model.safetensors nor pytorch_model.bin found")
     return cfg, hf_state_to_ours(state, cfg, fill=fill), str(wfile)
@@ -899,10 +865,9 @@ def hf_state_to_ours(state: dict, cfg: MERTConfig, fill: bool = True) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# CPU inference fast path. oneDNN's fused linear/conv + GELU kernels run the same fp32 arithmetic
-# 1.1-1.7x faster than torch's default CPU GEMM followed by a separate GELU pass (measured on a 2-core
-# AVX-512 machine, see bench.py). They have no autograd, so they serve only gradient-free CPU calls;
-# everything else takes the plain F.linear / F.conv1d path.
+# CPU inference fast path. oneDNN's fused linear/conv + GELU kernels run the same fp32 arithmetic 1.1-1.7x faster
+# than torch's default CPU GEMM followed by a separate GELU pass (measured on a 2-core AVX-512 machine, see
+# bench.py). They have no autograd, so they serve only gradient-free CPU calls; all else takes F.linear / F.conv1d.
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
     and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
@@ -942,9 +907,8 @@ def conv1d_gelu(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# The conv front end's GroupNorm arithmetic: over each clip's own frames in a padded batch, with given
-# statistics (a chunk of a long file), and at inference in blocks of time, so that conv 0's output
-# (512 channels at 4800 frames/s, the largest activation) is never held whole.
+# The conv front end's GroupNorm arithmetic: over each clip's own frames in a padded batch, with given statistics
+# (a chunk of a long file), and at inference in blocks of time, so conv 0's output is never held whole.
 
 
 def masked_channel_norm(x, n, weight, bias, eps):
@@ -985,22 +949,16 @@ def _norm_stats_in_blocks(l0, wav: torch.Tensor, block: int = 1024):
 
 
 def _first_two_in_blocks(fx, x: torch.Tensor, stats=None, block: int = 1024) -> torch.Tensor:
-    """Layers 0 and 1 at inference, in blocks of time, so conv 0's whole output (the largest
-    activation: 512 channels at 4800 frames/s) is never held in memory.
-
-    Pass 1 (norm_stats) runs conv 0 block by block for the GroupNorm statistics, unless they are
-    given; pass 2 runs it again per block, normalises, applies GELU and feeds conv 1. conv 0 is
-    cheap (one input channel); its memory traffic is not.
-    """
+    """Layers 0 and 1 at inference, in blocks of time, so conv 0's whole output (the largest activation: 512
+    channels at 4800 frames/s) is never held. Pass 1 (norm_stats) runs conv 0 per block for the GroupNorm's
+    statistics unless given; pass 2 runs it again per block, normalises, applies GELU and feeds conv 1. conv 0
+    is cheap (one input channel); its memory traffic is not."""
     l0, l1 = fx.conv_layers[0], fx.conv_layers[1]
     w0, b0, k0, s0 = l0.conv.weight, l0.conv.bias, l0.kernel, l0.stride
-    B, L = x.shape[0], x.shape[-1]
-    T0 = conv_out_len(L, k0, s0)
-    T1 = conv_out_len(T0, l1.kernel, l1.stride)
+    B, T1 = x.shape[0], conv_out_len(conv_out_len(x.shape[-1], k0, s0), l1.kernel, l1.stride)  # conv 1's frames
     if T1 < 1:
         return l1(l0(x, None, stats), None)
-    if stats is None:
-        stats = fx.norm_stats(x, block)
+    stats = fx.norm_stats(x, block) if stats is None else stats
     scale, shift = _norm_affine(stats, l0.layer_norm.weight, l0.layer_norm.bias, l0.eps, x.dtype)
     out = x.new_empty(B, l1.conv.out_channels, T1)
     step = block // l1.stride

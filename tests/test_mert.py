@@ -315,3 +315,42 @@ def fake_fairseq_modules(monkeypatch):
         monkeypatch.setitem(sys.modules, mod, module)
         setattr(ns, cls.__name__, cls)
     return ns
+
+
+# -- FLOPs ----------------------------------------------------------------------------------------------
+
+
+def test_estimate_flops_equals_train_estimate():
+    train = pytest.importorskip("train")
+    for size in ("tiny", "95m"):
+        m = MERT(MERTConfig.from_preset(size))
+        for n in (16000, 24000 * 5, 24000 * 5 + 123):
+            assert m.estimate_flops(n) == train.estimate_flops_per_clip(m.config, n)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # tiny as shipped: even positional kernel (128), heads on
+    dict(n_layers=2, ffn_dim=512, conv_dim=(64,) * 6 + (96,), pos_conv_kernel=65, pos_conv_groups=8,
+         n_codebooks=4, final_dim=32, cqt_bins=84),  # odd positional kernel: no extra frame
+])
+def test_estimate_flops_counts_the_forward_pass(overrides):
+    """estimate_flops / 3 equals the multiply-adds torch's FlopCounterMode sees in a real forward plus the heads.
+
+    Exact, not a tolerance: both count 2 x multiply-adds of convs, matmuls and attention and nothing else
+    (norms, GELU, softmax are left out by both). The one known difference is the positional conv: an even
+    kernel with padding k // 2 computes T + 1 frames before the last is trimmed, and the estimate counts T.
+    The unfused attention path is used because FlopCounterMode does not count CPU SDPA kernels. The factor 3
+    (backward = 2 x forward) is a convention not checked here: FlopCounterMode overcounts strided convs'
+    backward (it prices the input gradient as a dense transposed conv)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with pytest.warns(UserWarning, match="slow"):
+        m = MERT(MERTConfig.from_preset("tiny", attn_impl="math", **overrides)).eval()
+    cfg = m.config
+    for n in (16000, 24000 * 2 + 123):
+        T = m.num_frames(n)
+        with FlopCounterMode(display=False) as fc:
+            m(torch.randn(1, n))  # no targets: the heads do not run; counted on their own below
+            x = torch.zeros(T, cfg.dim)
+            m.final_proj(x), m.cqt_head(x)  # the estimate prices the heads on every frame
+        extra = 2 * cfg.dim * (cfg.dim // cfg.pos_conv_groups) * cfg.pos_conv_kernel * (cfg.pos_conv_kernel % 2 == 0)
+        assert fc.get_total_flops() - extra == m.estimate_flops(n) / 3
