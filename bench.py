@@ -387,7 +387,7 @@ def _time_batches(ds, batch: int, n_batches: int, repeat: int) -> float:
 
 # the 330m preset per GPU and optimiser step: 7 clips of 5.12 s per micro-batch, 8 micro-batches (64 GPUs)
 DATA_330M = dict(batch=7, accum=8, crop_seconds=5.12, context_seconds=10.0)
-# The model's time for those 56 clips on an H100, estimated: 874 GFLOP per clip (train.estimate_flops_per_clip)
+# The model's time for those 56 clips on an H100, estimated: 874 GFLOP per clip (MERT.estimate_flops)
 # x 56 = 49 TFLOP, at 31-40% MFU of 989 TFLOP/s: 0.16-0.125 s; the same rate as 1-1.3 s for the 448 clips a GPU
 # steps through on one 8-GPU node (accumulation 64). `bench.py gpu` measures it. Workers scale with the ratio.
 STEP_ESTIMATES = (0.16, 0.125)
@@ -693,9 +693,9 @@ def time_train_step(size: str, data: Path, ckpt: Path, device: torch.device, bat
            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     if used is not None:
         out["sdpa_backend_used"] = used
-    peak = train.peak_flops(device)
+    peak = train.gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     if peak:
-        flops = train.estimate_flops_per_clip(cfg, crop) * clips
+        flops = model.estimate_flops(crop) * clips
         out.update(mfu=flops / total / peak, mfu_model_only=flops / model_s / peak,
                    peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30)
     del model, opt, teach, loader
@@ -860,9 +860,10 @@ def bench_gpu(args):
     report = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "tiny": tiny,
               "peak_tflops_bf16": None, "budget_s": args.budget, "setup": {}, "train": {}, "sdpa": {}, "extract": {},
               "errors": [], "skipped": []}
+    from mert import gpu_peak_flops
+    report["peak_tflops_bf16"] = (gpu_peak_flops(name) or 0) / 1e12 or None
     try:  # train.py needs soundfile (audio.py); without it the training parts fail and say so, the others run
-        import train
-        report["peak_tflops_bf16"] = (train.gpu_peak_flops(name) or 0) / 1e12 or None
+        import train  # noqa: F401 (only whether it imports: the training parts below import it again)
     except ImportError as e:
         report["errors"].append(f"import train: {e} (pip install -r requirements.txt)")
     if tiny:  # tiny sizes, the same code paths: what CI runs on a CPU

@@ -603,6 +603,17 @@ class MERT(nn.Module):
         return model.eval()
 
 
+# Dense bf16 peaks for MFU (NVIDIA datasheets list them with sparsity, twice these), by a substring of the device
+# name; the first match counts, so the PCIe and NVL boards (lower clocks and power) come before their SXM namesakes.
+GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
+                  ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12))
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU by its torch.cuda.get_device_name (GPU_PEAK_FLOPS), None if unknown."""
+    return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
+
+
 # -----------------------------------------------------------------------------
 # Span masking (fairseq's compute_mask_indices)
 

@@ -47,7 +47,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import audio
 import checkpoints
 import teachers as teachers_lib
-from mert import MERT, MERTConfig, PRESETS, CheckpointError, not_a_torch_file, compute_mask_indices, load_state_strict
+from mert import (MERT, MERTConfig, PRESETS, CheckpointError, compute_mask_indices, gpu_peak_flops, load_state_strict,
+                  not_a_torch_file)
 
 # -----------------------------------------------------------------------------
 # configs
@@ -402,42 +403,6 @@ def fresh_model_config(tc: TrainConfig, teach, model_over: dict, log) -> tuple[M
     return cfg, state
 
 
-def estimate_flops_per_clip(cfg: MERTConfig, n_samples: int) -> float:
-    """Forward + backward FLOPs for one clip: 3 x (2 x multiply-adds) of convs, linears and attention."""
-    macs, n = 0, n_samples
-    c_in = 1
-    for c, k, s in zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride):
-        n = (n - k) // s + 1
-        macs += n * c * c_in * k
-        c_in = c
-    T, d = n, cfg.dim
-    macs += T * cfg.conv_dim[-1] * d  # feature projection
-    macs += T * d * (d // cfg.pos_conv_groups) * cfg.pos_conv_kernel  # positional conv
-    per_layer = T * (4 * d * d + 2 * d * cfg.ffn_dim) + 2 * T * T * d  # linears + QK^T and AV
-    macs += cfg.n_layers * per_layer
-    macs += T * d * (cfg.n_codebooks * cfg.final_dim + cfg.cqt_bins)  # heads (upper bound: all frames)
-    return 3 * 2 * macs
-
-
-# Dense bf16 peaks (NVIDIA datasheets list them with sparsity, twice these), by a substring of the device name; the
-# first match counts, so the PCIe and NVL boards (lower clocks and power) come before their SXM namesakes.
-GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
-                  ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12))
-
-
-def gpu_peak_flops(name: str) -> float | None:
-    """Dense bf16 peak FLOP/s of a GPU by its torch.cuda.get_device_name (H100 SXM and H200: 989 T; H100 PCIe: 756 T;
-    H100/H200 NVL: 835 T; A100: 312 T), None if unknown."""
-    return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of the device for MFU (gpu_peak_flops), None off CUDA or for an unknown GPU."""
-    if device.type != "cuda":
-        return None
-    return gpu_peak_flops(torch.cuda.get_device_name(device))
-
-
 # -----------------------------------------------------------------------------
 # the run's plumbing: processes, the plan, data, signals
 
@@ -699,7 +664,8 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
         signal.signal(signal.SIGINT, stop)
     # micro-step k = step * accum + m of rank r reads global samples [(k*W + r)*b, (k*W + r + 1)*b)
     loader = make_loader(train_ds, tc, proc, step * accum * world * tc.batch_size, loaders)
-    flops_per_step, peak = estimate_flops_per_clip(cfg, crop) * total, peak_flops(device)
+    flops_per_step = raw_model.estimate_flops(crop) * total  # MFU: against the GPU's dense bf16 peak, if known
+    peak = gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     log_path = out / "log.jsonl"
     if master:  # the log holds each step once: records past the resumed step are dropped, atomically
         event = {"event": "resume" if state is not None else "start", "step": step, "run_id": plan["run_id"],
@@ -831,10 +797,6 @@ Flags may be spelled with hyphens too (--max-steps); --data takes paths space- o
 """
 
 
-def _show(v) -> str:
-    return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
-
-
 def _default_text(name: str) -> str:
     """' (default: X)', or per size ' (default: tiny X, 95m Y, 330m Z)', read from the presets at help time."""
     if name == "size":
@@ -843,10 +805,11 @@ def _default_text(name: str) -> str:
         return " (default: from --teachers)"
     if name in TrainConfig.__dataclass_fields__:
         base = TrainConfig.__dataclass_fields__[name].default
-        per = {size: _show(TRAIN_PRESETS.get(size, {}).get(name, base)) or "none" for size in PRESETS}
+        per = {size: TRAIN_PRESETS.get(size, {}).get(name, base) for size in PRESETS}
     else:
         base = MERTConfig.__dataclass_fields__[name].default
-        per = {size: _show(PRESETS[size].get(name, base)) for size in PRESETS}
+        per = {size: PRESETS[size].get(name, base) for size in PRESETS}
+    per = {k: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v) or "none" for k, v in per.items()}
     if len(set(per.values())) == 1:
         return f" (default: {next(iter(per.values()))})"
     return " (default: " + ", ".join(f"{k} {v}" for k, v in per.items()) + ")"

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mert
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +33,8 @@ def test_gpu_check_runs_tiny_on_a_cpu_and_prints_one_json(tmp_path):
 
 
 def test_mfu_peaks_by_device_name():
-    assert train.gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12   # SXM
-    assert train.gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert train.gpu_peak_flops("NVIDIA H200") == 989e12
-    assert train.gpu_peak_flops("NVIDIA H100 NVL") == 835e12
-    assert train.gpu_peak_flops("Tesla T4") is None
+    assert mert.gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12   # SXM
+    assert mert.gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert mert.gpu_peak_flops("NVIDIA H200") == 989e12
+    assert mert.gpu_peak_flops("NVIDIA H100 NVL") == 835e12
+    assert mert.gpu_peak_flops("Tesla T4") is None
