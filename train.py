@@ -468,7 +468,7 @@ def plan_run(tc: TrainConfig, model_over: dict, given: dict) -> dict:
                                 upgrade=_in_todays_terms)
 
 
-def load_data(tc: TrainConfig, proc: Proc, crop: int, teach) -> tuple:
+def load_data(tc: TrainConfig, proc: Proc, crop: int, teach, print0=print) -> tuple:
     """(training CropDataset, validation CropDataset or None): crops on the label frame grid, each with its acoustic
     codes from the shards (`audio.py prepare --codes`, when they are the run's acoustic teacher's: another teacher
     file, n_q or codebook size, or a mix of sources with and without codes, exit 2) or with the audio around it that
@@ -486,7 +486,7 @@ def load_data(tc: TrainConfig, proc: Proc, crop: int, teach) -> tuple:
             continue
         try:  # codes from the shards: the acoustic teacher does not run, and the CQT needs no context
             codes = audio.match_shard_codes(sources.split(","), want, f"--{flag} (--acoustic_ckpt {tc.acoustic_ckpt}, "
-                                            f"--n_q {tc.n_q})", note=lambda m: proc.master and print(f"train.py: {m}"))
+                                            f"--n_q {tc.n_q})", note=lambda m: print0(f"train.py: {m}"))
             out.append(audio.CropDataset(sources.split(","), seed=seed, codes=codes,
                                          context=(0, 0) if codes else teach.context(tc.acoustic_context), **kw))
         except audio.AudioError as e:  # a missing --data path, nothing usable in it, an unreadable shard index
@@ -597,7 +597,7 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
     # -- teachers, then the data (crops on the label frame grid, with the audio around them the teachers need)
     teach = build_teachers(tc, device, print0)
     crop = int(round(tc.crop_seconds * audio.SAMPLE_RATE))
-    train_ds, val_ds = load_data(tc, proc, crop, teach)
+    train_ds, val_ds = load_data(tc, proc, crop, teach, print0)
     context = train_ds.context
     if train_ds.codes_info is not None and (val_ds is None or val_ds.codes_info is not None):
         teach.code_teacher.cpu()  # never runs: its codes come from the shards; off the accelerator
