@@ -1,8 +1,10 @@
-"""Shared test helpers: reference packages are optional locally, never in CI."""
+"""Shared test helpers: reference packages are optional locally, never in CI; the micro checkpoint and a short
+clip; the one-line check of a refusal's stderr; one torch thread per module."""
 import importlib
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -15,6 +17,20 @@ def need(module: str):
         if os.environ.get("CI"):
             pytest.fail(msg + " (CI must install requirements-dev.txt)")
         pytest.skip(msg)
+
+
+def one_line(err: str) -> str:
+    """The stderr of a refusal: exactly one non-empty line, and no traceback."""
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+def sine(seconds, sr=24000, f=220.0, seed=0):
+    """A sine at `f` Hz with a little seeded noise, float32."""
+    t = np.arange(int(seconds * sr)) / sr
+    g = np.random.default_rng(seed)
+    return (0.3 * np.sin(2 * np.pi * f * t) + 0.01 * g.standard_normal(len(t))).astype(np.float32)
 
 
 def randomise_(m):
@@ -42,9 +58,19 @@ def micro_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sine_clip(tmp_path_factory):
+    """A 1.5-second sine as a 24 kHz WAV, in its own folder (outside the tmp_path whose leftovers tests list)."""
+    import soundfile as sf
+    path = tmp_path_factory.mktemp("clip") / "clip.wav"
+    sf.write(path, sine(1.5), 24000)
+    return path
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): the micro model's
-    ops are too small for two, one keeps runs quick on a busy machine, and in-process runs compare bit for bit."""
+    ops are too small for two, one keeps runs quick on a busy machine, and in-process runs compare bit for bit.
+    Named on one test instead, it holds from that test to the module's end (so such tests stand last)."""
     import torch
     n = torch.get_num_threads()
     torch.set_num_threads(1)

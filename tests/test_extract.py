@@ -1,5 +1,6 @@
 """extract.py: chunk planning, layer selection, chunked alignment, and the CLI on good and bad files;
-the CLI against transformers; records of what made each output; a SIGKILL mid-folder."""
+the CLI against transformers; records of what made each output; a SIGKILL mid-folder; quantised and
+bfloat16 models through extraction (the Linear fast path steps aside)."""
 import json
 import os
 import signal
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn as nn
 
 import extract
-from conftest import need
+from conftest import need, sine
 from mert import MERT, MERTConfig
 
 
@@ -165,7 +167,7 @@ def test_shipped_model_on_the_example_clip(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 17: extract.py itself against transformers; issue 16: no silent wrong answers; issue 18: SIGKILL
+# extract.py itself against transformers; no silent wrong answers; a SIGKILL mid-folder
 # ---------------------------------------------------------------------------------------------
 def test_cli_matches_transformers_at_odd_lengths(tmp_path):
     """extract.py (the CLI) gives transformers' HubertModel's hidden states, every one to 1e-4, at lengths
@@ -344,3 +346,27 @@ def test_chunk_dependence_script(micro_ckpt, tmp_path, capsys):
     rows = {line.split("|")[2].strip(): [float(v) for v in line.split("|")[3:-1]]
             for line in capsys.readouterr().out.splitlines() if line.startswith("| 3 / 2 s")}
     assert rows["file"][0] < 1e-6 < rows["chunk"][0] and len(rows["file"]) == 3
+
+
+# ----------------------------------------------------------------------------- the Linear fast path
+
+
+@pytest.mark.usefixtures("one_thread")  # last in the file: one_thread holds from here to the module's end
+def test_fast_path_steps_aside_for_quantised_and_bf16_models(micro_ckpt, sine_clip, tmp_path):
+    """Why: quantize_dynamic(model, {nn.Linear}) failed in extract ('function' object has no attribute 'dtype');
+    now the quantised and the bfloat16 model run through MERT.extract and extract.py's Python path."""
+    model = MERT.from_pretrained(micro_ckpt).eval()
+    wav = torch.from_numpy(sine(1.5))[None]
+    ref = model.extract(wav)
+    q = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert type(q.encoder.layers[0].attention.qkv) is not nn.Linear  # really quantised
+    b = MERT.from_pretrained(micro_ckpt).eval().to(torch.bfloat16)
+    for m, tol in ((q, 0.1), (b, 0.05)):
+        out = m.extract(wav.to(next(m.parameters()).dtype)).float()
+        assert out.shape == ref.shape
+        rel = ((out - ref).norm() / ref.norm()).item()
+        assert rel < tol, rel  # the same model, approximately (int8 / bf16 rounding)
+        dst = tmp_path / f"{tol}.npy"
+        extract.extract_files(m, [(sine_clip, dst)], list(range(m.num_states)), progress=False)
+        feats = np.load(dst)
+        assert feats.shape == tuple(ref[:, 0].shape) and np.isfinite(feats).all()

@@ -1,4 +1,5 @@
-"""probe.py: metrics against hand-worked values, the labels file, and the CLI end to end on synthesised clips."""
+"""probe.py: metrics against hand-worked values, the labels file, and the CLI end to end on synthesised clips;
+the --task decision and its refusals, an empty annotation file left out with every metric kept, Ctrl-C."""
 import csv
 import json
 import subprocess
@@ -11,6 +12,7 @@ import soundfile as sf
 import torch
 
 import probe
+from conftest import one_line, sine
 from mert import MERT, MERTConfig
 
 SR = 24000
@@ -278,3 +280,70 @@ def test_a_plateau_of_the_metric_is_broken_by_the_validation_loss(tmp_path):
                        "--json", str(tmp_path / "r.json")]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["best"]["linear"]["valid"]["accuracy"] == 1.0 and r["per_layer"][0]["linear"]["epochs"] > 100
+
+
+# ----------------------------------------------------------------------------- the task decision and refusals
+
+
+@pytest.fixture(scope="module")
+def beats_task(tmp_path_factory):
+    """Ten 2-second clips of clicks on a 0.5 s grid and their .beats files (time, beat-in-bar); one file empty."""
+    d = tmp_path_factory.mktemp("beats")
+    rows = ["path,label,split"]
+    for i in range(10):
+        x = sine(2.0, f=110 + 20 * i, seed=i) * 0.2
+        for k, t in enumerate(np.arange(0.1 + 0.02 * i, 2.0, 0.5)):
+            a = int(t * 24000)
+            x[a:a + 240] += np.hanning(240).astype(np.float32) * (1.0 if k % 4 == 0 else 0.5)
+        sf.write(d / f"c{i}.wav", x, 24000)
+        times = np.arange(0.1 + 0.02 * i, 2.0, 0.5)
+        beats = "" if i == 3 else "".join(f"{t:.3f} {k % 4 + 1}\n" for k, t in enumerate(times))
+        (d / f"c{i}.beats").write_text(beats)
+        rows.append(f"c{i}.wav,c{i}.beats,{'train' if i < 6 else 'valid' if i < 8 else 'test'}")
+    (d / "beats.csv").write_text("\n".join(rows) + "\n")
+    return d
+
+
+@pytest.mark.usefixtures("one_thread")  # last in the file: one_thread holds from here to the module's end
+def test_probe_refuses_to_guess_names_bad_files_and_keeps_every_metric(beats_task, tmp_path, monkeypatch, capsys):
+    """Why: without --task, annotation files were classified as 30 class names (accuracy 0, exit 0) and a tempo
+    column with one 'fast' became a 93-class task; one empty .beats file dropped downbeat scoring for every clip;
+    --device cuda gave a traceback; a read-only cache failed once per clip after extracting everything. Now:
+    refusals naming rows and the flag to pass (exit 2), the decision printed, the empty file named and left out
+    with every metric kept, progress lines in the log, and the cache checked before any work."""
+    d = beats_task
+    (tmp_path / "file.txt").write_text("x")
+    numbers = tmp_path / "tempo.csv"
+    rows = "".join(f"{d}/c{i}.wav,{90 + 7 * i}\n" for i in range(9))
+    numbers.write_text("path,label\n" + rows + f"{d}/c9.wav,fast\n")
+    fast = ["--features", "cqt", "--epochs", "3", "--patience", "2", "--no_mlp"]
+    cases = [([str(d / "beats.csv")] + fast, "--task chords, beats, notes or segments"),
+             ([str(numbers)] + fast, "rows 10 are not"),
+             ([str(d / "beats.csv"), "--task", "beats", "--cache", str(tmp_path / "file.txt" / "c")] + fast, "--cache"),
+             ([str(d / "beats.csv"), "--task", "beats", "--json", str(tmp_path / "file.txt" / "r.json")] + fast,
+              "--json")]
+    if not torch.cuda.is_available():
+        cases.append(([str(d / "beats.csv"), "--task", "beats", "--device", "cuda"], "--device cuda"))
+    for argv, named in cases:
+        assert probe.main(argv) == 2, argv
+        err = capsys.readouterr().err  # (the cache's refusal comes after the annotations were read: c3 is named)
+        assert named in one_line("\n".join(x for x in err.splitlines() if "c3.beats: no beats" not in x)), argv
+    assert not (d / ".probe_cache").exists()
+    numbers.write_text("path,label\n" + "".join(f"{d}/c{i}.wav,{90 + 7 * i}\n" for i in range(10)))
+    probe.read_labels(numbers)
+    assert "--task auto: regress (every label is a number, 10 distinct values in 10 rows)" in capsys.readouterr().err
+
+    out = tmp_path / "r.json"
+    assert probe.main([str(d / "beats.csv"), "--task", "beats", "--json", str(out)] + fast) == 1  # one clip left out
+    err = capsys.readouterr().err
+    assert err.count("c3.beats: no beats in the file") == 1
+    assert "linear probes of 1 layers: done after" in err and "best valid beat_f" in err  # the log's progress
+    r = json.loads(out.read_text())
+    assert r["metrics"] == ["beat_f", "downbeat_f"] and r["clips_left_out"] == 1
+    assert "downbeat_f" in r["best"]["linear"]["test"]
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(probe, "compute_features", ctrl_c)
+    assert probe.main([str(d / "beats.csv"), "--task", "beats"] + fast) == 130
+    assert "interrupted" in capsys.readouterr().err.splitlines()[-1]

@@ -1,4 +1,5 @@
-"""rvq.py: EnCodec code parity, framing, loading, RVQ training mechanics, DDP codebook sync, exact resume."""
+"""rvq.py: EnCodec code parity, framing, loading, RVQ training mechanics, DDP codebook sync, exact resume;
+bad flags refused in one line before any work, Ctrl-C."""
 import dataclasses
 import importlib.machinery
 import sys
@@ -9,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import rvq
-from conftest import need
+from conftest import need, one_line
 
 
 def music_like(batch: int, samples: int, seed: int) -> torch.Tensor:
@@ -274,3 +275,31 @@ def test_eval_cli_names_what_it_leaves_out_and_takes_both_flag_styles(tmp_path, 
     code = rvq.main(["--eval", "--ckpt", str(tmp_path / "t.pt"), "--data", str(tmp_path / "a.wav"),
                      "--eval_seconds", "1"])
     assert code == 0 and "held-out: 1 tracks, 1 s" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("one_thread")  # last in the file: one_thread holds from here to the module's end
+def test_rvq_refuses_in_one_line_before_any_work(sine_clip, tmp_path, monkeypatch, capsys):
+    """Why: `rvq.py --eval --ckpt nope.pt` (like `teachers.py labels --acoustic_ckpt <text file>`) gave a traceback
+    or a bare 'error: 101'; `rvq.py --out <unwritable>` trained to the end, then died saving. Now each is one line
+    naming the flag, before any work."""
+    bad, clip = tmp_path / "notes.txt", str(sine_clip)
+    bad.write_text("not a checkpoint\n")
+    trained = []
+    monkeypatch.setattr(rvq, "train", lambda *a, **k: trained.append(1))
+    cases = [(["--eval", "--ckpt", str(tmp_path / "nope.pt"), "--data", clip], 2, "--ckpt"),
+             (["--eval", "--ckpt", str(bad), "--data", clip], 1, "not a checkpoint"),
+             (["--data", clip, "--out", str(bad / "teacher.pt")], 2, "--out")]
+    if not torch.cuda.is_available():
+        cases.append((["--data", clip, "--out", str(tmp_path / "t.pt"), "--device", "cuda"], 2, "--device"))
+    for argv, code, named in cases:
+        assert rvq.main(argv) == code, argv
+        assert named in one_line(capsys.readouterr().err), argv
+    assert not trained
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(rvq, "train", ctrl_c)
+    assert rvq.main(["--data", clip, "--out", str(tmp_path / "t.pt")]) == 130
+    for line in capsys.readouterr().err.splitlines():
+        assert "Traceback" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

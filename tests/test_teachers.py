@@ -1,5 +1,6 @@
 """teachers.py: label shapes, dtypes and frame cuts; CQT pitch; RVQ codes through a checkpoint; MFCC
-k-means fit command; random-projection determinism and code usage; no gradients; the combiner."""
+k-means fit command; random-projection determinism and code usage; no gradients; the combiner; bad checkpoint
+and output flags of `labels` and `fit-mfcc` refused in one line before any work."""
 import dataclasses
 import math
 from dataclasses import asdict
@@ -10,6 +11,7 @@ import torch
 
 import rvq
 import teachers
+from conftest import one_line
 from teachers import (AcousticTeacher, MFCC, MFCCKMeansTeacher, MusicalTeacher, RandomProjectionTeacher,
                       Teachers, build_teachers, kmeans_pp)
 
@@ -289,3 +291,19 @@ def test_non_causal_teacher_without_lstm_is_exact_by_construction():
         c = _crop_with_context(song, start, crop, (left, right))
         got = teacher(c[0][:, left:left + crop], T, context=c)["codes"][0]
         assert torch.equal(got, whole[:, start // 320: start // 320 + T])
+
+
+@pytest.mark.usefixtures("one_thread")  # last in the file: one_thread holds from here to the module's end
+def test_teachers_refuse_in_one_line_before_any_work(sine_clip, tmp_path, capsys):
+    """Why: `teachers.py labels --acoustic_ckpt <text file>` (like `rvq.py --eval --ckpt nope.pt`) gave a traceback
+    or a bare 'error: 101'. Now each is one line naming the flag, before any work."""
+    bad, clip = tmp_path / "notes.txt", str(sine_clip)
+    bad.write_text("not a checkpoint\n")
+    cases = [(["labels", clip, "--start", "0", "--acoustic_ckpt", str(bad)], 2, "--acoustic_ckpt"),
+             (["labels", clip, "--start", "0", "--acoustic_ckpt", "nope.th"], 2, "--acoustic_ckpt"),
+             (["labels", clip, "--start", "0", "--teachers", "mfcc", "--mfcc_ckpt", str(bad)], 2, "--mfcc_ckpt"),
+             (["fit-mfcc", "--data", clip, "--out", str(bad / "km.pt")], 2, "--out")]
+    for argv, code, named in cases:
+        assert teachers.main(argv) == code, argv
+        assert named in one_line(capsys.readouterr().err), argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -1,9 +1,13 @@
-"""train.py end to end on CPU: loss falls, exact resume, DDP equals one process, multi-node, bad input."""
+"""train.py end to end on CPU: loss falls, exact resume, DDP equals one process, multi-node, bad input;
+usage errors in one line (exit 2, no run folder left); Ctrl-C (finish the step, checkpoint, exit 130; a second
+stops at once)."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,7 @@ import torch
 
 import checkpoints
 import train
+from conftest import one_line, sine
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = ["--size", "tiny", "--dim", "32", "--n_layers", "2", "--n_heads", "2", "--ffn_dim", "64",
@@ -250,3 +255,93 @@ def test_logged_throughput_counts_the_audio_of_cut_batches(music, tmp_path):
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     for r in (r for r in recs if "audio_s_per_s" in r):
         assert r["audio_s_per_s"] * r["ms"] / 1000 == pytest.approx(2 * 4.0, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- usage errors and Ctrl-C
+
+# MICRO's model with the random-projection teacher only, 2-clip batches and 4 steps (the last two entries).
+MICRO_RANDPROJ = ["--size", "tiny", "--dim", "32", "--n_layers", "2", "--n_heads", "2", "--ffn_dim", "64",
+                  "--conv_dim", "16,16,16,16,16,16,16", "--pos_conv_groups", "4", "--final_dim", "8",
+                  "--crop_seconds", "1.0", "--teachers", "randproj", "--num_workers", "0", "--warmup_steps", "5",
+                  "--eval_interval", "1000", "--ckpt_interval", "1000", "--batch_size", "2", "--max_steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def tracks(tmp_path_factory):
+    """Three 3.5-second sines of different pitch."""
+    d = tmp_path_factory.mktemp("tracks")
+    for i in range(3):
+        sf.write(d / f"t{i}.wav", sine(3.5, f=150 + 60 * i, seed=i), 24000)
+    return d
+
+
+@pytest.mark.usefixtures("one_thread")  # these stand last: one_thread holds from here to the module's end
+def test_train_usage_errors_exit_2_in_one_line_and_leave_no_run_folder(tracks, tmp_path, capsys):
+    """Why: --size 95M, a missing --data, --init nope.pt exited 1; --device cuda on CPU torch and an --out that
+    cannot be written gave tracebacks. Now: one line, exit 2, and no run folder left by a failed start."""
+    (tmp_path / "file.txt").write_text("not a folder")
+    cases = [(["--size", "95M", "--data", str(tracks)], "--size '95M'"),
+             (["--out", str(tmp_path / "a")], "--data is required"),
+             (["--data", str(tracks), "--init", str(tmp_path / "nope.pt")], "--init"),
+             (["--data", str(tracks), "--device", "cuda"], "--device cuda"),
+             (["--data", str(tracks), "--out", str(tmp_path / "file.txt" / "run")], "--out"),
+             (["--size", "95M", "--print_config"], "--size '95M'")]
+    if torch.cuda.is_available():
+        cases = [c for c in cases if "--device" not in c[0]]
+    for argv, named in cases:
+        if "--out" not in argv:
+            argv = argv + ["--out", str(tmp_path / "run")]
+        with pytest.raises(SystemExit) as e:
+            train.main(MICRO_RANDPROJ[:-2] + argv)
+        assert e.value.code == 2, (argv, e.value.code)
+        assert named in one_line(capsys.readouterr().err), argv
+        assert not (tmp_path / "run").exists(), argv  # --init nope.pt got as far as making the folder before
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_ctrl_c_finishes_the_step_checkpoints_and_exits_130(tracks, tmp_path, monkeypatch, capsys):
+    """Why: Ctrl-C printed a KeyboardInterrupt traceback from inside Adam and wrote no checkpoint.
+    Now it is SIGTERM's stop (the step finishes, a checkpoint, one line) with exit 130; the run continues."""
+    out = tmp_path / "run"
+    args = MICRO_RANDPROJ + ["--data", str(tracks), "--out", str(out)]
+    real_forward, calls = train.MERT.forward, []
+
+    def ctrl_c_in_step_1(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(train.MERT, "forward", ctrl_c_in_step_1)
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == train.EXIT_INTERRUPTED == 130
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2  # step 1 finished and was saved
+    cap = capsys.readouterr()
+    assert "Ctrl-C: finishing this step" in cap.err and "Traceback" not in cap.err
+    assert "stopped by Ctrl-C at step 2" in cap.out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    monkeypatch.setattr(train.MERT, "forward", real_forward)
+    assert train.main(args) == 0
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_second_ctrl_c_stops_at_once_in_one_line(tracks, tmp_path):
+    """Why: Ctrl-C in train.py gave a traceback. A second Ctrl-C (a real process, real signals) stops at once:
+    one line naming what is kept, exit 130, no traceback."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py")] + MICRO_RANDPROJ[:-1] + ["1000", "--data", str(tracks), "--out", str(out)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in p.stdout:  # the loop is running
+        if line.startswith("step 1 |"):
+            break
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    rest, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    last = [x for x in err.splitlines() if x.strip()][-1]
+    assert last.startswith("train.py: stopped at once by Ctrl-C") or "stopped by Ctrl-C" in rest, (err, rest)

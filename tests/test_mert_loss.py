@@ -1,4 +1,5 @@
-"""The masked-prediction loss in mert.py: fairseq's masking, the NCE equivalence, noise mixing, learning."""
+"""The masked-prediction loss in mert.py: fairseq's masking, the NCE equivalence, noise mixing (train.py's
+mix_noise), learning."""
 import numpy as np
 import torch
 import torch.nn.functional as F

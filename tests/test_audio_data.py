@@ -1,4 +1,5 @@
-"""audio.py training data: crops that only read their region, CropDataset, RankBatches/make_loader, prepare.
+"""audio.py training data: crops that only read their region, CropDataset, RankBatches/make_loader, prepare
+(and its refusals: nothing to prepare, an unwritable --out, Ctrl-C).
 
 Every fixture file is a few seconds long so that the whole file runs in seconds on a CPU.
 """
@@ -14,6 +15,7 @@ import torch
 
 import audio
 from audio import AudioError, CropDataset, RankBatches, load, load_crop, make_loader, prepare
+from conftest import one_line
 
 SR = 24000
 CROP = 2 * SR  # 2 s crops: small, and some fixture files are shorter than that
@@ -346,3 +348,26 @@ def test_worker_init_limits_threads():
     with multiprocessing.get_context("fork").Pool(1) as pool:   # a child, as a DataLoader worker is
         torch_threads, blas_threads = pool.apply(_threads_after_worker_init, (0,))
     assert torch_threads == 1 and all(n == 1 for n in blas_threads)
+
+
+@pytest.mark.usefixtures("one_thread")  # last in the file: one_thread holds from here to the module's end
+def test_prepare_refuses_in_one_line_before_any_work(sine_clip, tmp_path, monkeypatch, capsys):
+    """Why: `audio.py prepare emptydir` exited 0 having made nothing. Now each refusal is one line naming the flag
+    or folder, before any work."""
+    bad, clip = tmp_path / "notes.txt", str(sine_clip)
+    bad.write_text("not a checkpoint\n")
+    (tmp_path / "empty").mkdir()
+    cases = [(["prepare", str(tmp_path / "empty"), "--out", str(tmp_path / "shards")], 1, "no audio files"),
+             (["prepare", clip, "--out", str(bad / "shards")], 2, "--out")]
+    for argv, code, named in cases:
+        assert audio.main(argv) == code, argv
+        assert named in one_line(capsys.readouterr().err), argv
+    assert not (tmp_path / "shards").exists()
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(audio, "_expand_sources", ctrl_c)
+    assert audio.main(["prepare", clip, "--out", str(tmp_path / "s2")]) == 130
+    for line in capsys.readouterr().err.splitlines():
+        assert "Traceback" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "notes.txt"]

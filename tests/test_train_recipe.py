@@ -1,4 +1,6 @@
-"""MERT's official pretraining recipe, point by point (issue 15): each test names the official source it holds us to.
+"""train.py against MERT's official pretraining recipe, point by point: layer drop, padding, noise segments,
+length-grouped epoch batches with their context, the global batch, Adam's weight decay, validation batches,
+duration sampling, the labels command, the masked fraction. Each test names the official source it holds us to.
 
 Sources: yizhilll/MERT mert_fairseq/models/mert/mert_model.py, mert_fairseq/data/mert_dataset.py,
 mert_fairseq/config/pretrain/MERT_RVQ-VAE_CQT_{95M,330M}.yaml, scripts/run_training.sh; fairseq

@@ -1,4 +1,4 @@
-"""MERT's offline codes (issue 24): `audio.py prepare --codes` stores each file's acoustic codes beside its audio,
+"""`audio.py prepare --codes`, MERT's offline codes: it stores each file's acoustic codes beside its audio,
 train.py reads a crop's codes from the shards instead of running the acoustic teacher, and both give the codes, and
 the first-step loss, of the teacher run on the fly with context; shards of another teacher are refused."""
 import dataclasses

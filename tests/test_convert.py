@@ -1,11 +1,14 @@
-"""Models in and out: `convert.py --format hf` against transformers, fairseq checkpoints, and `train.py --init`.
+"""convert.py (and `train.py export`, `train.py --init`): models in and out, against transformers and fairseq.
 
 Export: our checkpoints (a trained tiny run, MERT-v1-95M's and -330M's configs cut to 2 layers, the shipped
 model) go through the command line into the Hugging Face MERT-v1 layout; transformers' HubertModel loads the
 folder with no missing or unexpected keys and gives extract.py's hidden states (fp32, 1e-4).
 --init: a fairseq-layout checkpoint built from known weights (label rows in a shuffled dictionary order, 4
 distinguishable special rows) gives the same first-step loss as the same weights in our own checkpoint.
+Refusals: an existing export without --overwrite, a missing checkpoint, an output under a file, a full disk,
+Ctrl-C: one line each, the right exit code, no temp file left.
 """
+import errno
 import json
 import re
 import subprocess
@@ -20,8 +23,9 @@ import torch
 import audio
 import convert
 import extract
+import mert
 import train
-from conftest import need, randomise_
+from conftest import need, one_line, randomise_
 from convert import load_checkpoint, ours_state_to_hf, save_pretrained, write_safetensors
 from mert import MERT, MERTConfig, _read_safetensors
 from test_mert import fake_fairseq_modules, hf_to_fairseq
@@ -308,3 +312,38 @@ def test_convert_cli_writes_pt_and_hf_and_reads_fairseq(known, tmp_path, monkeyp
     # extract.py reads the fairseq file itself (through convert.py) and gives the known weights' features
     assert extract.main([str(clip), "-o", str(tmp_path / "feats"), "--ckpt", str(fs)]) == 0
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "feats" / "a.npy")), want)
+
+
+@pytest.mark.usefixtures("one_thread")  # last in the file: one_thread holds from here to the module's end
+def test_export_refuses_to_replace_names_bad_places_and_leaves_no_temp_file(micro_ckpt, tmp_path, monkeypatch, capsys):
+    """Why: `train.py export ckpt.pt mine.pt` silently replaced an existing export; an export under a file or onto
+    a full disk gave a traceback and left mine.pt.tmp; a missing checkpoint exited 1. Now one line each: exit 2
+    for the flags, 1 for the full disk, 130 for Ctrl-C, and no temp file."""
+    ck, mine = str(micro_ckpt), tmp_path / "mine.pt"
+    assert train.main(["export", ck, str(mine)]) == 0
+    before = mine.read_bytes()
+    (tmp_path / "file.txt").write_text("x")
+    for argv, named in (([ck, str(mine)], "--overwrite"),
+                        ([str(tmp_path / "nope.pt"), str(tmp_path / "b.pt")], "nope.pt"),
+                        ([ck, str(tmp_path / "file.txt" / "m.pt")], "file.txt")):
+        assert train.main(["export"] + argv) == 2, argv
+        assert named in one_line(capsys.readouterr().err)
+    assert mine.read_bytes() == before
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):  # writes part of the file, then the disk is full
+        Path(f).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(mert.torch, "save", full_disk)
+    assert convert.main([ck, str(mine), "--overwrite"]) == 1
+    assert "No space left" in one_line(capsys.readouterr().err)
+
+    def ctrl_c(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(mert.torch, "save", ctrl_c)
+    assert convert.main([ck, str(tmp_path / "c.pt")]) == 130
+    assert "interrupted" in one_line(capsys.readouterr().err)
+    monkeypatch.setattr(mert.torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "mine.pt"] and mine.read_bytes() == before
+    assert convert.main([ck, str(mine), "--overwrite"]) == 0
