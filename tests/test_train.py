@@ -305,6 +305,8 @@ def test_train_ctrl_c_finishes_the_step_checkpoints_and_exits_130(tracks, tmp_pa
     out = tmp_path / "run"
     args = MICRO_RANDPROJ + ["--data", str(tracks), "--out", str(out)]
     real_forward, calls = train.MERT.forward, []
+    # a terminal's Ctrl-C handler, however pytest was started (a background job inherits SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def ctrl_c_in_step_1(self, *a, **k):
         calls.append(1)
@@ -324,6 +326,7 @@ def test_train_ctrl_c_finishes_the_step_checkpoints_and_exits_130(tracks, tmp_pa
     monkeypatch.setattr(train.MERT, "forward", real_forward)
     assert train.main(args) == 0
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
+    signal.signal(signal.SIGINT, inherited)
 
 
 @pytest.mark.usefixtures("one_thread")
