@@ -74,7 +74,7 @@ from tqdm import tqdm  # noqa: E402
 
 import audio  # noqa: E402
 import mert2  # noqa: E402
-from mert import MERT, CheckpointError, NeedsConvert  # noqa: E402
+from mert import MERT, CheckpointError, NeedsConvert, hf_cache_snapshot  # noqa: E402
 
 # The model extract.py uses when --ckpt is not given: a small model pretrained by this repository's own
 # pipeline on freely licensed music, shipped with it (README, "The shipped model").
@@ -170,9 +170,12 @@ def load_model(ckpt) -> "MERT | mert2.MERT2":
 
 
 def _config_model_type(ckpt):
-    """model_type of the config.json of a folder (or beside a weight file), if it has one that says; else None."""
+    """model_type of the config.json of a folder (or beside a weight file, or of a hub id's snapshot in the local
+    Hugging Face cache), if it has one that says; else None."""
     try:
         p = Path(os.path.expanduser(str(ckpt)))
+        if not p.exists():  # a hub id: its cached snapshot, if there is one (nothing is downloaded)
+            p = hf_cache_snapshot(str(ckpt))
         cfg = p / "config.json" if p.is_dir() else p.with_name("config.json")
         kind = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
     except (OSError, ValueError, AttributeError):  # unreadable: left to the loader, which names the problem

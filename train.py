@@ -897,8 +897,8 @@ def print_config(argv=None) -> int:
     out = {"train": asdict(tc), "model": asdict(cfg), "world_size": world, "micro_batch": tc.batch_size,
            "accumulation": accum, "global_batch": {"clips": total, "seconds_per_clip": tc.crop_seconds,
                                                    "audio_hours": round(total * tc.crop_seconds / 3600, 3)},
-           "teachers": {teachers_lib.FLAG_NAME.get(n, n): (tc.acoustic_ckpt if n == "acoustic" else tc.mfcc_ckpt if n == "mfcc"
-                                               else None) for n in teach.names},
+           "teachers": {teachers_lib.FLAG_NAME.get(n, n): {"acoustic": tc.acoustic_ckpt, "mfcc": tc.mfcc_ckpt}.get(n)
+                        for n in teach.names},
            "teacher_context_seconds": [left / audio.SAMPLE_RATE, right / audio.SAMPLE_RATE]}
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(out, indent=1))

@@ -127,6 +127,21 @@ def test_bad_checkpoints_exit_2_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_hub_id_of_another_model_type_is_refused(tmp_path, monkeypatch, capsys):
+    """A hub id whose snapshot in the local cache is another model type: refused by its config.json's model_type,
+    as a folder is (it went the MERT-v1 path before), one line, exit 2."""
+    sf.write(tmp_path / "a.wav", music(4800), 24000, subtype="FLOAT")
+    snap = tmp_path / "hub" / "models--org--bert-like" / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 768}))
+    (snap / "model.safetensors").write_bytes(b"")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert extract.main([str(tmp_path / "a.wav"), "--ckpt", "org/bert-like", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "org/bert-like" in err[0] and "model_type 'bert', not a MERT model" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
 def test_probe_frame_task_on_the_25hz_grid(tmp_path):
     """`probe.py chords.csv --task chords --ckpt <MERT-v2 folder>` as a user runs it: every state probed, frames
     at MERT-v2's centres (0.015 s + 0.04 s t), 2 s clips -> 50 frames each; then --feats over the features it
