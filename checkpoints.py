@@ -115,8 +115,11 @@ def save(path, obj):
             f.flush()
             os.fsync(f.fileno())  # on the disk before the name points at it (network file systems)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e.__context__, KeyboardInterrupt) and not isinstance(e, KeyboardInterrupt):
+            # Ctrl-C inside torch.save: its zip writer, closing, raises "unexpected pos" over the interrupt
+            raise KeyboardInterrupt from None
         raise
     _fsync_dir(path.parent)
 

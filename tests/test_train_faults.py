@@ -270,6 +270,39 @@ def test_full_disk_keeps_the_previous_checkpoint(tracks, reference, tmp_path, mo
 # -- data that goes bad mid-run
 
 
+def test_ctrl_c_inside_torch_save_is_an_interrupt_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Why: a second Ctrl-C that landed inside torch.save made its zip writer raise RuntimeError ("unexpected pos")
+    over the KeyboardInterrupt: train.py died with two tracebacks and exit 1 instead of its one line and 130.
+    checkpoints.save turns it back into the interrupt; no temp file stays and the previous file is untouched."""
+    path = tmp_path / "ckpt.pt"
+    checkpoints.save(path, {"step": 1})
+    before = path.read_bytes()
+
+    class CtrlCOnThirdWrite:  # a real file whose third write is interrupted, as a signal would interrupt it
+        def __init__(self, *a):
+            self.f, self.writes = open(*a), 0
+
+        def write(self, b):
+            self.writes += 1
+            if self.writes == 3:
+                raise KeyboardInterrupt
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(checkpoints, "open", CtrlCOnThirdWrite, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save(path, {"step": 2, "model": {"w": torch.randn(50_000)}})
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
 @pytest.mark.parametrize("kind", ["file", "shard"])
 def test_data_gone_bad_mid_run_is_named_once_skipped_and_resumes_exactly(kind, tracks, tmp_path, monkeypatch,
                                                                          capfd):
