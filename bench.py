@@ -625,6 +625,7 @@ def time_train_step(size: str, data: Path, ckpt: Path, device: torch.device, bat
     (the loader's next(), in this process), teachers (their calls, synchronised) and model (the rest) parts.
     sdpa_probe: the second warm-up step runs under the profiler, which names the SDPA backend the model used."""
     import audio
+    import mert
     import train
     given = {"size": size, "data": str(data), "out": str(root or data.parent), "teachers": "rvq+cqt",
              "acoustic_ckpt": str(ckpt), "num_workers": 0, "device": device.type, "dtype": dtype}
@@ -693,7 +694,7 @@ def time_train_step(size: str, data: Path, ckpt: Path, device: torch.device, bat
            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     if used is not None:
         out["sdpa_backend_used"] = used
-    peak = train.gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    peak = mert.gpu_peak_flops(device)
     if peak:
         flops = model.estimate_flops(crop) * clips
         out.update(mfu=flops / total / peak, mfu_model_only=flops / model_s / peak,

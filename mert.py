@@ -609,9 +609,14 @@ GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e
                   ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12))
 
 
-def gpu_peak_flops(name: str) -> float | None:
-    """Dense bf16 peak FLOP/s of a GPU by its torch.cuda.get_device_name (GPU_PEAK_FLOPS), None if unknown."""
-    return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
+def gpu_peak_flops(device) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU (GPU_PEAK_FLOPS) by its torch.cuda.get_device_name or its torch.device; None
+    for an unknown GPU or a device that is not CUDA."""
+    if isinstance(device, torch.device):
+        if device.type != "cuda":
+            return None
+        device = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in GPU_PEAK_FLOPS if key in device), None)
 
 
 # -----------------------------------------------------------------------------

@@ -53,8 +53,8 @@ ALIASES = {"rvq": "acoustic", "encodec": "acoustic", "musical": "cqt", "random":
 
 __all__ = ["SAMPLE_RATE", "HOP", "LABEL_DEFAULTS", "model_frames", "Teacher", "AcousticTeacher", "MusicalTeacher",
            "MFCC", "MFCCKMeansTeacher", "RandomProjectionTeacher", "Teachers", "build_teachers", "fit_mfcc_kmeans",
-           "kmeans_pp", "TEACHER_NAMES", "ALIASES", "FileCoder", "file_sha256", "FLAG_NAMES", "FlagError",
-           "names_from_flag", "check_flags", "from_flags"]
+           "kmeans_pp", "TEACHER_NAMES", "teacher_names", "ALIASES", "FileCoder", "file_sha256", "FLAG_NAMES",
+           "FlagError", "names_from_flag", "check_flags", "from_flags"]
 
 
 # ----------------------------------------------------------------------------- common machinery
@@ -591,6 +591,25 @@ class Teachers(nn.Module):
         return out
 
 
+FLAG_NAMES = ("rvq", "randproj", "mfcc", "cqt")  # what --teachers and the docs call them (ALIASES map them)
+FLAG_NAME = {"acoustic": "rvq"}  # a teacher's name here -> the one --teachers uses
+
+
+def teacher_names(spec: list | str) -> list[str]:
+    """Teachers' names from a list or a string joined by '+' or ',' ("rvq+cqt" -> ["acoustic", "cqt"], aliases
+    and case folded); an unknown or repeated name, or none, raises ValueError."""
+    given = [n.strip().lower() for n in (spec if isinstance(spec, str) else ",".join(spec)).replace("+", ",").split(",")
+             if n.strip()]
+    names = [ALIASES.get(n, n) for n in given]
+    for g, n in zip(given, names):
+        if n not in TEACHER_NAMES:
+            raise ValueError(f"unknown teacher {g!r}; choose from {', '.join(FLAG_NAMES)}, joined by '+' "
+                             f"(MERT: rvq+cqt)")
+    if not names or len(set(names)) != len(names):
+        raise ValueError("name each teacher once, joined by '+' (MERT: rvq+cqt)")
+    return names
+
+
 def build_teachers(names: list | str = "acoustic,cqt", acoustic_ckpt: str | os.PathLike | None = None,
                    mfcc_ckpt: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                    seed: int = 0, n_q: int = LABEL_DEFAULTS["n_q"], log=None, cqt_log: bool = False) -> Teachers:
@@ -600,14 +619,7 @@ def build_teachers(names: list | str = "acoustic,cqt", acoustic_ckpt: str | os.P
     and says so in one line through `log` (default: print to stderr; pass a rank-0 print under DDP).
     cqt_log makes the "cqt" teacher give log10(|CQT| + 1e-3) + 1.5 instead of MERT's linear magnitude.
     """
-    if isinstance(names, str):
-        names = [n for n in names.replace(" ", "").split(",") if n]
-    names = [ALIASES.get(n.lower(), n.lower()) for n in names]
-    for n in names:
-        if n not in TEACHER_NAMES:
-            raise ValueError(f"unknown teacher {n!r}; choose from {', '.join(TEACHER_NAMES)}")
-    if len(set(names)) != len(names) or not names:
-        raise ValueError(f"teachers must be distinct and at least one, got {names}")
+    names = teacher_names(names)
     log = log or (lambda msg: print(msg, file=sys.stderr))
     built = {}
     for n in names:
@@ -633,25 +645,16 @@ def build_teachers(names: list | str = "acoustic,cqt", acoustic_ckpt: str | os.P
 
 # ----------------------------------------------------------------------------- the flags train.py and `labels` share
 
-FLAG_NAMES = ("rvq", "randproj", "mfcc", "cqt")  # what --teachers and the docs call them (ALIASES map them)
-FLAG_NAME = {"acoustic": "rvq"}  # a teacher's name here -> the one --teachers uses
-
-
 class FlagError(ValueError):
     """A teacher flag that names something unusable; the message names the flag (and the file): a usage error."""
 
 
 def names_from_flag(spec: str) -> list[str]:
-    """--teachers "rvq+cqt" -> ["acoustic", "cqt"]; an unknown or repeated name raises FlagError."""
-    given = [n.strip().lower() for n in spec.replace("+", ",").split(",") if n.strip()]
-    names = [ALIASES.get(n, n) for n in given]
-    for g, n in zip(given, names):
-        if n not in TEACHER_NAMES:
-            raise FlagError(f"--teachers {spec}: unknown teacher {g!r}; choose from {', '.join(FLAG_NAMES)}, joined "
-                            f"by '+' (MERT: rvq+cqt)")
-    if not names or len(set(names)) != len(names):
-        raise FlagError(f"--teachers {spec!r}: name each teacher once, joined by '+' (MERT: rvq+cqt)")
-    return names
+    """--teachers "rvq+cqt" -> ["acoustic", "cqt"] (teacher_names); an unknown or repeated name raises FlagError."""
+    try:
+        return teacher_names(spec)
+    except ValueError as e:
+        raise FlagError(f"--teachers {spec}: {e}") from None
 
 
 def check_flags(spec: str, acoustic_ckpt=None, mfcc_ckpt=None) -> list[str]:

@@ -665,7 +665,7 @@ def train(tc: TrainConfig, model_over: dict, given: dict, proc: Proc, loaders: l
     # micro-step k = step * accum + m of rank r reads global samples [(k*W + r)*b, (k*W + r + 1)*b)
     loader = make_loader(train_ds, tc, proc, step * accum * world * tc.batch_size, loaders)
     flops_per_step = raw_model.estimate_flops(crop) * total  # MFU: against the GPU's dense bf16 peak, if known
-    peak = gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    peak = gpu_peak_flops(device)
     log_path = out / "log.jsonl"
     if master:  # the log holds each step once: records past the resumed step are dropped, atomically
         event = {"event": "resume" if state is not None else "start", "step": step, "run_id": plan["run_id"],
